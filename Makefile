@@ -1,0 +1,44 @@
+# `make demo` and `make test` are the two commands a new user needs; both set themselves up.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# torch first, pinned: on a CPU machine this takes the local CPU wheel, on a GPU box the CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup lint format test test-fast demo bench clean distclean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: setup lint
+	$(OFFLINE) $(PY) -m pytest -n 2 -q
+
+test-fast: setup
+	$(OFFLINE) $(PY) -m pytest -n 2 -q -m "not slow"
+
+demo: setup
+	$(OFFLINE) $(PY) benchmarks/bench_losses.py --preset demo
+
+bench: setup
+	$(OFFLINE) $(PY) benchmarks/bench_losses.py --preset cpu
+
+clean:
+	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

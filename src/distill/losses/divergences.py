@@ -1,0 +1,215 @@
+"""The divergences between a teacher and a student distribution, written once.
+
+Every function here takes two distributions given as log-probabilities over the same *support*
+(the last dimension) and returns one value per token (the support dimension summed out). The
+support is the whole vocabulary in the dense and fused forms, and the teacher's top-k tokens (plus,
+optionally, one bucket for the tail) in the sparse form: the math is the same, only the support
+changes. All values are in nats.
+
+Conventions follow TRL's GKD and Liger so users can switch between them: the teacher is ``P``,
+the student is ``Q``; "forward KL" is ``KL(P || Q)`` (mode covering), "reverse KL" is
+``KL(Q || P)`` (mode seeking).
+
+Log-probabilities of ``-inf`` (a token or tail bucket with exactly zero mass) are allowed on either
+side. A zero-mass entry contributes ``0 * log 0 = 0``; its gradient is kept finite (never NaN) with
+the "double where" trick, so the same code serves a full vocabulary and a top-k support whose tail
+is empty.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DIVERGENCE_NAMES",
+    "Divergence",
+    "forward_kl_per_token",
+    "generalized_jsd_per_token",
+    "reverse_kl_per_token",
+    "skew_kl_per_token",
+    "skew_reverse_kl_per_token",
+    "total_variation_per_token",
+]
+
+
+def _plogp_ratio(p_logprobs: Tensor, q_logprobs: Tensor, finite: bool) -> Tensor:
+    """Elementwise ``p * (log p - log q)``, with ``0 * (...) = 0`` where ``p == 0``.
+
+    With ``finite=False``, entries where ``p_logprobs == -inf`` give exactly 0 and a zero (not NaN)
+    gradient: the inputs of the unselected branch are replaced by finite values before any
+    arithmetic. ``finite=True`` promises there are no ``-inf`` entries and skips that work.
+    """
+    if finite:
+        return p_logprobs.exp() * (p_logprobs - q_logprobs)
+    has_mass = p_logprobs > -math.inf
+    safe_p = torch.where(has_mass, p_logprobs, torch.zeros_like(p_logprobs))
+    safe_q = torch.where(has_mass, q_logprobs, torch.zeros_like(q_logprobs))
+    terms = safe_p.exp() * (safe_p - safe_q)
+    return torch.where(has_mass, terms, torch.zeros_like(terms))
+
+
+def _log_mixture(a_logprobs: Tensor, a_weight: float, b_logprobs: Tensor, finite: bool) -> Tensor:
+    """``log(a_weight * exp(a) + (1 - a_weight) * exp(b))`` elementwise, for 0 < a_weight < 1.
+
+    With ``finite=False``, entries where both inputs are ``-inf`` give ``-inf`` with a finite gradient.
+    """
+    a_shifted = a_logprobs + math.log(a_weight)
+    b_shifted = b_logprobs + math.log1p(-a_weight)
+    if finite:
+        return torch.logaddexp(a_shifted, b_shifted)
+    larger = torch.maximum(a_shifted, b_shifted)
+    both_empty = larger == -math.inf
+    larger_safe = torch.where(both_empty, torch.zeros_like(larger), larger)
+    smaller_minus_larger = torch.minimum(a_shifted, b_shifted) - larger_safe
+    mixed = larger_safe + torch.log1p(smaller_minus_larger.exp())
+    return torch.where(both_empty, torch.full_like(mixed, -math.inf), mixed)
+
+
+def forward_kl_per_token(student_logprobs: Tensor, teacher_logprobs: Tensor, finite: bool = False) -> Tensor:
+    """Forward KL, ``KL(P_teacher || Q_student) = sum_v p_v (log p_v - log q_v)``.
+
+    Args:
+        student_logprobs: ``[..., support]`` student log-probabilities.
+        teacher_logprobs: ``[..., support]`` teacher log-probabilities.
+        finite: promise that no entry is ``-inf`` (true for a softmax of finite logits), which skips
+            the zero-mass handling; leave False for supports that may hold an empty bucket.
+
+    Returns:
+        ``[...]`` divergence per token, in nats.
+    """
+    return _plogp_ratio(teacher_logprobs, student_logprobs, finite).sum(-1)
+
+
+def reverse_kl_per_token(student_logprobs: Tensor, teacher_logprobs: Tensor, finite: bool = False) -> Tensor:
+    """Reverse KL, ``KL(Q_student || P_teacher) = sum_v q_v (log q_v - log p_v)`` (MiniLLM).
+
+    Shapes as in :func:`forward_kl_per_token`.
+    """
+    return _plogp_ratio(student_logprobs, teacher_logprobs, finite).sum(-1)
+
+
+def generalized_jsd_per_token(
+    student_logprobs: Tensor, teacher_logprobs: Tensor, beta: float, finite: bool = False
+) -> Tensor:
+    """Generalized Jensen-Shannon divergence of GKD (https://arxiv.org/abs/2306.13649).
+
+    With the mixture ``M = beta * P + (1 - beta) * Q``::
+
+        JSD_beta(P || Q) = beta * KL(P || M) + (1 - beta) * KL(Q || M)
+
+    As in TRL and Liger, ``beta == 0`` is defined as the forward KL ``KL(P || Q)`` and
+    ``beta == 1`` as the reverse KL ``KL(Q || P)`` (the formula itself would give 0 at both ends;
+    near them it is ``beta`` times the forward KL, or ``1 - beta`` times the reverse KL).
+    ``beta = 0.5`` is the symmetric Jensen-Shannon divergence, bounded by ``log 2``.
+
+    Shapes as in :func:`forward_kl_per_token`.
+    """
+    if beta == 0.0:
+        return forward_kl_per_token(student_logprobs, teacher_logprobs, finite)
+    if beta == 1.0:
+        return reverse_kl_per_token(student_logprobs, teacher_logprobs, finite)
+    mixture_logprobs = _log_mixture(teacher_logprobs, beta, student_logprobs, finite)
+    teacher_to_mixture = _plogp_ratio(teacher_logprobs, mixture_logprobs, finite).sum(-1)
+    student_to_mixture = _plogp_ratio(student_logprobs, mixture_logprobs, finite).sum(-1)
+    return beta * teacher_to_mixture + (1.0 - beta) * student_to_mixture
+
+
+def skew_kl_per_token(
+    student_logprobs: Tensor, teacher_logprobs: Tensor, alpha: float, finite: bool = False
+) -> Tensor:
+    """Skew KL of DistiLLM (https://arxiv.org/abs/2402.03898): ``KL(P || alpha * P + (1 - alpha) * Q)``.
+
+    ``alpha == 0`` is the forward KL; a small ``alpha`` (DistiLLM uses 0.1) keeps the student's
+    gradient bounded where it gives a teacher token almost no mass.
+
+    Shapes as in :func:`forward_kl_per_token`.
+    """
+    if alpha == 0.0:
+        return forward_kl_per_token(student_logprobs, teacher_logprobs, finite)
+    mixture_logprobs = _log_mixture(teacher_logprobs, alpha, student_logprobs, finite)
+    return _plogp_ratio(teacher_logprobs, mixture_logprobs, finite).sum(-1)
+
+
+def skew_reverse_kl_per_token(
+    student_logprobs: Tensor, teacher_logprobs: Tensor, alpha: float, finite: bool = False
+) -> Tensor:
+    """Skew reverse KL of DistiLLM: ``KL(Q || (1 - alpha) * P + alpha * Q)``.
+
+    ``alpha == 0`` is the reverse KL. Shapes as in :func:`forward_kl_per_token`.
+    """
+    if alpha == 0.0:
+        return reverse_kl_per_token(student_logprobs, teacher_logprobs, finite)
+    mixture_logprobs = _log_mixture(student_logprobs, alpha, teacher_logprobs, finite)
+    return _plogp_ratio(student_logprobs, mixture_logprobs, finite).sum(-1)
+
+
+def total_variation_per_token(student_logprobs: Tensor, teacher_logprobs: Tensor, finite: bool = False) -> Tensor:
+    """Total variation distance, ``0.5 * sum_v |p_v - q_v|``, in [0, 1] (probability units, not nats).
+
+    Its gradient is the sign of ``q - p`` (undefined where they are exactly equal; torch uses 0).
+    Shapes as in :func:`forward_kl_per_token`.
+    """
+    return 0.5 * (teacher_logprobs.exp() - student_logprobs.exp()).abs().sum(-1)
+
+
+_CANONICAL_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+_ALIASES = {
+    "kl": "forward_kl",
+    "fkl": "forward_kl",
+    "rkl": "reverse_kl",
+    "generalized_jsd": "jsd",
+    "skl": "skew_kl",
+    "srkl": "skew_reverse_kl",
+    "total_variation": "tvd",
+}
+DIVERGENCE_NAMES: tuple[str, ...] = _CANONICAL_NAMES + tuple(_ALIASES)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """A divergence by name with its parameters, validated once and callable per token.
+
+    Attributes:
+        name: one of ``forward_kl`` (alias ``kl``, ``fkl``), ``reverse_kl`` (``rkl``), ``jsd``
+            (``generalized_jsd``), ``skew_kl`` (``skl``), ``skew_reverse_kl`` (``srkl``), ``tvd``
+            (``total_variation``).
+        beta: JSD interpolation in [0, 1]; 0 is forward KL, 1 reverse KL. Used by ``jsd`` only.
+        alpha: skew in [0, 1) for ``skew_kl`` / ``skew_reverse_kl`` only.
+    """
+
+    name: str = "jsd"
+    beta: float = 0.5
+    alpha: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.name not in DIVERGENCE_NAMES:
+            raise ValueError(
+                f"Unknown divergence {self.name!r}. Choose one of {', '.join(_CANONICAL_NAMES)} "
+                f"(aliases: {', '.join(_ALIASES)})."
+            )
+        object.__setattr__(self, "name", _ALIASES.get(self.name, self.name))
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL); got {self.beta}.")
+        if not 0.0 <= self.alpha < 1.0:
+            raise ValueError(f"alpha must be in [0, 1) (0 = plain KL); got {self.alpha}.")
+
+    def __call__(self, student_logprobs: Tensor, teacher_logprobs: Tensor, finite: bool = False) -> Tensor:
+        """Divergence per token: ``[..., support]`` log-probs of both sides -> ``[...]``.
+
+        ``finite=True`` promises no ``-inf`` entries (see :func:`forward_kl_per_token`).
+        """
+        if self.name == "forward_kl":
+            return forward_kl_per_token(student_logprobs, teacher_logprobs, finite)
+        if self.name == "reverse_kl":
+            return reverse_kl_per_token(student_logprobs, teacher_logprobs, finite)
+        if self.name == "jsd":
+            return generalized_jsd_per_token(student_logprobs, teacher_logprobs, self.beta, finite)
+        if self.name == "skew_kl":
+            return skew_kl_per_token(student_logprobs, teacher_logprobs, self.alpha, finite)
+        if self.name == "skew_reverse_kl":
+            return skew_reverse_kl_per_token(student_logprobs, teacher_logprobs, self.alpha, finite)
+        return total_variation_per_token(student_logprobs, teacher_logprobs, finite)
