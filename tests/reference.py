@@ -11,6 +11,7 @@ compares ``softmax(z / T)`` of both sides (no ``T**2`` factor); the CE term is a
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -282,6 +283,16 @@ class Rng:
         """
         return (torch.round(self.randn(*shape, scale=scale, dtype=torch.float64) / step) * step).float()
 
+    def head(self, shape: Sequence[int], scale: float, bias: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(hidden [batch, seq, H], weight [V, H], bias [V] or None)`` on the grid, requiring grad.
+
+        ``shape`` is ``(batch, seq, H, V)``; the logits come out with a standard deviation near ``scale``.
+        """
+        batch, seq, hidden, vocab = shape
+        h = self.grid(batch, seq, hidden).requires_grad_(True)
+        w = self.grid(vocab, hidden, scale=scale / math.sqrt(hidden)).requires_grad_(True)
+        return h, w, self.grid(vocab, scale=0.5).requires_grad_(True) if bias else None
+
     def labels(self, leading: Sequence[int], vocab: int, masked: float = 0.3) -> Tensor:
         """Random ids in ``[0, vocab)``, a ``masked`` fraction set to -100 (at least one position kept)."""
         labels = torch.randint(0, vocab, tuple(leading), generator=self.torch)
@@ -292,14 +303,21 @@ class Rng:
         flat[keep] = self.py.randrange(vocab)
         return labels
 
-    def topk(self, teacher_logits: Tensor, k: int, with_tail: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        """A teacher's top-k ``(ids, log-probs, tail mass or None)`` in float32, columns in random order."""
+    def topk(
+        self, teacher_logits: Tensor, k: int, with_tail: bool, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """A teacher's top-k ``(ids, log-probs, tail mass or None)`` in ``dtype``, columns in random order."""
         logprobs = torch.log_softmax(teacher_logits.double(), dim=-1)
         values, ids = logprobs.topk(k, dim=-1)
         order = torch.randperm(k, generator=self.torch)
         values, ids = values[..., order], ids[..., order]
         tail = -torch.expm1(torch.logsumexp(values, dim=-1)) if with_tail else None
-        return ids, values.float(), None if tail is None else tail.float()
+        return ids, values.to(dtype), None if tail is None else tail.to(dtype)
+
+
+def leaves64(*tensors: Tensor | None) -> list[Tensor | None]:
+    """Float64 copies of ``tensors`` that require grad (``None`` stays ``None``)."""
+    return [None if t is None else t.detach().double().requires_grad_(True) for t in tensors]
 
 
 def rel_err(actual: Tensor, reference: Tensor) -> float:

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from reference import Rng, assert_close, dense_loss_ref, fresh_seed, head_logits_ref, sparse_loss_ref
+from reference import Rng, assert_close, dense_loss_ref, fresh_seed, head_logits_ref, leaves64, sparse_loss_ref
 
 from distill.losses import (
     SparseTargets,
@@ -29,19 +29,11 @@ TOL = 1e-5
 # done in float64. Every other quantity is held to TOL.
 HIDDEN_GRAD_TOL = 5e-5
 # (name, beta, alpha): every divergence, with the JSD's and the skews' special values.
-SPECS = [
-    ("forward_kl", 0.5, 0.1),
-    ("reverse_kl", 0.5, 0.1),
-    ("jsd", 0.0, 0.1),
-    ("jsd", 0.3, 0.1),
-    ("jsd", 0.5, 0.1),
-    ("jsd", 1.0, 0.1),
-    ("skew_kl", 0.5, 0.0),
-    ("skew_kl", 0.5, 0.1),
-    ("skew_reverse_kl", 0.5, 0.0),
-    ("skew_reverse_kl", 0.5, 0.1),
-    ("tvd", 0.5, 0.1),
-]
+SPECS = (
+    [(name, 0.5, 0.1) for name in ("forward_kl", "reverse_kl", "tvd")]
+    + [("jsd", beta, 0.1) for beta in (0.0, 0.3, 0.5, 1.0)]
+    + [(name, 0.5, alpha) for name in ("skew_kl", "skew_reverse_kl") for alpha in (0.0, 0.1)]
+)
 SPEC_IDS = [f"{n}-b{b}" if n == "jsd" else f"{n}-a{a}" if n.startswith("skew") else n for n, b, a in SPECS]
 # (batch, seq, hidden, vocab)
 SHAPES = [(3, 47, 31, 123), (1, 1, 8, 5), (2, 17, 16, 1000)]
@@ -75,12 +67,14 @@ def _one_thread():
 
 
 def _common(rng: Rng, leading: tuple[int, ...], vocab: int) -> dict:
-    """Random weights, labels (sometimes none) and sometimes a smaller shared vocabulary."""
+    """Random weights, labels (sometimes none), reduction, and sometimes a smaller shared vocabulary."""
     ce_weight = rng.choice([0.0, 0.3])
     vocab_size = rng.choice([None, None, vocab - 2]) if vocab > 3 else None
     used = vocab_size or vocab
     labels = None if ce_weight == 0 and rng.py.random() < 0.25 else rng.labels(leading, used)
-    return dict(kd_weight=rng.choice([1.0, 0.7]), ce_weight=ce_weight, vocab_size=vocab_size, labels=labels)
+    reduction = rng.choice(["mean", "mean", "sum"])
+    kd_weight = rng.choice([1.0, 0.7])
+    return dict(kd_weight=kd_weight, ce_weight=ce_weight, vocab_size=vocab_size, labels=labels, reduction=reduction)
 
 
 def _well_conditioned(name: str, ref) -> bool:
@@ -105,18 +99,26 @@ def _agreeing_tokens(out) -> int:
     return round(float(out.top1_agreement) * out.num_tokens)
 
 
+def _draw(name: str, make):
+    """``make()`` -> ``(inputs, ref)``, redrawn until the draw is well conditioned."""
+    for _ in range(100):
+        inputs, ref = make()
+        if _well_conditioned(name, ref):
+            return inputs, ref
+    raise AssertionError("could not draw well-conditioned inputs")
+
+
 def _draw_dense(rng: Rng, shape, spec, temperature: float):
     batch, seq, _, vocab = shape
     name, beta, alpha = spec
-    for _ in range(100):
+
+    def make():
         student = rng.randn(batch, seq, vocab, scale=STUDENT_SCALE)
         teacher = rng.randn(batch, seq, vocab, scale=TEACHER_SCALE)
-        kw = _common(rng, (batch, seq), vocab)
-        ref_kw = dict(beta=beta, alpha=alpha, temperature=temperature, **kw)
-        ref = dense_loss_ref(student, teacher, name=name, **ref_kw)
-        if _well_conditioned(name, ref):
-            return student, teacher, ref_kw
-    raise AssertionError("could not draw well-conditioned inputs")
+        kw = dict(beta=beta, alpha=alpha, temperature=temperature, **_common(rng, (batch, seq), vocab))
+        return (student, teacher, kw), dense_loss_ref(student, teacher, name=name, **kw)
+
+    return _draw(name, make)[0]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
@@ -135,20 +137,33 @@ def test_dense_matches_reference(spec, shape, temperature, rng) -> None:
     assert_close(student.grad, student64.grad, TOL, "dense grad")
 
 
+def _sparse_teacher(rng: Rng, leading, vocab: int, tail: str):
+    """Top-k targets of a random teacher: k from 1 (2 when renormalizing) to 64, tail mass given or not.
+
+    A given tail mass is off from ``1 - sum`` by up to 20%, as if the log-probs had been stored
+    lossily: the loss must use the given value.
+    """
+    teacher = rng.randn(*leading, vocab, scale=TEACHER_SCALE)
+    k = rng.py.randint(1 if tail == "bucket" else 2, min(vocab - 1, 64))
+    ids, logprobs, tail_mass = rng.topk(teacher, k, with_tail=rng.py.random() < 0.5)
+    if tail_mass is not None:
+        tail_mass = (tail_mass * (0.8 + 0.4 * torch.rand(tail_mass.shape, generator=rng.torch))).clamp(max=1)
+    return ids, logprobs, tail_mass
+
+
 def _draw_sparse(rng: Rng, shape, spec, tail: str, temperature: float):
     batch, seq, _, vocab = shape
     name, beta, alpha = spec
-    for _ in range(100):
+
+    def make():
         student = rng.randn(batch, seq, vocab, scale=STUDENT_SCALE)
-        kw = _common(rng, (batch, seq), vocab)
-        teacher = rng.randn(batch, seq, kw["vocab_size"] or vocab, scale=TEACHER_SCALE)
-        k = rng.py.randint(1 if tail == "bucket" else 2, min(teacher.shape[-1] - 1, 64))
-        ids, logprobs, tail_mass = rng.topk(teacher, k, with_tail=rng.py.random() < 0.5)
-        ref_kw = dict(beta=beta, alpha=alpha, temperature=temperature, tail=tail, **kw)
-        ref = sparse_loss_ref(student, ids, logprobs, tail_mass, name=name, **ref_kw)
-        if _well_conditioned(name, ref):
-            return student, ids, logprobs, tail_mass, ref_kw
-    raise AssertionError("could not draw well-conditioned inputs")
+        kw = dict(beta=beta, alpha=alpha, temperature=temperature, tail=tail, **_common(rng, (batch, seq), vocab))
+        ids, logprobs, tail_mass = _sparse_teacher(rng, (batch, seq), kw["vocab_size"] or vocab, tail)
+        return (student, ids, logprobs, tail_mass, kw), sparse_loss_ref(
+            student, ids, logprobs, tail_mass, name=name, **kw
+        )
+
+    return _draw(name, make)[0]
 
 
 TAILS = [("bucket", 1.0), ("renormalize", 1.0), ("renormalize", 2.5)]
@@ -180,32 +195,19 @@ def test_sparse_bucket_needs_temperature_one(rng) -> None:
         fused_distillation_loss(hidden, weight, SparseTargets(ids, logprobs), tail="bucket", temperature=0.5)
 
 
-# Fused variants: chunk size (1, 7, 64, more than the tokens), student bias, softcaps
-# (student, teacher), temperature; the token counts 141 and 34 are not multiples of 7 or 64.
-FUSED_DENSE = [
-    dict(chunk_size=1, bias=True, student_softcap=None, teacher_softcap=None, temperature=1.0),
-    dict(chunk_size=7, bias=False, student_softcap=4.0, teacher_softcap=3.0, temperature=2.5),
-    dict(chunk_size=64, bias=True, student_softcap=3.0, teacher_softcap=None, temperature=1.0),
-    dict(chunk_size=4096, bias=False, student_softcap=None, teacher_softcap=5.0, temperature=2.5),
+# Fused variants: teacher (a dense head, or top-k targets with a tail mode), chunk size (1, 7, 64, more than
+# the tokens), student bias, softcaps (student, teacher), temperature. The token counts (141, 34 before
+# masking) are not multiples of 7 or 64.
+FUSED = [
+    dict(target="head", chunk_size=1, bias=True, student_softcap=None, teacher_softcap=None, temperature=1.0),
+    dict(target="head", chunk_size=7, bias=False, student_softcap=4.0, teacher_softcap=3.0, temperature=2.5),
+    dict(target="head", chunk_size=64, bias=True, student_softcap=3.0, teacher_softcap=None, temperature=1.0),
+    dict(target="head", chunk_size=4096, bias=False, student_softcap=None, teacher_softcap=5.0, temperature=2.5),
+    dict(target="bucket", chunk_size=1, bias=True, student_softcap=None, temperature=1.0),
+    dict(target="renormalize", chunk_size=7, bias=False, student_softcap=4.0, temperature=2.5),
+    dict(target="bucket", chunk_size=64, bias=False, student_softcap=3.0, temperature=1.0),
+    dict(target="renormalize", chunk_size=4096, bias=True, student_softcap=None, temperature=1.0),
 ]
-FUSED_SPARSE = [
-    dict(chunk_size=1, bias=True, student_softcap=None, tail="bucket", temperature=1.0),
-    dict(chunk_size=7, bias=False, student_softcap=4.0, tail="renormalize", temperature=2.5),
-    dict(chunk_size=64, bias=False, student_softcap=3.0, tail="bucket", temperature=1.0),
-    dict(chunk_size=4096, bias=True, student_softcap=None, tail="renormalize", temperature=1.0),
-]
-
-
-def _student_head(rng: Rng, shape, bias: bool):
-    batch, seq, hidden, vocab = shape
-    h = rng.grid(batch, seq, hidden).requires_grad_(True)
-    w = rng.grid(vocab, hidden, scale=STUDENT_SCALE / math.sqrt(hidden)).requires_grad_(True)
-    b = rng.grid(vocab, scale=0.5).requires_grad_(True) if bias else None
-    return h, w, b
-
-
-def _leaves64(*tensors):
-    return [None if t is None else t.detach().double().requires_grad_(True) for t in tensors]
 
 
 def _check_fused_grads(student, student64) -> None:
@@ -216,101 +218,42 @@ def _check_fused_grads(student, student64) -> None:
             assert_close(t.grad, t64.grad, tol, f"fused grad {name}")
 
 
-@pytest.mark.parametrize("variant", FUSED_DENSE, ids=lambda v: f"chunk{v['chunk_size']}")
+@pytest.mark.parametrize("variant", FUSED, ids=lambda v: f"{v['target']}-chunk{v['chunk_size']}")
 @shape_axis
 @spec_axis
-def test_fused_teacher_head_matches_reference(spec, shape, variant, rng) -> None:
+def test_fused_matches_reference(spec, shape, variant, rng) -> None:
     name, beta, alpha = spec
     batch, seq, hidden, vocab = shape
     v = dict(variant)
-    chunk_size, bias, temperature = v.pop("chunk_size"), v.pop("bias"), v.pop("temperature")
-    student_softcap, teacher_softcap = v.pop("student_softcap"), v.pop("teacher_softcap")
-    for _ in range(100):
-        student = _student_head(rng, shape, bias)
-        kw = _common(rng, (batch, seq), vocab)
-        teacher = TeacherHead(
-            rng.grid(batch, seq, hidden + 3),
-            rng.grid(vocab, hidden + 3, scale=TEACHER_SCALE / math.sqrt(hidden + 3)),
-            rng.grid(vocab, scale=0.5) if rng.py.random() < 0.5 else None,
-            teacher_softcap,
-        )
-        student64 = _leaves64(*student)
-        ref_kw = dict(beta=beta, alpha=alpha, temperature=temperature, **kw)
-        teacher_logits = head_logits_ref(teacher.hidden, teacher.weight, teacher.bias, teacher_softcap)
-        student_logits = head_logits_ref(*student64, student_softcap)
-        ref = dense_loss_ref(student_logits, teacher_logits, name=name, **ref_kw)
-        if _well_conditioned(name, ref):
-            break
+    target, chunk_size, softcap = v.pop("target"), v.pop("chunk_size"), v.pop("student_softcap")
+    bias, teacher_softcap = v.pop("bias"), v.pop("teacher_softcap", None)
+
+    def make():
+        student = rng.head(shape, STUDENT_SCALE, bias)
+        student64 = leaves64(*student)
+        student_logits = head_logits_ref(*student64, softcap)
+        kw = dict(beta=beta, alpha=alpha, **v, **_common(rng, (batch, seq), vocab))
+        if target == "head":
+            h, w, b = rng.head((batch, seq, hidden + 3, vocab), TEACHER_SCALE, rng.py.random() < 0.5)
+            teacher = TeacherHead(h.detach(), w.detach(), None if b is None else b.detach(), teacher_softcap)
+            teacher_logits = head_logits_ref(teacher.hidden, teacher.weight, teacher.bias, teacher_softcap)
+            ref = dense_loss_ref(student_logits, teacher_logits, name=name, **kw)
+        else:
+            teacher = SparseTargets(*_sparse_teacher(rng, (batch, seq), kw["vocab_size"] or vocab, target))
+            targets = (teacher.topk_ids, teacher.topk_logprobs, teacher.tail_mass)
+            ref = sparse_loss_ref(student_logits, *targets, name=name, tail=target, **kw)
+            kw["tail"] = target
+        return (student, student64, teacher, kw), ref
+
+    (student, student64, teacher, kw), ref = _draw(name, make)
     out = fused_distillation_loss(
-        *student[:2], teacher, divergence=name, student_bias=student[2], student_softcap=student_softcap,
-        chunk_size=chunk_size, **ref_kw,
+        *student[:2], teacher, divergence=name, student_bias=student[2], student_softcap=softcap,
+        chunk_size=chunk_size, **kw,
     )  # fmt: skip
     out.loss.backward()
     ref.loss.backward()
-    _check_output(out, ref, "fused dense")
+    _check_output(out, ref, f"fused {target}")
     _check_fused_grads(student, student64)
-
-
-@pytest.mark.parametrize("variant", FUSED_SPARSE, ids=lambda v: f"chunk{v['chunk_size']}-{v['tail']}")
-@shape_axis
-@spec_axis
-def test_fused_sparse_matches_reference(spec, shape, variant, rng) -> None:
-    name, beta, alpha = spec
-    batch, seq, _, vocab = shape
-    v = dict(variant)
-    chunk_size, bias, student_softcap = v.pop("chunk_size"), v.pop("bias"), v.pop("student_softcap")
-    for _ in range(100):
-        student = _student_head(rng, shape, bias)
-        kw = _common(rng, (batch, seq), vocab)
-        teacher = rng.randn(batch, seq, kw["vocab_size"] or vocab, scale=TEACHER_SCALE)
-        k = rng.py.randint(1 if v["tail"] == "bucket" else 2, min(teacher.shape[-1] - 1, 64))
-        ids, logprobs, tail_mass = rng.topk(teacher, k, with_tail=rng.py.random() < 0.5)
-        student64 = _leaves64(*student)
-        ref_kw = dict(beta=beta, alpha=alpha, **v, **kw)
-        student_logits = head_logits_ref(*student64, student_softcap)
-        ref = sparse_loss_ref(student_logits, ids, logprobs, tail_mass, name=name, **ref_kw)
-        if _well_conditioned(name, ref):
-            break
-    out = fused_distillation_loss(
-        *student[:2], SparseTargets(ids, logprobs, tail_mass), divergence=name, student_bias=student[2],
-        student_softcap=student_softcap, chunk_size=chunk_size, **ref_kw,
-    )  # fmt: skip
-    out.loss.backward()
-    ref.loss.backward()
-    _check_output(out, ref, f"fused sparse {v['tail']}")
-    _check_fused_grads(student, student64)
-
-
-def test_tied_weights_accumulate_both_paths(rng) -> None:
-    """One Parameter as embedding and head: the fused loss's head gradient adds to the embedding's."""
-    vocab, hidden, batch, seq = 37, 12, 2, 9
-    embedding = torch.nn.Parameter(rng.grid(vocab, hidden, scale=0.5))
-    mix = rng.grid(hidden, hidden, scale=1 / math.sqrt(hidden))
-    tokens = torch.randint(0, vocab, (batch, seq), generator=rng.torch)
-    labels = rng.labels((batch, seq), vocab)
-    teacher = TeacherHead(rng.randn(batch, seq, 8), rng.randn(vocab, 8, scale=TEACHER_SCALE / math.sqrt(8)))
-    kw = dict(divergence="jsd", beta=0.3, ce_weight=0.3, temperature=1.5)
-
-    def student_hidden(weight):
-        return torch.tanh(weight[tokens] @ mix.to(weight.dtype)) * 2
-
-    fused = fused_distillation_loss(student_hidden(embedding), embedding, teacher, labels, chunk_size=5, **kw)
-    fused.loss.backward()
-    fused_grad, embedding.grad = embedding.grad.clone(), None
-
-    teacher_logits = teacher.hidden @ teacher.weight.T
-    dense = distillation_loss(student_hidden(embedding) @ embedding.T, teacher_logits, labels, **kw)
-    dense.loss.backward()
-    assert_close(fused.loss, dense.loss, TOL, "tied loss")
-    assert_close(fused_grad, embedding.grad, TOL, "tied grad vs dense")
-
-    embedding64 = embedding.detach().double().requires_grad_(True)
-    ref = dense_loss_ref(
-        student_hidden(embedding64) @ embedding64.T, teacher_logits, labels, "jsd", beta=0.3, ce_weight=0.3,
-        temperature=1.5,
-    )  # fmt: skip
-    ref.loss.backward()
-    assert_close(fused_grad, embedding64.grad, TOL, "tied grad vs reference")
 
 
 FORMS = ["dense", "sparse-bucket", "sparse-renormalize", "fused-head", "fused-sparse"]
@@ -327,7 +270,7 @@ def _run_form(form: str, rng: Rng, labels, shape=(2, 5, 6, 11), **kw):
             return distillation_loss(student, teacher, labels, **kw), [student]
         tail = form.split("-")[1]
         return sparse_distillation_loss(student, ids, logprobs, labels, tail=tail, **kw), [student]
-    h, w, b = _student_head(rng, shape, bias=True)
+    h, w, b = rng.head(shape, STUDENT_SCALE, bias=True)
     target = (
         TeacherHead(rng.randn(batch, seq, 7), rng.randn(vocab, 7))
         if form == "fused-head"
@@ -378,34 +321,6 @@ def test_reductions_match_reference(form, reduction, name, rng) -> None:
 
 
 @pytest.mark.parametrize("target", ["head", "sparse"])
-def test_fused_sum_reduction_matches_reference(target, rng) -> None:
-    shape = (2, 9, 8, 31)
-    labels = rng.labels(shape[:2], shape[-1])
-    h, w, b = _student_head(rng, shape, bias=True)
-    h64, w64, b64 = _leaves64(h, w, b)
-    teacher_logits = rng.randn(*shape[:2], shape[-1], scale=TEACHER_SCALE)
-    ids, logprobs, _ = rng.topk(teacher_logits, 5, with_tail=False)
-    kw = dict(beta=0.3, ce_weight=0.3, reduction="sum")
-    if target == "head":
-        head = TeacherHead(rng.grid(*shape[:2], 5), rng.grid(shape[-1], 5))
-        out = fused_distillation_loss(h, w, head, labels, "jsd", student_bias=b, chunk_size=4, **kw)
-        ref = dense_loss_ref(
-            head_logits_ref(h64, w64, b64), head_logits_ref(head.hidden, head.weight), labels, "jsd", **kw
-        )
-    else:
-        out = fused_distillation_loss(
-            h, w, SparseTargets(ids, logprobs), labels, "jsd", student_bias=b, chunk_size=4, **kw
-        )
-        ref = sparse_loss_ref(head_logits_ref(h64, w64, b64), ids, logprobs, None, labels, "jsd", **kw)
-    out.loss.backward()
-    ref.loss.backward()
-    assert_close(out.loss, ref.loss, TOL, "fused sum")
-    _check_fused_grads((h, w, b), (h64, w64, b64))
-    with pytest.raises(ValueError, match="reduction"):
-        fused_distillation_loss(h, w, SparseTargets(ids, logprobs), labels, reduction="none")
-
-
-@pytest.mark.parametrize("target", ["head", "sparse"])
 @pytest.mark.parametrize("name,beta,alpha", [("jsd", 0.3, 0.1), ("skew_reverse_kl", 0.5, 0.1)])
 def test_fused_float64_gradcheck(name, beta, alpha, target, rng) -> None:
     batch, seq, hidden, vocab = 2, 3, 4, 7
@@ -443,7 +358,7 @@ def test_fused_float64_gradcheck(name, beta, alpha, target, rng) -> None:
 def test_fused_bf16_close_to_fp32(name, target, rng) -> None:
     shape = (2, 24, 32, 301)
     labels = rng.labels(shape[:2], shape[-1])
-    h, w, b = (t.detach().bfloat16() for t in _student_head(rng, shape, bias=True))
+    h, w, b = (t.detach().bfloat16() for t in rng.head(shape, STUDENT_SCALE, bias=True))
     teacher_logits = rng.randn(*shape[:2], shape[-1], scale=TEACHER_SCALE)
     ids, logprobs, _ = rng.topk(teacher_logits, 20, with_tail=False)
     head = TeacherHead(rng.randn(*shape[:2], 16).bfloat16(), rng.randn(shape[-1], 16, scale=0.5).bfloat16())
@@ -462,7 +377,7 @@ def test_fused_bf16_close_to_fp32(name, target, rng) -> None:
         outputs.append(out)
         grads.append([leaf.grad for leaf in leaves])
     low, high = outputs
-    assert low.loss.dtype == torch.float32 and torch.isfinite(low.loss)
+    assert torch.isfinite(low.loss)
     assert_close(low.loss, high.loss, 1e-2, "bf16 loss")
     assert_close(low.kd_loss, high.kd_loss, 1e-2, "bf16 kd_loss")
     for g_low, g_high in zip(*grads, strict=True):

@@ -1,8 +1,14 @@
 """Tiny models and a tokenizer built offline in well under a second, for tests, examples and ``--tiny`` runs.
 
-Nothing here downloads anything: models are built from configs with random weights, and the tokenizer
-is a byte-level BPE trained on a few KB of built-in English and Python text, with a ChatML chat
-template, so chat formatting, completion masks and generation can be tested for real.
+Nothing here downloads anything: models are built from their configs with random weights, and the
+tokenizer is a byte-level BPE trained on a few KB of built-in English and Python text, with ChatML
+special tokens and a chat template, so chat formatting, completion masks and generation can be
+tested for real.
+
+Example:
+    >>> from distill.testing import tiny_teacher_student, train_tiny_tokenizer
+    >>> tokenizer = train_tiny_tokenizer()
+    >>> teacher, student = tiny_teacher_student(vocab_size=len(tokenizer))
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
 __all__ = [
@@ -30,6 +39,7 @@ __all__ = [
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>")
 
+# ChatML, as used by Qwen and SmolLM: "<|im_start|>{role}\n{content}<|im_end|>\n" per message.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -37,28 +47,60 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_CORPUS = """
+MAX_POSITIONS = 512
+
+_CORPUS = '''
 The teacher is a large language model and the student is a small one. Distillation trains the student
 to match the teacher's distribution over the next token, so it keeps most of the quality at a fraction
 of the cost. A good student answers questions, writes code and follows instructions.
 What is the capital of France? The capital of France is Paris.
 How many legs does a spider have? A spider has eight legs.
+Which planet is the largest in the solar system? Jupiter is the largest planet.
 Write a function that returns the sum of a list of numbers.
 Explain why the sky is blue in one sentence. Sunlight scatters off air molecules, and blue light
 scatters the most, so the sky looks blue.
+Summarise the text below in two sentences. The meeting moved to Thursday because the room was booked.
+Everyone agreed to bring the report, and the budget will be discussed first.
+Translate "good morning" into French. Bonjour.
+The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
+Training on a rented GPU costs money by the hour, so a smaller model that answers just as well on the
+task is cheaper to serve, faster to answer, and easier to run on a laptop or a phone.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 256 1024 3.14 2.718 -1 1e-5.
+Punctuation: ( ) [ ] { } < > = + - * / % & | ^ ~ ! ? , . ; : ' " # @ $ _ \\ `
+
 def add(a, b):
     return a + b
 
+
 def mean(values):
+    """Return the arithmetic mean of a non-empty list."""
     if not values:
         raise ValueError("mean of an empty list")
     return sum(values) / len(values)
+
 
 def fibonacci(n):
     a, b = 0, 1
     for _ in range(n):
         a, b = b, a + b
     return a
+
+
+def is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    for divisor in range(2, int(n**0.5) + 1):
+        if n % divisor == 0:
+            return False
+    return True
+
+
+def word_counts(text: str) -> dict[str, int]:
+    counts = {}
+    for word in text.lower().split():
+        counts[word] = counts.get(word, 0) + 1
+    return counts
+
 
 class Stack:
     def __init__(self):
@@ -68,23 +110,45 @@ class Stack:
         self.items.append(item)
 
     def pop(self):
+        if not self.items:
+            raise IndexError("pop from an empty stack")
         return self.items.pop()
 
-for i in range(10):
-    print(i, fibonacci(i), add(i, i))
-"""
+    def __len__(self):
+        return len(self.items)
+
+
+import json
+from pathlib import Path
+
+
+def load_config(path: str) -> dict:
+    with open(Path(path), encoding="utf-8") as f:
+        return json.load(f)
+
+
+if __name__ == "__main__":
+    for i in range(10):
+        print(i, fibonacci(i), add(i, i), is_prime(i))
+    print(word_counts("the cat and the hat"))
+'''
 
 
 def train_tiny_tokenizer(vocab_size: int = 512, texts: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained offline, deterministic, with ChatML special tokens and template.
+    """Train a byte-level BPE tokenizer offline, deterministically, with ChatML tokens and template.
+
+    Every byte is in the base alphabet, so any text round-trips through ``encode``/``decode``.
 
     Args:
-        vocab_size: target vocabulary size including the 256 byte symbols and the special tokens.
-        texts: training texts; defaults to a built-in few-KB English + Python corpus.
+        vocab_size: Target vocabulary size, counting the 256 byte symbols and the 4 special tokens.
+            The result can be smaller when the corpus runs out of merges (512 is reached with the
+            built-in corpus).
+        texts: Training texts; defaults to a built-in few-KB English and Python corpus.
 
     Returns:
-        A ``PreTrainedTokenizerFast`` whose eos is ``<|im_end|>``, pad ``<pad>``, bos
-        ``<|endoftext|>``, padding on the right, and ``chat_template`` set to ChatML.
+        A ``PreTrainedTokenizerFast`` with bos ``<|endoftext|>``, eos ``<|im_end|>``, pad ``<pad>``
+        (ids 0, 2 and 3; ``<|im_start|>`` is 1), right padding, ``model_max_length`` 512 and a ChatML
+        ``chat_template`` that supports ``add_generation_prompt``.
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -95,20 +159,36 @@ def train_tiny_tokenizer(vocab_size: int = 512, texts: Iterable[str] | None = No
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(list(texts) if texts is not None else [_CORPUS], trainer=trainer)
+    corpus = list(texts) if texts is not None else _CORPUS.splitlines(keepends=True)
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<|endoftext|>",
         eos_token="<|im_end|>",
         pad_token="<pad>",
         additional_special_tokens=["<|im_start|>"],
+        model_max_length=MAX_POSITIONS,
+        padding_side="right",
     )
     wrapped.chat_template = CHATML_TEMPLATE
     return wrapped
 
 
-def _tiny_kwargs(
-    vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int, intermediate_size: int
+def _build(config: PretrainedConfig, seed: int, dtype: torch.dtype) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    # Built in fp32 and cast, so the same seed gives the same weights (rounded) in every dtype.
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.to(dtype)
+
+
+def _config_kwargs(
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    tie_word_embeddings: bool,
 ) -> dict[str, object]:
     return {
         "vocab_size": vocab_size,
@@ -117,14 +197,9 @@ def _tiny_kwargs(
         "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads,
         "num_key_value_heads": num_kv_heads,
-        "max_position_embeddings": 512,
+        "max_position_embeddings": MAX_POSITIONS,
+        "tie_word_embeddings": tie_word_embeddings,
     }
-
-
-def _build(config: LlamaConfig | Qwen2Config, seed: int, dtype: torch.dtype) -> PreTrainedModel:
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model
 
 
 def tiny_llama(
@@ -137,11 +212,27 @@ def tiny_llama(
     tie_word_embeddings: bool = False,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-) -> PreTrainedModel:
-    """A random ``LlamaForCausalLM`` built from its config (no download), seeded, in train mode."""
+) -> LlamaForCausalLM:
+    """Build a random ``LlamaForCausalLM`` from its config (no download), seeded, in train mode.
+
+    Args:
+        vocab_size: Rows of the embedding and the LM head.
+        hidden_size: Model width; must be divisible by ``num_heads``.
+        num_layers: Decoder layers.
+        num_heads: Attention (query) heads.
+        num_kv_heads: Key/value heads (grouped-query attention when fewer than ``num_heads``).
+        intermediate_size: MLP width.
+        tie_word_embeddings: Share one ``[vocab_size, hidden_size]`` tensor between embedding and head.
+        seed: ``torch.manual_seed`` value for the initialisation (the global RNG is reseeded).
+        dtype: Parameter dtype.
+
+    Returns:
+        The model, with ``max_position_embeddings`` 512 and SDPA attention.
+    """
     config = LlamaConfig(
-        **_tiny_kwargs(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size),
-        tie_word_embeddings=tie_word_embeddings,
+        **_config_kwargs(
+            vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, tie_word_embeddings
+        )
     )
     return _build(config, seed, dtype)
 
@@ -156,17 +247,42 @@ def tiny_qwen2(
     tie_word_embeddings: bool = False,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-) -> PreTrainedModel:
-    """A random ``Qwen2ForCausalLM`` (attention biases, like the Qwen family) built from its config."""
+) -> Qwen2ForCausalLM:
+    """Build a random ``Qwen2ForCausalLM`` (q/k/v biases, like the Qwen family) from its config.
+
+    Args:
+        vocab_size: Rows of the embedding and the LM head.
+        hidden_size: Model width; must be divisible by ``num_heads``.
+        num_layers: Decoder layers.
+        num_heads: Attention (query) heads.
+        num_kv_heads: Key/value heads (grouped-query attention when fewer than ``num_heads``).
+        intermediate_size: MLP width.
+        tie_word_embeddings: Share one ``[vocab_size, hidden_size]`` tensor between embedding and head.
+        seed: ``torch.manual_seed`` value for the initialisation (the global RNG is reseeded).
+        dtype: Parameter dtype.
+
+    Returns:
+        The model, with ``max_position_embeddings`` 512 and SDPA attention, in train mode.
+    """
     config = Qwen2Config(
-        **_tiny_kwargs(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size),
-        tie_word_embeddings=tie_word_embeddings,
+        **_config_kwargs(
+            vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, tie_word_embeddings
+        )
     )
     return _build(config, seed, dtype)
 
 
-def tiny_teacher_student(vocab_size: int = 512, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedModel]:
-    """A 4-layer, hidden-128 Llama teacher and a 2-layer, hidden-64 Llama student sharing a vocabulary."""
+def tiny_teacher_student(vocab_size: int = 512, seed: int = 0) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
+    """Build a teacher and a smaller student that share a vocabulary.
+
+    Args:
+        vocab_size: Vocabulary of both models (e.g. ``len(train_tiny_tokenizer())``).
+        seed: Teacher seed; the student uses ``seed + 1`` so the two start different.
+
+    Returns:
+        ``(teacher, student)``: a 4-layer, hidden-128 Llama (~0.7M parameters at vocab 512) and a
+        2-layer, hidden-64 Llama, both in train mode; freezing the teacher is the caller's choice.
+    """
     teacher = tiny_llama(vocab_size, hidden_size=128, num_layers=4, intermediate_size=256, seed=seed)
     student = tiny_llama(vocab_size, hidden_size=64, num_layers=2, intermediate_size=128, seed=seed + 1)
     return teacher, student

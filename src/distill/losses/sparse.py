@@ -75,7 +75,8 @@ def sparse_distillation_loss(
     )  # fmt: skip
     leading_shape = student_logits.shape[:-1]
     student_flat = student_logits.reshape(-1, student_logits.shape[-1])
-    targets = SparseTargets(teacher_topk_ids, teacher_topk_logprobs, teacher_tail_mass)
+    tail_mass = None if teacher_tail_mass is None else teacher_tail_mass.detach()
+    targets = SparseTargets(teacher_topk_ids, teacher_topk_logprobs.detach(), tail_mass)
     labels_flat, rows, targets = prepare_sparse_targets(objective, targets, labels, student_flat.shape[0])
     if rows is not None:
         student_flat = student_flat[rows]
