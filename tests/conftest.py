@@ -58,3 +58,11 @@ def tiny_pair(tokenizer: PreTrainedTokenizerFast) -> tuple[LlamaForCausalLM, Lla
     from distill.testing import tiny_teacher_student
 
     return tiny_teacher_student(vocab_size=len(tokenizer))
+
+
+@pytest.fixture
+def rng():  # noqa: ANN201 - tests/reference.Rng
+    """Random inputs for the loss tests from a fresh seed (printed; replay with ``DISTILL_TEST_SEED``)."""
+    from reference import Rng, fresh_seed
+
+    return Rng(fresh_seed())

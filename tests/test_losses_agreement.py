@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from reference import DIVERGENCES, Rng, assert_close, dense_loss_ref, fresh_seed, sparse_loss_ref
+from reference import DIVERGENCES, Rng, assert_close, dense_loss_ref, sparse_loss_ref
 
 from distill.losses import (
     DistillationOutput,
@@ -28,19 +28,6 @@ TOL = 1e-5
 HIDDEN_GRAD_TOL = 5e-5
 PARAMS = dict(beta=0.3, alpha=0.1)
 SHAPE = (2, 13, 16, 53)  # batch, seq, hidden, vocab
-
-
-@pytest.fixture
-def rng() -> Rng:
-    return Rng(fresh_seed())
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _head(rng: Rng, rows: int, hidden: int, bias: bool = True):

@@ -20,14 +20,6 @@ SETTINGS = settings(max_examples=50, deadline=None)
 DTYPES = st.sampled_from([torch.float32, torch.float64])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @st.composite
 def logit_pairs(draw, bound: float = 10.0, max_vocab: int = 40) -> tuple[np.ndarray, np.ndarray]:
     """Two ``[rows, vocab]`` float64 arrays of logits in ``[-bound, bound]`` (student, teacher)."""

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from reference import Rng, assert_close, dense_loss_ref, fresh_seed, head_logits_ref, leaves64, sparse_loss_ref
+from reference import Rng, assert_close, dense_loss_ref, head_logits_ref, leaves64, sparse_loss_ref
 
 from distill.losses import (
     SparseTargets,
@@ -50,20 +50,6 @@ MIN_VALUE = 0.05
 
 spec_axis = pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
 shape_axis = pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-
-
-@pytest.fixture
-def rng() -> Rng:
-    return Rng(fresh_seed())
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads only add overhead (and oversubscribe under ``-n 2``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _common(rng: Rng, leading: tuple[int, ...], vocab: int) -> dict:
