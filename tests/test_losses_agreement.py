@@ -64,7 +64,7 @@ def test_fused_teacher_head_equals_dense(name, rng) -> None:
 
 def _check_same(a: DistillationOutput, b: DistillationOutput) -> None:
     assert a.num_tokens == b.num_tokens
-    for field in ("loss", "kd_loss", "ce_loss"):
+    for field in ("loss", "kd_loss", "ce_loss", "teacher_entropy"):
         assert_close(getattr(a, field), getattr(b, field), TOL, field)
     assert abs(float(a.top1_agreement) - float(b.top1_agreement)) <= 1.5 / max(a.num_tokens, 1)
 
@@ -361,3 +361,16 @@ def test_output_fields_match_reference(form, rng) -> None:
         assert not getattr(out, field).requires_grad
     no_labels = distillation_loss(student, teacher, None, "jsd", beta=0.3)
     assert no_labels.num_tokens == batch * seq and math.isnan(float(no_labels.ce_loss))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_teacher_entropy_matches_float64(temperature, rng) -> None:
+    """The logged teacher entropy is the mean of -sum p log p of the tempered teacher over labelled tokens."""
+    batch, seq, _, vocab = SHAPE
+    labels = rng.labels((batch, seq), vocab)
+    student, teacher = rng.randn(batch, seq, vocab), rng.randn(batch, seq, vocab, scale=3.0)
+    out = distillation_loss(student, teacher, labels, "jsd", temperature=temperature)
+    p = torch.softmax(teacher.double() / temperature, dim=-1)
+    per_token = -(p * p.log()).sum(-1)
+    valid = labels != -100
+    assert_close(out.teacher_entropy, per_token[valid].mean(), TOL, "teacher_entropy")

@@ -75,7 +75,7 @@ class _FusedDistillation(torch.autograd.Function):
         student_softcap: float | None,
         chunk_size: int,
         scale: float,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         vocab = objective.vocab_size
         assert vocab is not None
         weight_used = weight[:vocab]
@@ -85,7 +85,7 @@ class _FusedDistillation(torch.autograd.Function):
         accumulate_dtype = upcast(weight[:0]).dtype
         grad_weight = weight.new_zeros(vocab, weight.shape[1], dtype=accumulate_dtype) if needs_weight else None
         grad_bias = weight.new_zeros(vocab, dtype=accumulate_dtype) if needs_bias else None
-        sums = hidden.new_zeros(4, dtype=accumulate_dtype)  # loss, kd, ce, agreement
+        sums = hidden.new_zeros(5, dtype=accumulate_dtype)  # loss, kd, ce, agreement, teacher entropy
 
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
@@ -107,7 +107,15 @@ class _FusedDistillation(torch.autograd.Function):
                 if objective.ce_weight:
                     chunk_loss = chunk_loss + objective.ce_weight * per_token.ce.sum()
                 (grad_logits,) = torch.autograd.grad(chunk_loss * scale, raw_logits)
-            sums += torch.stack([chunk_loss.detach(), per_token.kd.sum(), per_token.ce.sum(), per_token.agree.sum()])
+            sums += torch.stack(
+                [
+                    chunk_loss.detach(),
+                    per_token.kd.sum(),
+                    per_token.ce.sum(),
+                    per_token.agree.sum(),
+                    per_token.teacher_entropy.sum(),
+                ]
+            )
             del student_logits, per_token, teacher_logits, raw_logits
 
             if grad_hidden is not None:
@@ -120,7 +128,7 @@ class _FusedDistillation(torch.autograd.Function):
         ctx.save_for_backward(*_full_rows(grad_hidden, grad_weight, grad_bias, weight, bias))
         loss = sums[0] * scale
         ctx.mark_non_differentiable(sums)
-        return loss, sums[1], sums[2], sums[3]
+        return loss, sums[1], sums[2], sums[3], sums[4]
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -230,12 +238,11 @@ def fused_distillation_loss(
         check_finite(teacher.hidden, "Teacher hidden states")
     num_tokens = hidden_flat.shape[0]
     scale = 1.0 / max(num_tokens, 1) if reduction == "mean" else 1.0
-    loss, kd_sum, ce_sum, agree_sum = _FusedDistillation.apply(
+    loss, kd_sum, ce_sum, agree_sum, entropy_sum = _FusedDistillation.apply(
         hidden_flat, student_weight, student_bias, labels_flat, teacher, objective, student_softcap,
         chunk_size or default_chunk_size(vocab, hidden_flat.device), scale,
     )  # fmt: skip
-    kd_loss, ce_loss, agreement = summarize(kd_sum, ce_sum, agree_sum, num_tokens, labels is not None)
-    return DistillationOutput(loss, kd_loss, ce_loss, agreement, num_tokens)
+    return summarize(loss, kd_sum, ce_sum, agree_sum, entropy_sum, num_tokens, labels is not None)
 
 
 def _prepare_dense(objective: Objective, labels: Tensor | None, num_rows: int) -> tuple[Tensor | None, Tensor | None]:

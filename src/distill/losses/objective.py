@@ -49,11 +49,15 @@ class TokenLosses(NamedTuple):
         kd: divergence between teacher and student at each token (nats; TVD in probability units).
         ce: hard-label cross-entropy of the student at T=1 (nats); zeros where there is no label.
         agree: 1.0 where the student's and teacher's most likely tokens are the same, else 0.0.
+        teacher_entropy: entropy of the (tempered) teacher distribution the student is matched to
+            (nats); for a sparse teacher, over its top-k plus the tail as one outcome (``bucket``,
+            a lower bound of the full entropy) or over the renormalised top-k (``renormalize``).
     """
 
     kd: Tensor
     ce: Tensor
     agree: Tensor
+    teacher_entropy: Tensor
 
 
 @dataclass
@@ -68,6 +72,9 @@ class DistillationOutput:
         top1_agreement: detached fraction of unmasked tokens where the student's argmax equals the
             teacher's.
         num_tokens: number of unmasked tokens the means are taken over.
+        teacher_entropy: detached mean entropy of the teacher's target distribution over unmasked
+            tokens (nats; see :class:`TokenLosses`). Low values mean near one-hot targets, where KD
+            adds little over hard labels.
     """
 
     loss: Tensor
@@ -75,6 +82,7 @@ class DistillationOutput:
     ce_loss: Tensor
     top1_agreement: Tensor
     num_tokens: int
+    teacher_entropy: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -160,25 +168,30 @@ class Objective:
             if self.temperature != 1.0:
                 teacher_logits = teacher_logits / self.temperature
             # Finite logits (checked by the callers) give finite log-probs: no zero-mass handling needed.
-            kd = self.divergence(student_logprobs, torch.log_softmax(teacher_logits, dim=-1), finite=True)
+            teacher_logprobs = torch.log_softmax(teacher_logits, dim=-1)
+            kd = self.divergence(student_logprobs, teacher_logprobs, finite=True)
             teacher_top1 = teacher_logits.argmax(-1)
         else:
             student_support, teacher_support = self._sparse_supports(
                 student_tempered, student_logprobs, teacher_sparse, vocab
             )
             kd = self.divergence(student_support, teacher_support)
+            teacher_logprobs = teacher_support
             best = teacher_sparse.topk_logprobs.argmax(-1, keepdim=True)
             teacher_top1 = teacher_sparse.topk_ids.gather(-1, best).squeeze(-1)
 
         agree = (student_logits.argmax(-1) == teacher_top1).to(kd.dtype)
+        # Entropy is diagnostics only: computed without a graph, 0 * log 0 taken as 0.
+        with torch.no_grad():
+            teacher_entropy = -torch.special.xlogy(teacher_logprobs.exp(), teacher_logprobs.exp()).sum(-1)
         if labels is None:
-            return TokenLosses(kd, torch.zeros_like(kd), agree)
+            return TokenLosses(kd, torch.zeros_like(kd), agree, teacher_entropy)
         # The CE term is at T = 1: reuse the KD log-probs when they are the same thing.
         ce_logprobs = student_logprobs if self.temperature == 1.0 else torch.log_softmax(student_logits, dim=-1)
         has_label = labels != self.ignore_index
         safe_labels = torch.where(has_label, labels, torch.zeros_like(labels))
         ce = -ce_logprobs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-        return TokenLosses(kd, torch.where(has_label, ce, torch.zeros_like(ce)), agree)
+        return TokenLosses(kd, torch.where(has_label, ce, torch.zeros_like(ce)), agree, teacher_entropy)
 
     def _sparse_supports(
         self,
@@ -247,19 +260,28 @@ def select_valid_rows(labels: Tensor | None, num_rows: int, ignore_index: int) -
 
 
 def summarize(
+    loss: Tensor,
     kd_sum: Tensor,
     ce_sum: Tensor,
     agree_sum: Tensor,
+    entropy_sum: Tensor,
     num_tokens: int,
     has_labels: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Detached per-token means ``(kd_loss, ce_loss, top1_agreement)`` from sums over ``num_tokens``.
+) -> DistillationOutput:
+    """A :class:`DistillationOutput` with detached per-token means from sums over ``num_tokens``.
 
     Means over zero tokens are 0 (not NaN); ``ce_loss`` is NaN when there were no labels at all.
     """
     denominator = max(num_tokens, 1)
     ce_loss = ce_sum.detach() / denominator if has_labels else torch.full_like(kd_sum.detach(), math.nan)
-    return kd_sum.detach() / denominator, ce_loss, agree_sum.detach() / denominator
+    return DistillationOutput(
+        loss,
+        kd_loss=kd_sum.detach() / denominator,
+        ce_loss=ce_loss,
+        top1_agreement=agree_sum.detach() / denominator,
+        num_tokens=num_tokens,
+        teacher_entropy=entropy_sum.detach() / denominator,
+    )
 
 
 def reduce_token_losses(
@@ -295,7 +317,12 @@ def reduce_token_losses(
         loss = weighted.reshape(leading_shape)
     else:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}.")
-    kd_loss, ce_loss, agreement = summarize(
-        per_token.kd.sum(), per_token.ce.sum(), per_token.agree.sum(), num_tokens, has_labels
+    return summarize(
+        loss,
+        per_token.kd.sum(),
+        per_token.ce.sum(),
+        per_token.agree.sum(),
+        per_token.teacher_entropy.sum(),
+        num_tokens,
+        has_labels,
     )
-    return DistillationOutput(loss, kd_loss, ce_loss, agreement, num_tokens)
