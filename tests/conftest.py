@@ -66,3 +66,11 @@ def rng():  # noqa: ANN201 - tests/reference.Rng
     from reference import Rng, fresh_seed
 
     return Rng(fresh_seed())
+
+
+@pytest.fixture
+def taught_pair(tokenizer: PreTrainedTokenizerFast) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
+    """``(teacher, student)``: a tiny teacher trained on the arithmetic chat task, and a fresh student."""
+    from trainer_helpers import taught_pair
+
+    return taught_pair(tokenizer)

@@ -22,7 +22,7 @@ from distill.losses.dense import (
 )
 from distill.losses.divergences import DIVERGENCE_NAMES, Divergence
 from distill.losses.fused import FusedDistillationLoss, default_chunk_size, fused_distillation_loss
-from distill.losses.objective import DistillationOutput, Objective
+from distill.losses.objective import DistillationOutput, NonFiniteInputError, Objective
 from distill.losses.sparse import sparse_distillation_loss
 from distill.losses.targets import SparseTargets, TeacherHead
 from distill.losses.vocab import VocabularyMismatchError
@@ -32,6 +32,7 @@ __all__ = [
     "DistillationOutput",
     "Divergence",
     "FusedDistillationLoss",
+    "NonFiniteInputError",
     "Objective",
     "SparseTargets",
     "TeacherHead",

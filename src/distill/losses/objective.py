@@ -33,10 +33,14 @@ def upcast(tensor: Tensor) -> Tensor:
     return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
+class NonFiniteInputError(ValueError):
+    """A loss input (logits, hidden states) holds NaN or infinite values."""
+
+
 def check_finite(tensor: Tensor, what: str) -> None:
     """Refuse NaN or infinite values in ``tensor`` (e.g. an fp16 overflow upstream), naming ``what``."""
     if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(
+        raise NonFiniteInputError(
             f"{what} contain NaN or infinite values; the loss would be NaN. Check the model's dtype (fp16 overflows; "
             "prefer bf16) and mask disallowed tokens through labels, not with -inf logits."
         )

@@ -1,5 +1,32 @@
-"""Loading and checking student and teacher models (vocabulary checks so far)."""
+"""Loading and checking student and teacher models: vocabularies, dtypes, quantization, LoRA, memory."""
 
+from distill.models.adapters import apply_peft, check_student_trainable, has_trainable_adapters
+from distill.models.loading import (
+    ModelDoesNotFitError,
+    check_fits,
+    freeze,
+    load_causal_lm,
+    parameter_bytes,
+    resolve_dtype,
+)
+from distill.models.quantization import Quantization, is_quantized, make_trainable_4bit_safe, quantization_config
 from distill.models.vocab import VocabularyMismatchError, check_tokenizers_match, shared_vocab_size
 
-__all__ = ["VocabularyMismatchError", "check_tokenizers_match", "shared_vocab_size"]
+__all__ = [
+    "ModelDoesNotFitError",
+    "Quantization",
+    "VocabularyMismatchError",
+    "apply_peft",
+    "check_fits",
+    "check_student_trainable",
+    "check_tokenizers_match",
+    "freeze",
+    "has_trainable_adapters",
+    "is_quantized",
+    "load_causal_lm",
+    "make_trainable_4bit_safe",
+    "parameter_bytes",
+    "quantization_config",
+    "resolve_dtype",
+    "shared_vocab_size",
+]

@@ -1,0 +1,192 @@
+"""`DistillConfig`: every setting of a distillation run, as `transformers.TrainingArguments` plus KD fields.
+
+Subclassing ``TrainingArguments`` (as TRL's configs do) means every field is also a command-line flag
+or YAML key through ``HfArgumentParser``, and the optimizer, schedule, precision, checkpointing,
+logging and distributed settings are the ones users already know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from transformers import TrainingArguments
+
+from distill.losses import DIVERGENCE_NAMES, Divergence, Objective
+
+_DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+@dataclass
+class DistillConfig(TrainingArguments):
+    """Training arguments for :class:`distill.Trainer`.
+
+    Every ``transformers.TrainingArguments`` field applies (``output_dir``, ``learning_rate``,
+    ``per_device_train_batch_size``, ``bf16``, ``save_steps``, ...); the fields below add the
+    distillation objective, the teacher's placement and the data handling. Each is validated in
+    ``__post_init__`` with a message that says what to change.
+    """
+
+    # The objective.
+    loss: str = field(
+        default="jsd",
+        metadata={"help": f"Divergence between teacher and student, one of {', '.join(DIVERGENCE_NAMES)}."},
+    )
+    beta: float = field(
+        default=0.5,
+        metadata={"help": "Generalized JSD interpolation in [0, 1]: 0 is forward KL(teacher||student), 1 reverse KL."},
+    )
+    alpha: float = field(default=0.1, metadata={"help": "Skew of skew_kl / skew_reverse_kl, in [0, 1)."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of both models in the KD term."})
+    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the KD term."})
+    ce_weight: float = field(default=0.0, metadata={"help": "Weight of the hard-label cross-entropy on the data."})
+    loss_implementation: Literal["fused", "dense"] = field(
+        default="fused",
+        metadata={
+            "help": "'fused': the loss from both models' final hidden states, chunked over tokens, so no "
+            "[tokens x vocab] logits exist (default). 'dense': the models' full logits (for models whose head "
+            "is not a plain linear layer, and for comparison)."
+        },
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per chunk of the fused loss; default from the vocabulary size and device."},
+    )
+    sparse_tail: Literal["bucket", "renormalize"] = field(
+        default="bucket", metadata={"help": "Sparse (top-k) teachers: how the mass outside the top-k is treated."}
+    )
+    vocab_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Shared vocabulary rows of both heads; default: the ids both tokenizers share (the rest of a "
+            "padded head is ignored)."
+        },
+    )
+
+    # The teacher.
+    teacher_dtype: str = field(
+        default="auto", metadata={"help": f"Teacher weights dtype, one of {', '.join(_DTYPES)}."}
+    )
+    teacher_quantization: Literal["none", "4bit", "8bit"] = field(
+        default="none",
+        metadata={"help": "Load the teacher (given as a path) in 4-bit nf4 or 8-bit with bitsandbytes."},
+    )
+    teacher_device: str | None = field(
+        default=None, metadata={"help": "Device of the teacher, e.g. 'cuda:1'; default: the student's."}
+    )
+    student_dtype: str = field(default="auto", metadata={"help": "Student dtype when the student is given as a path."})
+
+    # On-policy and sequence-level distillation.
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of steps trained on completions the student generates for the prompts (on-policy, "
+            "GKD's lambda). 0: always the dataset's completions."
+        },
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={"help": "Sequence-level KD: train on the teacher's own completions, generated each step."},
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per completion."})
+    generation_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of generation; 0 means greedy."}
+    )
+    generation_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold of generation."})
+    generation_top_k: int = field(default=0, metadata={"help": "Top-k sampling of generation; 0 disables it."})
+
+    # Data.
+    max_length: int = field(
+        default=1024, metadata={"help": "Longest training sequence in tokens (prompt + completion)."}
+    )
+    completion_only_loss: bool = field(
+        default=True,
+        metadata={"help": "Loss only on completion / assistant tokens (prompts are context only)."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack several rows into each max_length sequence (documents never attend to each other)."},
+    )
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenizing the dataset."})
+
+    # Robustness.
+    save_on_sigterm: bool = field(
+        default=True,
+        metadata={"help": "On SIGTERM (spot preemption, scancel), finish the step, save a checkpoint, stop."},
+    )
+
+    def __post_init__(self) -> None:
+        # The collator needs the raw columns, and our batches carry keys the model's forward does not take.
+        self.remove_unused_columns = False
+        super().__post_init__()
+        self._check()
+
+    def _check(self) -> None:
+        if self.loss not in DIVERGENCE_NAMES:
+            raise ValueError(f"loss={self.loss!r} is not a distillation loss; choose one of {DIVERGENCE_NAMES}.")
+        # Objective / Divergence validate beta, alpha, temperature and the weights with their own messages.
+        self.objective(vocab_size=None)
+        if self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kd_weight and ce_weight are both 0: nothing would be learned. Set kd_weight > 0.")
+        if self.loss_implementation not in ("fused", "dense"):
+            raise ValueError(f"loss_implementation must be 'fused' or 'dense'; got {self.loss_implementation!r}.")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
+            raise ValueError(
+                f"loss_chunk_size must be >= 1 token (or None for automatic); got {self.loss_chunk_size}."
+            )
+        for name in ("teacher_dtype", "student_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {_DTYPES}.")
+        if self.teacher_quantization not in ("none", "4bit", "8bit"):
+            raise ValueError(
+                f"teacher_quantization must be 'none', '4bit' or '8bit'; got {self.teacher_quantization!r}."
+            )
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"lmbda is the fraction of on-policy steps, in [0, 1]; got {self.lmbda}.")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}.")
+        if self.generation_temperature < 0:
+            raise ValueError(f"generation_temperature must be >= 0 (0 is greedy); got {self.generation_temperature}.")
+        if not 0.0 < self.generation_top_p <= 1.0:
+            raise ValueError(f"generation_top_p must be in (0, 1]; got {self.generation_top_p}.")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 tokens; got {self.max_length}.")
+        if self.uses_generation and self.packing:
+            raise ValueError(
+                "packing=True cannot be combined with lmbda > 0 or seq_kd: generation needs each row's prompt. "
+                "Turn packing off for on-policy / sequence-level distillation."
+            )
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive number of rows; got {self.vocab_size}.")
+
+    @property
+    def uses_generation(self) -> bool:
+        """Whether some steps train on generated completions (on-policy or sequence-level KD)."""
+        return self.lmbda > 0 or self.seq_kd
+
+    def objective(self, vocab_size: int | None) -> Objective:
+        """The loss settings as a :class:`distill.losses.Objective` over ``vocab_size`` shared rows."""
+        return Objective(
+            divergence=Divergence(self.loss, beta=self.beta, alpha=self.alpha),
+            temperature=self.temperature,
+            kd_weight=self.kd_weight,
+            ce_weight=self.ce_weight,
+            tail=self.sparse_tail,
+            vocab_size=vocab_size,
+        )
+
+    def generation_kwargs(self, pad_token_id: int, eos_token_id: int | list[int] | None) -> dict[str, object]:
+        """Keyword arguments for ``model.generate`` from the generation fields."""
+        sample = self.generation_temperature > 0
+        kwargs: dict[str, object] = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": sample,
+            "pad_token_id": pad_token_id,
+            "eos_token_id": eos_token_id,
+            "use_cache": True,
+        }
+        if sample:
+            kwargs.update(
+                temperature=self.generation_temperature, top_p=self.generation_top_p, top_k=self.generation_top_k
+            )
+        return kwargs

@@ -1,0 +1,260 @@
+"""Load a teacher or student causal LM, freeze it, and check that it fits where it is going.
+
+One entry point, :func:`load_causal_lm`, for both models: a dtype by its short name, optional
+bitsandbytes quantization, a device. A path that does not exist fails at once with a message that
+says so, instead of a hub lookup that hangs (online without network) or an unrelated hub error
+(offline).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from distill.models.quantization import Quantization, quantization_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+__all__ = ["ModelDoesNotFitError", "check_fits", "freeze", "load_causal_lm", "parameter_bytes", "resolve_dtype"]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+_ACCEPTED_DTYPES = "'auto', 'bf16'/'bfloat16', 'fp16'/'float16', 'fp32'/'float32' or the matching torch.dtype"
+
+# "org/name" or "name": what the hub accepts as a repository id (neither part starts with "." so "./x" is a path).
+_HUB_ID = re.compile(r"^\w[\w.-]*(/\w[\w.-]*)?$")
+_TRUTHY = {"1", "ON", "YES", "TRUE"}
+_GIB = 1024**3
+
+
+class ModelDoesNotFitError(MemoryError):
+    """The models would not fit in the free memory of their device."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    """Turn a user-facing dtype name into what ``from_pretrained`` takes.
+
+    Args:
+        dtype: ``None``/``"auto"`` (the checkpoint's own dtype), ``"bf16"``/``"bfloat16"``,
+            ``"fp16"``/``"float16"``, ``"fp32"``/``"float32"`` (case-insensitive, ``"torch."`` prefix
+            allowed), or one of those three ``torch.dtype``.
+
+    Returns:
+        ``"auto"`` or a ``torch.dtype``.
+
+    Raises:
+        ValueError: anything else; the message lists the accepted values.
+    """
+    if dtype is None:
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+        raise ValueError(f"unsupported dtype {dtype}: use {_ACCEPTED_DTYPES}")
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        if name == "auto":
+            return "auto"
+        if name in _DTYPES:
+            return _DTYPES[name]
+    raise ValueError(f"unknown dtype {dtype!r}: use {_ACCEPTED_DTYPES}")
+
+
+def _hub_offline() -> bool:
+    # Read at call time: huggingface_hub's own constant is frozen when it is first imported.
+    from huggingface_hub import constants
+
+    env = (os.environ.get(name, "").upper() in _TRUTHY for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(env) or bool(constants.HF_HUB_OFFLINE)
+
+
+def _check_source_exists(name_or_path: str | os.PathLike) -> None:
+    """Fail fast, with a useful message, on a model that is neither a folder nor reachable on the hub."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return
+    text = os.fspath(name_or_path)
+    if not isinstance(name_or_path, str) or not _HUB_ID.match(text):
+        raise FileNotFoundError(f"no model folder at {text!r} (resolved to {path.resolve()})")
+    if not _hub_offline():
+        return  # a hub id: from_pretrained downloads it (or reports the hub's own error)
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(text, "config.json"), str):
+        return
+    raise FileNotFoundError(
+        f"{text!r} is neither a local model folder nor in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
+        "downloading it. Pass the path of a folder written by save_pretrained(), or download the model first."
+    )
+
+
+def _dtype_kwarg() -> str:
+    # transformers 4.56 renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns in 5.x).
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def _default_compute_dtype(device: str | torch.device | None) -> torch.dtype:
+    # 4-bit layers need a concrete compute dtype even when the weights load in "auto": bf16 where the GPU has
+    # it, fp32 elsewhere (bf16 matmuls on a CPU without AVX512-BF16 are emulated and slow).
+    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    return (
+        torch.bfloat16 if on_cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    )
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    quantization: Quantization = "none",
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM (teacher or student) with ``AutoModelForCausalLM.from_pretrained``.
+
+    Args:
+        name_or_path: a folder written by ``save_pretrained`` or a hub id (``"Qwen/Qwen2.5-0.5B"``).
+        dtype: see :func:`resolve_dtype`. With quantization it is the dtype of the layers left
+            unquantized and the 4-bit compute dtype (``"auto"``: bf16 on a GPU that has it, else fp32).
+        quantization: ``"none"``, ``"4bit"`` (NF4, double quantization) or ``"8bit"``; needs
+            bitsandbytes, which runs on CUDA and (0.50.2 checked) on CPU.
+        device: where the weights go. Quantized models are placed while loading
+            (``device_map={"": device}``, which bitsandbytes needs); others are loaded then moved. ``None``
+            leaves transformers' default (CPU).
+        attn_implementation: e.g. ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``; ``None`` for the default.
+        trust_remote_code: run model code shipped with the checkpoint.
+
+    Returns:
+        The model, in eval mode (as ``from_pretrained`` returns it).
+
+    Raises:
+        FileNotFoundError: ``name_or_path`` is a missing folder, or a hub id that is not cached while
+            ``HF_HUB_OFFLINE=1``.
+        ValueError: an unknown dtype or quantization.
+        ImportError: quantization without bitsandbytes installed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    resolved_dtype = resolve_dtype(dtype)
+    compute_dtype = resolved_dtype if isinstance(resolved_dtype, torch.dtype) else _default_compute_dtype(device)
+    bnb_config = quantization_config(quantization, compute_dtype)
+    _check_source_exists(name_or_path)
+
+    kwargs: dict[str, object] = {_dtype_kwarg(): resolved_dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if bnb_config is not None:
+        kwargs["quantization_config"] = bnb_config
+        if device is not None:
+            kwargs["device_map"] = {"": str(device)}
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    if bnb_config is None and device is not None:
+        model = model.to(device)
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put ``model`` in eval mode (no dropout) with no parameter requiring grad; returns it (a teacher)."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _quant_state_bytes(tensor: torch.Tensor) -> int:
+    # bitsandbytes keeps scales beside the packed weight: 4-bit block absmax (and its own quantization
+    # state with double quantization) and the 8-bit per-row scales (SCB).
+    total = 0
+    quant_state = getattr(tensor, "quant_state", None)
+    for holder, name in ((quant_state, "absmax"), (getattr(quant_state, "state2", None), "absmax"), (tensor, "SCB")):
+        extra = getattr(holder, name, None)
+        if isinstance(extra, torch.Tensor):
+            total += extra.numel() * extra.element_size()
+    return total
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes held by the parameters and buffers of ``model``, each tensor counted once (tied weights).
+
+    Quantized weights count at their storage size (4-bit: half a byte per weight, 8-bit: one) plus their
+    scales. Optimizer state, gradients and activations are not included.
+
+    Args:
+        model: any module (on any device; meta tensors count at their nominal size).
+
+    Returns:
+        Size in bytes.
+    """
+    seen: set[tuple[int, int, torch.dtype] | int] = set()
+    total = 0
+    for tensor in (*model.parameters(), *model.buffers()):
+        pointer = tensor.data_ptr()
+        # Meta and empty tensors all report pointer 0; tell them apart by identity instead.
+        key = (pointer, tensor.numel(), tensor.dtype) if pointer else id(tensor)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size() + _quant_state_bytes(tensor)
+    return total
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    if device.type == "cpu":
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return psutil.virtual_memory().available
+    return None  # mps, xpu, meta, ...: no reliable free-memory query
+
+
+def check_fits(models_bytes: int, device: torch.device | str, *, what: str, headroom: float = 0.9) -> None:
+    """Refuse, before anything is placed, models that would not fit in the device's free memory.
+
+    Call it with the bytes that are about to be placed on ``device`` (e.g. :func:`parameter_bytes` of a
+    teacher and student loaded on the CPU, before moving them to the GPU); memory already used there
+    counts as taken. Activations, gradients and optimizer state need room too, hence ``headroom``.
+
+    Args:
+        models_bytes: bytes to place, in bytes.
+        device: target device. CUDA: compared with ``torch.cuda.mem_get_info`` free memory. CPU:
+            compared with available RAM if psutil is installed, else not checked. Others: not checked.
+        what: what is being placed, for the message (e.g. ``"teacher + student"``).
+        headroom: fraction of the free memory the models may use, in ``(0, 1]``.
+
+    Raises:
+        ModelDoesNotFitError: ``models_bytes > free * headroom``; the message gives both in GiB and ways out.
+        ValueError: ``headroom`` outside ``(0, 1]``.
+    """
+    if not 0 < headroom <= 1:
+        raise ValueError(f"headroom must be in (0, 1], got {headroom}")
+    device = torch.device(device)
+    free = _free_bytes(device)
+    if free is None or models_bytes <= free * headroom:
+        return
+    raise ModelDoesNotFitError(
+        f"{what}: {models_bytes / _GIB:.2f} GiB needed on {device}, but only {free / _GIB:.2f} GiB is free there "
+        f"(at most {free * headroom / _GIB:.2f} GiB may be used, headroom={headroom}). Load the teacher in 4-bit "
+        "(quantization='4bit'), train the student with LoRA/QLoRA (peft_config=LoraConfig(...)), or use a smaller "
+        "model; a smaller batch or shorter sequences leave more room for activations."
+    )

@@ -1,0 +1,27 @@
+"""Where distillation targets come from: :class:`Teacher` and its implementations.
+
+* :class:`ModelTeacher`: a frozen in-process model (own device, dtype, quantization).
+"""
+
+from distill.teachers.base import Teacher, TeacherTargets
+from distill.teachers.decoder import (
+    OutputHead,
+    UnsupportedModelError,
+    decoder_of,
+    final_hidden_states,
+    full_logits,
+    output_head_of,
+)
+from distill.teachers.model import ModelTeacher
+
+__all__ = [
+    "ModelTeacher",
+    "OutputHead",
+    "Teacher",
+    "TeacherTargets",
+    "UnsupportedModelError",
+    "decoder_of",
+    "final_hidden_states",
+    "full_logits",
+    "output_head_of",
+]

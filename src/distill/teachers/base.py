@@ -1,0 +1,63 @@
+"""The one interface every teacher implements: targets for the tokens of a batch."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from torch import Tensor
+
+from distill.losses import SparseTargets, TeacherHead
+
+TeacherTargets = TeacherHead | SparseTargets
+
+
+class Teacher(ABC):
+    """Where the distillation targets come from.
+
+    A teacher answers one question: for every position of a batch, what distribution over the next
+    token should the student match? It answers either densely (:class:`~distill.losses.TeacherHead`:
+    its final hidden states and head, so the fused loss builds its logits chunk by chunk) or sparsely
+    (:class:`~distill.losses.SparseTargets`: top-k ids and log-probs).
+
+    Attributes:
+        tokenizer: the teacher's tokenizer when known (checked against the student's), else ``None``.
+    """
+
+    tokenizer: Any = None
+
+    @property
+    @abstractmethod
+    def vocab_rows(self) -> int:
+        """Rows of the teacher's output distribution (its head's ``V``, padding rows included)."""
+
+    @abstractmethod
+    def targets(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> TeacherTargets:
+        """Targets for every position of the batch, on ``input_ids``' device.
+
+        Args:
+            input_ids: ``[batch, seq]`` token ids (right-padded).
+            attention_mask: ``[batch, seq]`` 1 for real tokens, 0 for padding.
+            position_ids: ``[batch, seq]`` positions (restarting per document in packed rows).
+
+        Returns:
+            Targets with leading shape ``[batch, seq]``: position ``i`` holds the teacher's
+            distribution of token ``i + 1``. Never carries gradients.
+        """
+
+    def generate(self, prompt_ids: Tensor, prompt_attention_mask: Tensor, **generation_kwargs: Any) -> Tensor:
+        """``[batch, prompt + new]`` the prompts continued by the teacher (sequence-level KD).
+
+        Args:
+            prompt_ids: ``[batch, prompt]`` left-padded prompt ids.
+            prompt_attention_mask: ``[batch, prompt]`` 1 for real tokens.
+            generation_kwargs: passed to ``transformers`` ``generate`` (``max_new_tokens``, ...).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot generate text; seq_kd needs an in-process model teacher (ModelTeacher)."
+        )

@@ -1,0 +1,103 @@
+"""An in-process teacher: a frozen causal LM on its own device, dtype and quantization."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distill.losses import TeacherHead
+from distill.teachers.base import Teacher
+from distill.teachers.decoder import OutputHead, final_hidden_states, output_head_of
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+class ModelTeacher(Teacher):
+    """A ``transformers`` causal LM used as a frozen teacher.
+
+    The model is put in eval mode with every parameter frozen, so dropout is off and no optimizer
+    state or gradient is ever kept for it. :meth:`targets` runs only its decoder (under
+    ``torch.no_grad``) and hands the final hidden states plus its head to the fused loss: the
+    teacher's ``[tokens x vocab]`` logits are never built at once.
+
+    Args:
+        model: the teacher, loaded however the user likes (bf16, 4-bit, 8-bit, on any device); see
+            :func:`distill.models.load_causal_lm`.
+        tokenizer: its tokenizer, used to check it is the student's.
+        device: move an unquantized model here (quantized ones stay where they were loaded).
+        dtype: cast an unquantized model to this dtype.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        tokenizer: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        model.eval()
+        model.requires_grad_(False)
+        if not _is_quantized(model):
+            if dtype is not None:
+                model.to(dtype)
+            if device is not None:
+                model.to(device)
+        self.model = model
+        self.tokenizer = tokenizer
+        self._heads: dict[torch.device, OutputHead] = {}
+
+    @property
+    def device(self) -> torch.device:
+        """Where the teacher's weights (and its forward pass) live."""
+        return _model_device(self.model)
+
+    @property
+    def vocab_rows(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def head_on(self, device: torch.device) -> OutputHead:
+        """The teacher's head with its tensors on ``device`` (copied once per device, then reused)."""
+        if device not in self._heads:
+            head = output_head_of(self.model)
+            bias = None if head.bias is None else head.bias.to(device)
+            self._heads[device] = OutputHead(head.weight.to(device), bias, head.softcap)
+        return self._heads[device]
+
+    @torch.no_grad()
+    def targets(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> TeacherHead:
+        """The teacher's final hidden states ``[batch, seq, H_t]`` and head, on ``input_ids``' device."""
+        out_device = input_ids.device
+        here = self.device
+
+        def to_teacher(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor.to(here, non_blocking=True)
+
+        hidden = final_hidden_states(
+            self.model, to_teacher(input_ids), to_teacher(attention_mask), to_teacher(position_ids)
+        )
+        head = self.head_on(out_device)
+        # The head matmul runs in the head's dtype (a 4-bit teacher's head is kept in its compute dtype).
+        hidden = hidden.to(out_device, dtype=head.weight.dtype, non_blocking=True)
+        return TeacherHead(hidden, head.weight, head.bias, head.softcap)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, prompt_attention_mask: Tensor, **generation_kwargs: Any) -> Tensor:
+        here = self.device
+        generated = self.model.generate(
+            input_ids=prompt_ids.to(here), attention_mask=prompt_attention_mask.to(here), **generation_kwargs
+        )
+        return generated.to(prompt_ids.device)

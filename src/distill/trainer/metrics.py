@@ -1,0 +1,73 @@
+"""KD metrics accumulated over the micro-batches between two log lines."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from distill.losses import DistillationOutput
+
+
+@dataclass
+class KDMetrics:
+    """Token-weighted running sums of the loss diagnostics, and the token throughput.
+
+    ``kd_loss``, ``ce_loss``, ``top1_agreement`` and ``teacher_entropy`` are means over the tokens
+    that carry loss; ``tokens_per_second`` counts every non-padding input token the student
+    processed (prompts and completions, generated ones included) per second of wall time since the
+    previous log; ``on_policy_fraction`` is the fraction of micro-batches trained on generated text.
+    """
+
+    sums: dict[str, float] = field(default_factory=dict)
+    loss_tokens: int = 0
+    input_tokens: int = 0
+    micro_batches: int = 0
+    generated_batches: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, output: DistillationOutput, input_tokens: int, generated: bool) -> None:
+        """Record one micro-batch's :class:`DistillationOutput` and its non-padding input tokens."""
+        n = output.num_tokens
+        values = {"kd_loss": output.kd_loss, "top1_agreement": output.top1_agreement}
+        if output.teacher_entropy is not None:
+            values["teacher_entropy"] = output.teacher_entropy
+        ce = float(output.ce_loss)
+        if not math.isnan(ce):
+            values["ce_loss"] = output.ce_loss
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(value) * n
+        self.loss_tokens += n
+        self.input_tokens += input_tokens
+        self.micro_batches += 1
+        self.generated_batches += int(generated)
+
+    def pop(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+        """The metrics since the last call (summed over processes by ``reduce_sum``), then reset."""
+        names = sorted(self.sums)
+        totals = [self.sums[name] for name in names] + [
+            self.loss_tokens,
+            self.input_tokens,
+            self.micro_batches,
+            self.generated_batches,
+        ]
+        if reduce_sum is not None:
+            totals = reduce_sum(torch.tensor(totals, dtype=torch.float64)).tolist()
+        *sums, loss_tokens, input_tokens, micro_batches, generated_batches = totals
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        logs = {name: value / max(loss_tokens, 1) for name, value in zip(names, sums, strict=True)}
+        if micro_batches:
+            logs["tokens_per_second"] = input_tokens / elapsed
+            logs["loss_tokens"] = loss_tokens
+            logs["on_policy_fraction"] = generated_batches / micro_batches
+        self.reset()
+        return logs
+
+    def reset(self) -> None:
+        """Forget everything recorded and restart the clock."""
+        self.sums.clear()
+        self.loss_tokens = self.input_tokens = self.micro_batches = self.generated_batches = 0
+        self.started = time.perf_counter()

@@ -1,0 +1,403 @@
+"""`distill.Trainer`: a `transformers.Trainer` whose loss is the distillation loss from a teacher.
+
+The trainer orchestrates; it owns no math. One step reads top to bottom as the data flows:
+(maybe generate completions) -> student decoder -> final hidden states -> teacher targets for the
+same tokens -> fused loss over token chunks -> backward. Neither model's ``[tokens x vocab]``
+logits exist at once on the default (fused) path.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, NoReturn
+
+import torch
+import transformers
+from torch import Tensor, nn
+
+from distill.config import DistillConfig
+from distill.data import DistillCollator, prepare_dataset
+from distill.losses import (
+    DistillationOutput,
+    NonFiniteInputError,
+    TeacherHead,
+    VocabularyMismatchError,
+    distillation_loss,
+    fused_distillation_loss,
+)
+from distill.models import (
+    apply_peft,
+    check_student_trainable,
+    load_causal_lm,
+    resolve_dtype,
+    shared_vocab_size,
+)
+from distill.teachers import ModelTeacher, Teacher, TeacherTargets, final_hidden_states, full_logits, output_head_of
+from distill.trainer.batching import completion_batch, next_token_labels
+from distill.trainer.metrics import KDMetrics
+from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the last good weights were saved before this was raised."""
+
+
+class Trainer(transformers.Trainer):
+    """Distil a teacher into a student, with everything ``transformers.Trainer`` does.
+
+    Args:
+        model: the student: a ``PreTrainedModel`` or a path / hub name (loaded in
+            ``args.student_dtype``).
+        teacher: a ``PreTrainedModel`` (frozen and wrapped in :class:`~distill.teachers.ModelTeacher`),
+            a path / hub name (loaded with ``args.teacher_dtype`` / ``teacher_quantization`` /
+            ``teacher_device``), or any :class:`~distill.teachers.Teacher`.
+        args: a :class:`~distill.DistillConfig`.
+        train_dataset, eval_dataset: ``datasets.Dataset`` with ``messages``, ``prompt``/``completion``,
+            ``text`` or ``input_ids`` rows (see :mod:`distill.data`); checked and tokenized here, so
+            bad rows fail before any training.
+        processing_class: the student's tokenizer (loaded from ``model`` when that is a path).
+        teacher_processing_class: the teacher's tokenizer, checked to be the student's (loaded from
+            ``teacher`` when that is a path).
+        peft_config: a ``peft`` config (e.g. ``LoraConfig``) to train adapters instead of the full
+            student; required for a 4-bit / 8-bit student (QLoRA).
+        kwargs: passed to ``transformers.Trainer`` (``callbacks``, ``optimizers``, ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        teacher: nn.Module | Teacher | str,
+        args: DistillConfig,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        teacher_processing_class: Any = None,
+        peft_config: Any = None,
+        data_collator: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(args, DistillConfig):
+            raise TypeError(
+                f"args must be a distill.DistillConfig (it adds the loss, teacher and data fields); got "
+                f"{type(args).__name__}. Build it as DistillConfig(output_dir=..., ...)."
+            )
+        if processing_class is None:
+            if not isinstance(model, str):
+                raise ValueError("processing_class (the student tokenizer) is required when model is a model object.")
+            processing_class = transformers.AutoTokenizer.from_pretrained(model)
+        tokenizer = processing_class
+        if tokenizer.pad_token_id is None:
+            # Padding is masked everywhere, so any id works; eos is what most chat models use.
+            tokenizer.pad_token = tokenizer.eos_token
+        if isinstance(model, str):
+            model = load_causal_lm(model, dtype=resolve_dtype(args.student_dtype))
+        self.teacher = self._resolve_teacher(teacher, model, args, teacher_processing_class)
+        if peft_config is not None:
+            model = apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
+        check_student_trainable(model, peft_config)
+        self.vocab_size = self._check_vocabulary(model, tokenizer, args)
+        self.objective = args.objective(self.vocab_size)
+        if args.loss_implementation == "fused":
+            output_head_of(model)  # fail now, not at step 1, if the head cannot be fused
+
+        # Every row is checked and tokenized before the first step: a bad row costs seconds, not a run.
+        self.data_reports = {}
+        prepared = {}
+        for split, dataset in (("train", train_dataset), ("eval", eval_dataset)):
+            if dataset is None:
+                prepared[split] = None
+                continue
+            prepared[split], self.data_reports[split] = prepare_dataset(
+                dataset,
+                tokenizer,
+                max_length=args.max_length,
+                completion_only_loss=args.completion_only_loss,
+                packing=args.packing,
+                need_prompts=args.uses_generation and split == "train",
+                num_proc=args.dataset_num_proc,
+            )
+            logger.info("%s data: %s", split, self.data_reports[split])
+        if data_collator is None:
+            data_collator = DistillCollator(pad_token_id=tokenizer.pad_token_id)
+
+        self._preemption = SigtermCheckpoint(self._any_process) if args.save_on_sigterm else None
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if self._preemption is not None:
+            callbacks.append(self._preemption)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=prepared["train"],
+            eval_dataset=prepared["eval"],
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            **kwargs,
+        )
+        # Our loss is a mean over each micro-batch's loss tokens; let the engine average micro-batches.
+        self.model_accepts_loss_kwargs = False
+        self._train_metrics, self._eval_metrics = KDMetrics(), KDMetrics()
+        self._micro_step, self._micro_step_of = 0, -1
+        self._eos_token_ids = self._eos_ids(tokenizer, model)
+
+    # ---- setup --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve_teacher(
+        teacher: nn.Module | Teacher | str, student: nn.Module, args: DistillConfig, teacher_tokenizer: Any
+    ) -> Teacher:
+        if isinstance(teacher, Teacher):
+            if teacher_tokenizer is not None:
+                teacher.tokenizer = teacher_tokenizer
+            return teacher
+        if teacher is student or (isinstance(teacher, nn.Module) and _shares_parameters(teacher, student)):
+            raise ValueError(
+                "The teacher is the student model itself (they share parameters): distilling a model into itself "
+                "trains nothing. Load the teacher separately, e.g. AutoModelForCausalLM.from_pretrained(...)."
+            )
+        device = torch.device(args.teacher_device) if args.teacher_device else args.device
+        if isinstance(teacher, str):
+            if teacher_tokenizer is None:
+                teacher_tokenizer = transformers.AutoTokenizer.from_pretrained(teacher)
+            model = load_causal_lm(
+                teacher,
+                dtype=resolve_dtype(args.teacher_dtype),
+                quantization=args.teacher_quantization,
+                device=device,
+            )
+            return ModelTeacher(model, tokenizer=teacher_tokenizer, device=device)
+        if args.teacher_quantization != "none":
+            raise ValueError(
+                "teacher_quantization applies when the teacher is given as a path; this teacher is an already "
+                "loaded model. Load it quantized yourself (distill.models.load_causal_lm(..., quantization='4bit')) "
+                "or pass its path."
+            )
+        dtype = resolve_dtype(args.teacher_dtype)
+        return ModelTeacher(
+            teacher, tokenizer=teacher_tokenizer, device=device, dtype=None if dtype == "auto" else dtype
+        )
+
+    def _check_vocabulary(self, student: nn.Module, tokenizer: Any, args: DistillConfig) -> int:
+        """The number of vocabulary rows both heads share, after checking the tokenizers agree."""
+        student_rows = int(student.get_output_embeddings().weight.shape[0])
+        teacher_rows = self.teacher.vocab_rows
+        if self.teacher.tokenizer is not None:
+            shared = shared_vocab_size(tokenizer, self.teacher.tokenizer, student_rows, teacher_rows)
+        else:
+            shared = len(tokenizer)
+            for name, rows in (("student", student_rows), ("teacher", teacher_rows)):
+                if rows < shared:
+                    raise VocabularyMismatchError(
+                        f"The tokenizer has {shared:,} tokens but the {name}'s head has only {rows:,} rows: the "
+                        f"tokenizer does not belong to the {name} (pass the right processing_class, or call "
+                        f"{name}.resize_token_embeddings(len(tokenizer)))."
+                    )
+        if args.vocab_size is not None:
+            if args.vocab_size > min(student_rows, teacher_rows):
+                raise VocabularyMismatchError(
+                    f"vocab_size={args.vocab_size:,} exceeds a head ({student_rows:,} student rows, "
+                    f"{teacher_rows:,} teacher rows)."
+                )
+            shared = args.vocab_size
+        return shared
+
+    @staticmethod
+    def _eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:
+        ids = {tokenizer.eos_token_id}
+        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+        return sorted(i for i in ids if i is not None)
+
+    def _any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any process (every process gets the same answer)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+
+    # ---- one step -----------------------------------------------------------------------------------
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
+    ) -> Tensor:
+        """Replace the batch's completions by generated ones when this step is on-policy, then train."""
+        step = self.state.global_step
+        self._micro_step = self._micro_step + 1 if step == self._micro_step_of else 0
+        self._micro_step_of = step
+        if self.args.seq_kd:
+            inputs = self._generated_batch(inputs, generator=None)
+            inputs["_generated"] = True
+        if self.args.lmbda > 0 and self._step_rng().random() < self.args.lmbda:
+            inputs = self._generated_batch(inputs, generator=model)
+            inputs["_generated"] = True
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _step_rng(self) -> random.Random:
+        """The same on-policy coin flip on every process, and again after a resume.
+
+        Keyed by the optimizer step and the micro-batch within it, both restored by a resume.
+        """
+        return random.Random(f"{self.args.seed}/{self.state.global_step}/{self._micro_step}")
+
+    @torch.no_grad()
+    def _generated_batch(self, inputs: dict[str, Any], generator: nn.Module | None) -> dict[str, Any]:
+        """The batch's prompts completed by the student (``generator``) or, if ``None``, by the teacher."""
+        tokenizer = self.processing_class
+        prompt_ids = inputs["prompt_input_ids"].to(self.args.device)
+        prompt_mask = inputs["prompt_attention_mask"].to(self.args.device)
+        kwargs = self.args.generation_kwargs(tokenizer.pad_token_id, self._eos_token_ids)
+        if generator is None:
+            sequences = self.teacher.generate(prompt_ids, prompt_mask, **kwargs)
+        else:
+            student = self.accelerator.unwrap_model(generator)
+            was_training = student.training
+            student.eval()  # no dropout while sampling; KV cache on even with gradient checkpointing
+            try:
+                sequences = student.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+            finally:
+                student.train(was_training)
+        batch = completion_batch(prompt_ids, prompt_mask, sequences, self._eos_token_ids, tokenizer.pad_token_id)
+        batch["prompt_input_ids"], batch["prompt_attention_mask"] = prompt_ids, prompt_mask
+        return batch
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        """Distillation loss of one micro-batch: mean over its loss tokens of ``kd_weight * D + ce_weight * CE``."""
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        position_ids = inputs.get("position_ids")
+        targets = next_token_labels(inputs["labels"], position_ids)
+        teacher_targets = self.teacher.targets(input_ids, attention_mask, position_ids)
+        try:
+            output = self._loss(model, input_ids, attention_mask, position_ids, targets, teacher_targets)
+        except NonFiniteInputError as error:  # NaN hidden states / logits, caught before the loss math
+            self._stop_on_nonfinite(model, inputs, str(error))
+        if not torch.isfinite(output.loss.detach()).item():
+            self._stop_on_nonfinite(model, inputs, f"the loss is {float(output.loss)}")
+        metrics = self._train_metrics if model.training else self._eval_metrics
+        metrics.add(output, _input_tokens(inputs), generated=bool(inputs.get("_generated", False)))
+        return (output.loss, output) if return_outputs else output.loss
+
+    def _loss(
+        self,
+        model: nn.Module,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        position_ids: Tensor | None,
+        targets: Tensor,
+        teacher_targets: TeacherTargets,
+    ) -> DistillationOutput:
+        objective = self.objective
+        common = dict(
+            divergence=objective.divergence.name,
+            beta=objective.divergence.beta,
+            alpha=objective.divergence.alpha,
+            temperature=objective.temperature,
+            kd_weight=objective.kd_weight,
+            ce_weight=objective.ce_weight,
+            vocab_size=self.vocab_size,
+        )
+        if self.args.loss_implementation == "fused":
+            hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
+            head = output_head_of(model)
+            return fused_distillation_loss(
+                hidden,
+                head.weight,
+                teacher_targets,
+                targets,
+                student_bias=head.bias,
+                student_softcap=head.softcap,
+                tail=objective.tail,
+                chunk_size=self.args.loss_chunk_size,
+                **common,
+            )
+        student_logits = full_logits(model, input_ids, attention_mask, position_ids)
+        teacher_logits = _materialize(teacher_targets)
+        return distillation_loss(student_logits, teacher_logits, targets, **common)
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[Tensor, None, None]:
+        """Evaluation: the distillation loss only (KD metrics go to the ``eval_`` log line)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def _stop_on_nonfinite(self, model: nn.Module, inputs: dict[str, Any], problem: str) -> NoReturn:
+        """Save the last good weights (this step has not been applied), then stop with where it happened."""
+        step = self.state.global_step
+        self._save_checkpoint(model, trial=None)
+        rows, length = inputs["input_ids"].shape
+        first_ids = inputs["input_ids"][0, :8].tolist()
+        raise NonFiniteLossError(
+            f"Non-finite distillation loss at optimizer step {step + 1} (micro-batch {self._micro_step + 1}, a "
+            f"batch of {rows} rows x {length} tokens; first input ids {first_ids}): {problem}. "
+            f"The weights before this step were saved to {self.args.output_dir}/checkpoint-{step}. Common causes: "
+            "fp16 overflow (use bf16), a learning rate too high, a teacher giving NaN logits. Resume with "
+            "trainer.train(resume_from_checkpoint=True) after fixing it."
+        )
+
+    # ---- logging and the outer loop -----------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the KD metrics (KD/CE loss, top-1 agreement, teacher entropy, tokens/s) to each log line."""
+        reduce_sum = None
+        if self.accelerator.num_processes > 1:
+
+            def reduce_sum(totals: Tensor) -> Tensor:
+                return self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum").cpu()
+
+        if "loss" in logs:
+            logs.update(self._train_metrics.pop(reduce_sum))
+        elif any(key.startswith("eval_") for key in logs):
+            logs.update({f"eval_{k}": v for k, v in self._eval_metrics.pop(reduce_sum).items()})
+        super().log(logs, start_time)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``transformers.Trainer.train``; raises :class:`TrainingPreempted` after a SIGTERM checkpoint."""
+        result = super().train(*args, **kwargs)
+        if self._preemption is not None and self._preemption.stopped_at_step is not None:
+            raise TrainingPreempted(
+                f"Stopped by SIGTERM after step {self._preemption.stopped_at_step}; checkpoint saved in "
+                f"{self.args.output_dir}. Run again with trainer.train(resume_from_checkpoint=True) to continue."
+            )
+        return result
+
+
+def _input_tokens(inputs: dict[str, Any]) -> int:
+    """Non-padding tokens of a batch (packed batches carry a 4D mask; the collator counts their tokens)."""
+    if "num_input_tokens" in inputs:
+        return int(inputs["num_input_tokens"])
+    return int(inputs["attention_mask"].sum())
+
+
+def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
+    b_storage = {p.data_ptr() for p in b.parameters()}
+    return any(p.data_ptr() in b_storage for p in a.parameters())
+
+
+def _materialize(targets: TeacherTargets) -> Tensor:
+    """``[batch, seq, V]`` teacher logits from dense targets (the dense path only)."""
+    if not isinstance(targets, TeacherHead):
+        raise ValueError("loss_implementation='dense' needs a dense teacher; sparse targets use the fused path.")
+    logits = targets.hidden @ targets.weight.T
+    if targets.bias is not None:
+        logits = logits + targets.bias
+    if targets.softcap is not None:
+        logits = targets.softcap * torch.tanh(logits / targets.softcap)
+    return logits
+
+
+__all__ = ["NonFiniteLossError", "Trainer", "TrainingPreempted"]

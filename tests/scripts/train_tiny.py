@@ -1,0 +1,70 @@
+"""Train the tiny arithmetic task; used by the resume / SIGTERM / SIGKILL / multi-process tests.
+
+Writes ``progress.txt`` (the last finished optimizer step) in the output directory after every step,
+and the final trainable weights to ``final.pt``. With ``--step-sleep`` each step also sleeps, so a
+test can signal the process mid-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trainer_helpers import arithmetic_dataset, config, state_vector  # noqa: E402
+
+from distill import Trainer  # noqa: E402
+from distill.testing import tiny_teacher_student, train_tiny_tokenizer  # noqa: E402
+
+
+class Progress(TrainerCallback):
+    def __init__(self, path: Path, sleep: float) -> None:
+        self.path, self.sleep = path, sleep
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(str(state.global_step))
+            tmp.replace(self.path)
+        time.sleep(self.sleep)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--max-steps", type=int, default=8)
+    parser.add_argument("--save-steps", type=int, default=0)
+    parser.add_argument("--lmbda", type=float, default=0.0)
+    parser.add_argument("--step-sleep", type=float, default=0.0)
+    parser.add_argument("--resume", action="store_true")
+    cli = parser.parse_args()
+
+    torch.set_num_threads(1)
+    out = Path(cli.out)
+    tokenizer = train_tiny_tokenizer()
+    teacher, student = tiny_teacher_student(vocab_size=len(tokenizer))
+    saving = dict(save_strategy="steps", save_steps=cli.save_steps) if cli.save_steps else {}
+    args = config(out, max_steps=cli.max_steps, lmbda=cli.lmbda, **saving)
+    trainer = Trainer(
+        model=student,
+        teacher=teacher,
+        args=args,
+        train_dataset=arithmetic_dataset(),
+        processing_class=tokenizer,
+        callbacks=[Progress(out / "progress.txt", cli.step_sleep)],
+    )
+    trainer.train(resume_from_checkpoint=True if cli.resume else None)
+    if trainer.accelerator.is_main_process:
+        torch.save(state_vector(trainer.model), out / "final.pt")
+    # Every rank reports its own weights, so a multi-process test can check they agree.
+    rank = trainer.accelerator.process_index
+    torch.save(state_vector(trainer.model), out / f"final-rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
