@@ -104,27 +104,45 @@ def test_sigkill_resumes_from_last_periodic_checkpoint(tmp_path) -> None:
     assert torch.allclose(resumed, reference, atol=TOL, rtol=0)
 
 
-@pytest.mark.slow
-def test_two_process_accelerate_launch_ranks_agree(tmp_path) -> None:
-    """Real ``accelerate launch`` with 2 processes (gloo on a CPU): DDP keeps both ranks' weights identical."""
+def _accelerate_launch(out: Path, *script_args: str) -> subprocess.CompletedProcess:
+    """Real ``accelerate launch`` of the training script with 2 processes (gloo on a CPU)."""
     env = dict(
         os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1] / "src")
     )
     launcher = Path(sys.executable).parent / "accelerate"
+    port = str(20000 + (os.getpid() * 7 + len(script_args) * 13 + hash(str(out))) % 20000)
     # --multi_gpu picks the torchrun launcher; without CUDA every process falls back to the CPU and gloo.
     command = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    command += [
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(29500 + os.getpid() % 1000),
-    ]
-    command += [str(SCRIPT), "--out", str(tmp_path), "--max-steps", "4", "--lmbda", "0.5"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+    command += [str(SCRIPT), "--out", str(out), "--max-steps", "4", *script_args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = torch.load(tmp_path / "final-rank0.pt"), torch.load(tmp_path / "final-rank1.pt")
-    assert torch.equal(rank0, rank1)
-    # Both ranks trained on their own shard: 4 steps x 2 ranks x 4 rows = one epoch of the 32 rows.
-    assert "'epoch': '1'" in result.stdout
+    return result
+
+
+@pytest.mark.slow
+def test_two_processes_agree_and_a_sharded_teacher_changes_nothing(tmp_path) -> None:
+    """DDP keeps both ranks identical; sharding the teacher (FSDP2) gives the same training as replicating it."""
+    replicated = _accelerate_launch(tmp_path / "replicated", "--lmbda", "0.5", "--teacher-sharding", "none")
+    _accelerate_launch(tmp_path / "sharded", "--lmbda", "0.5", "--teacher-sharding", "fsdp")
+    weights = {
+        (run, rank): torch.load(tmp_path / run / f"final-rank{rank}.pt")
+        for run in ("replicated", "sharded")
+        for rank in (0, 1)
+    }
+    assert torch.equal(weights["replicated", 0], weights["replicated", 1])
+    assert torch.equal(weights["sharded", 0], weights["sharded", 1])
+    assert torch.allclose(weights["sharded", 0], weights["replicated", 0], atol=TOL, rtol=0)
+    # Both ranks trained on their own shard of the data: 4 steps x 2 ranks x 4 rows = one epoch of 32 rows.
+    assert "'epoch': '1'" in replicated.stdout
+    kind, local = (tmp_path / "sharded" / "teacher-rank0.txt").read_text().split()
+    full_kind, full = (tmp_path / "replicated" / "teacher-rank0.txt").read_text().split()
+    assert kind == "DTensor" and full_kind != "DTensor" and int(local) * 2 == int(full)
+
+
+@pytest.mark.slow
+def test_sequence_level_kd_with_a_sharded_teacher(tmp_path) -> None:
+    """The sharded teacher generates in lockstep on both ranks (synced_gpus), and training goes on."""
+    result = _accelerate_launch(tmp_path, "--seq-kd", "--teacher-sharding", "fsdp")
+    assert "'on_policy_fraction': '1'" in result.stdout
+    assert torch.equal(torch.load(tmp_path / "final-rank0.pt"), torch.load(tmp_path / "final-rank1.pt"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import random
 from pathlib import Path
 from typing import Any
 
@@ -11,28 +10,7 @@ import torch
 from datasets import Dataset
 
 from distill import DistillConfig, Trainer
-from distill.testing import tiny_teacher_student, train_tiny_tokenizer
-
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-def arithmetic_rows(count: int, seed: int = 0, layout: str = "messages") -> list[dict[str, Any]]:
-    """``count`` chat rows of a small real task: add two digits and answer in words."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        a, b = rng.randrange(10), rng.randrange(10)
-        question = f"What is {a} plus {b}?"
-        answer = f"{a} + {b} = {a + b}. The answer is {WORDS[(a + b) % 10]}."
-        if layout == "messages":
-            rows.append(
-                {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
-            )
-        elif layout == "prompt_completion":
-            rows.append({"prompt": question + "\n", "completion": answer})
-        else:
-            rows.append({"text": f"{question} {answer}"})
-    return rows
+from distill.testing import arithmetic_rows, tiny_teacher_student, train_tiny_tokenizer
 
 
 def arithmetic_dataset(count: int = 32, seed: int = 0, layout: str = "messages") -> Dataset:

@@ -74,6 +74,13 @@ class DistillConfig(TrainingArguments):
     teacher_device: str | None = field(
         default=None, metadata={"help": "Device of the teacher, e.g. 'cuda:1'; default: the student's."}
     )
+    teacher_sharding: Literal["auto", "none", "fsdp"] = field(
+        default="auto",
+        metadata={
+            "help": "Shard the teacher's weights over the processes with FSDP2 ('fsdp') instead of replicating it "
+            "('none'). 'auto' shards it when the student is trained with FSDP or DeepSpeed ZeRO-3."
+        },
+    )
     student_dtype: str = field(default="auto", metadata={"help": "Student dtype when the student is given as a path."})
 
     # On-policy and sequence-level distillation.
@@ -141,6 +148,8 @@ class DistillConfig(TrainingArguments):
             raise ValueError(
                 f"teacher_quantization must be 'none', '4bit' or '8bit'; got {self.teacher_quantization!r}."
             )
+        if self.teacher_sharding not in ("auto", "none", "fsdp"):
+            raise ValueError(f"teacher_sharding must be 'auto', 'none' or 'fsdp'; got {self.teacher_sharding!r}.")
         if not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"lmbda is the fraction of on-policy steps, in [0, 1]; got {self.lmbda}.")
         if self.max_new_tokens < 1:

@@ -31,6 +31,7 @@ from transformers import (
 __all__ = [
     "CHATML_TEMPLATE",
     "SPECIAL_TOKENS",
+    "arithmetic_rows",
     "tiny_llama",
     "tiny_qwen2",
     "tiny_teacher_student",
@@ -286,3 +287,36 @@ def tiny_teacher_student(vocab_size: int = 512, seed: int = 0) -> tuple[LlamaFor
     teacher = tiny_llama(vocab_size, hidden_size=128, num_layers=4, intermediate_size=256, seed=seed)
     student = tiny_llama(vocab_size, hidden_size=64, num_layers=2, intermediate_size=128, seed=seed + 1)
     return teacher, student
+
+
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def arithmetic_rows(count: int, seed: int = 0, layout: str = "messages") -> list[dict[str, object]]:
+    """``count`` rows of a small, real task: add two digits, answer with the sum and its last digit in words.
+
+    Args:
+        count: number of rows.
+        seed: the rows are a deterministic function of it.
+        layout: ``"messages"`` (chat rows), ``"prompt_completion"`` or ``"text"``: the three row
+            layouts :func:`distill.data.prepare_dataset` accepts.
+    """
+    import random
+
+    rng = random.Random(seed)
+    rows: list[dict[str, object]] = []
+    for _ in range(count):
+        a, b = rng.randrange(10), rng.randrange(10)
+        question = f"What is {a} plus {b}?"
+        answer = f"{a} + {b} = {a + b}. The answer is {_NUMBER_WORDS[(a + b) % 10]}."
+        if layout == "messages":
+            rows.append(
+                {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+            )
+        elif layout == "prompt_completion":
+            rows.append({"prompt": question + "\n", "completion": answer})
+        elif layout == "text":
+            rows.append({"text": f"{question} {answer}"})
+        else:
+            raise ValueError(f"layout must be 'messages', 'prompt_completion' or 'text'; got {layout!r}.")
+    return rows

@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--lmbda", type=float, default=0.0)
     parser.add_argument("--step-sleep", type=float, default=0.0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--teacher-sharding", default="auto")
+    parser.add_argument("--seq-kd", action="store_true")
     cli = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -49,7 +51,14 @@ def main() -> None:
     tokenizer = train_tiny_tokenizer()
     teacher, student = tiny_teacher_student(vocab_size=len(tokenizer))
     saving = dict(save_strategy="steps", save_steps=cli.save_steps) if cli.save_steps else {}
-    args = config(out, max_steps=cli.max_steps, lmbda=cli.lmbda, **saving)
+    args = config(
+        out,
+        max_steps=cli.max_steps,
+        lmbda=cli.lmbda,
+        teacher_sharding=cli.teacher_sharding,
+        seq_kd=cli.seq_kd,
+        **saving,
+    )
     trainer = Trainer(
         model=student,
         teacher=teacher,
@@ -64,6 +73,10 @@ def main() -> None:
     # Every rank reports its own weights, so a multi-process test can check they agree.
     rank = trainer.accelerator.process_index
     torch.save(state_vector(trainer.model), out / f"final-rank{rank}.pt")
+    # What this rank holds of the teacher: "DTensor <local elements>" when sharded.
+    weight = next(trainer.teacher.model.parameters())
+    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    (out / f"teacher-rank{rank}.txt").write_text(f"{type(weight).__name__} {local.numel()}")
 
 
 if __name__ == "__main__":

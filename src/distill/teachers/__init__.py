@@ -13,6 +13,7 @@ from distill.teachers.decoder import (
     output_head_of,
 )
 from distill.teachers.model import ModelTeacher
+from distill.teachers.sharding import shard_teacher
 
 __all__ = [
     "ModelTeacher",
@@ -24,4 +25,5 @@ __all__ = [
     "final_hidden_states",
     "full_logits",
     "output_head_of",
+    "shard_teacher",
 ]

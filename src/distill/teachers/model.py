@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from distill.losses import TeacherHead
 from distill.teachers.base import Teacher
 from distill.teachers.decoder import OutputHead, final_hidden_states, output_head_of
+from distill.teachers.sharding import full_tensor, is_sharded
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -65,12 +66,20 @@ class ModelTeacher(Teacher):
         return int(self.model.get_output_embeddings().weight.shape[0])
 
     def head_on(self, device: torch.device) -> OutputHead:
-        """The teacher's head with its tensors on ``device`` (copied once per device, then reused)."""
-        if device not in self._heads:
-            head = output_head_of(self.model)
-            bias = None if head.bias is None else head.bias.to(device)
-            self._heads[device] = OutputHead(head.weight.to(device), bias, head.softcap)
-        return self._heads[device]
+        """The teacher's head with its tensors on ``device``.
+
+        A copy to another device is made once and reused. A sharded (FSDP2) teacher's head is
+        gathered on every call and not kept, so only one step holds it whole.
+        """
+        if device in self._heads:
+            return self._heads[device]
+        head = output_head_of(self.model)
+        weight = full_tensor(head.weight).to(device)
+        bias = None if head.bias is None else full_tensor(head.bias).to(device)
+        gathered = OutputHead(weight, bias, head.softcap)
+        if not is_sharded(head.weight) and weight.data_ptr() != head.weight.data_ptr():
+            self._heads[device] = gathered
+        return gathered
 
     @torch.no_grad()
     def targets(

@@ -34,6 +34,7 @@ from distill.models import (
     shared_vocab_size,
 )
 from distill.teachers import ModelTeacher, Teacher, TeacherTargets, final_hidden_states, full_logits, output_head_of
+from distill.teachers.sharding import full_tensor, shard_teacher
 from distill.trainer.batching import completion_batch, next_token_labels
 from distill.trainer.metrics import KDMetrics
 from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
@@ -139,6 +140,7 @@ class Trainer(transformers.Trainer):
         )
         # Our loss is a mean over each micro-batch's loss tokens; let the engine average micro-batches.
         self.model_accepts_loss_kwargs = False
+        self._place_teacher(args)
         self._train_metrics, self._eval_metrics = KDMetrics(), KDMetrics()
         self._micro_step, self._micro_step_of = 0, -1
         self._eos_token_ids = self._eos_ids(tokenizer, model)
@@ -204,6 +206,28 @@ class Trainer(transformers.Trainer):
             shared = args.vocab_size
         return shared
 
+    def _place_teacher(self, args: DistillConfig) -> None:
+        """Shard the teacher over the processes (FSDP2) when asked to, or when the student is sharded."""
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if zero3 and args.loss_implementation == "fused":
+            raise ValueError(
+                "DeepSpeed ZeRO-3 partitions the student's LM head, which the fused loss reads directly. Use FSDP2 "
+                "(recipes/accelerate/fsdp.yaml), or set loss_implementation='dense' to keep ZeRO-3."
+            )
+        wanted = args.teacher_sharding == "fsdp" or (
+            args.teacher_sharding == "auto" and (self.is_fsdp_enabled or zero3)
+        )
+        self._student_sharded = self.is_fsdp_enabled or zero3
+        self._teacher_sharded = False
+        if not wanted or self.accelerator.num_processes == 1:
+            return
+        if not isinstance(self.teacher, ModelTeacher):
+            raise ValueError(
+                f"teacher_sharding applies to in-process model teachers, not {type(self.teacher).__name__}."
+            )
+        shard_teacher(self.teacher.model, self.accelerator.device)
+        self._teacher_sharded = True
+
     @staticmethod
     def _eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:
         ids = {tokenizer.eos_token_id}
@@ -249,6 +273,11 @@ class Trainer(transformers.Trainer):
         prompt_ids = inputs["prompt_input_ids"].to(self.args.device)
         prompt_mask = inputs["prompt_attention_mask"].to(self.args.device)
         kwargs = self.args.generation_kwargs(tokenizer.pad_token_id, self._eos_token_ids)
+        # A sharded model runs collectives in every forward: all processes must take the same number of
+        # generation steps, even those whose rows have all finished.
+        kwargs["synced_gpus"] = self.accelerator.num_processes > 1 and (
+            self._teacher_sharded if generator is None else self._student_sharded
+        )
         if generator is None:
             sequences = self.teacher.generate(prompt_ids, prompt_mask, **kwargs)
         else:
@@ -309,10 +338,10 @@ class Trainer(transformers.Trainer):
             head = output_head_of(model)
             return fused_distillation_loss(
                 hidden,
-                head.weight,
+                full_tensor(head.weight),  # an FSDP2 student's head is a DTensor shard: gather it (differentiably)
                 teacher_targets,
                 targets,
-                student_bias=head.bias,
+                student_bias=None if head.bias is None else full_tensor(head.bias),
                 student_softcap=head.softcap,
                 tail=objective.tail,
                 chunk_size=self.args.loss_chunk_size,
