@@ -149,3 +149,20 @@ def test_nonfinite_loss_stops_after_saving_last_good_weights(tmp_path, tokenizer
     saved = load_file(checkpoint / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in saved.values())
     assert torch.equal(saved["model.norm.weight"], student.model.norm.weight.detach())
+
+
+def test_bad_rows_fail_before_the_teacher_weights_load(tmp_path, tokenizer, tiny_pair) -> None:
+    """The teacher folder holds only a tokenizer: loading weights would fail, so the data error must come first."""
+    _, student = tiny_pair
+    teacher_dir = tmp_path / "teacher-without-weights"
+    tokenizer.save_pretrained(teacher_dir)
+    rows = arithmetic_rows(4, layout="prompt_completion")
+    rows[0]["completion"] = ""
+    with pytest.raises(DataError, match="0"):
+        Trainer(
+            model=student,
+            teacher=str(teacher_dir),
+            args=config(tmp_path / "out"),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )

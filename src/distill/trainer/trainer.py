@@ -29,6 +29,7 @@ from distill.losses import (
 from distill.models import (
     apply_peft,
     check_student_trainable,
+    check_tokenizers_match,
     load_causal_lm,
     resolve_dtype,
     shared_vocab_size,
@@ -93,6 +94,14 @@ class Trainer(transformers.Trainer):
         if tokenizer.pad_token_id is None:
             # Padding is masked everywhere, so any id works; eos is what most chat models use.
             tokenizer.pad_token = tokenizer.eos_token
+        if teacher_processing_class is None and isinstance(teacher, str):
+            teacher_processing_class = transformers.AutoTokenizer.from_pretrained(teacher)
+        # Everything that can be checked without the weights is checked before loading them: a bad row
+        # or a mismatched tokenizer costs seconds, not a model load (or a run).
+        if teacher_processing_class is not None:
+            check_tokenizers_match(tokenizer, teacher_processing_class)
+        prepared, self.data_reports = self._prepare_data(args, tokenizer, train_dataset, eval_dataset)
+
         if isinstance(model, str):
             model = load_causal_lm(model, dtype=resolve_dtype(args.student_dtype))
         self.teacher = self._resolve_teacher(teacher, model, args, teacher_processing_class)
@@ -103,24 +112,6 @@ class Trainer(transformers.Trainer):
         self.objective = args.objective(self.vocab_size)
         if args.loss_implementation == "fused":
             output_head_of(model)  # fail now, not at step 1, if the head cannot be fused
-
-        # Every row is checked and tokenized before the first step: a bad row costs seconds, not a run.
-        self.data_reports = {}
-        prepared = {}
-        for split, dataset in (("train", train_dataset), ("eval", eval_dataset)):
-            if dataset is None:
-                prepared[split] = None
-                continue
-            prepared[split], self.data_reports[split] = prepare_dataset(
-                dataset,
-                tokenizer,
-                max_length=args.max_length,
-                completion_only_loss=args.completion_only_loss,
-                packing=args.packing,
-                need_prompts=args.uses_generation and split == "train",
-                num_proc=args.dataset_num_proc,
-            )
-            logger.info("%s data: %s", split, self.data_reports[split])
         if data_collator is None:
             data_collator = DistillCollator(pad_token_id=tokenizer.pad_token_id)
 
@@ -148,6 +139,29 @@ class Trainer(transformers.Trainer):
     # ---- setup --------------------------------------------------------------------------------------
 
     @staticmethod
+    def _prepare_data(
+        args: DistillConfig, tokenizer: Any, train_dataset: Any, eval_dataset: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Check and tokenize both splits; ``({split: dataset or None}, {split: DataReport})``."""
+        prepared: dict[str, Any] = {}
+        reports: dict[str, Any] = {}
+        for split, dataset in (("train", train_dataset), ("eval", eval_dataset)):
+            if dataset is None:
+                prepared[split] = None
+                continue
+            prepared[split], reports[split] = prepare_dataset(
+                dataset,
+                tokenizer,
+                max_length=args.max_length,
+                completion_only_loss=args.completion_only_loss,
+                packing=args.packing,
+                need_prompts=args.uses_generation and split == "train",
+                num_proc=args.dataset_num_proc,
+            )
+            logger.info("%s data: %s", split, reports[split])
+        return prepared, reports
+
+    @staticmethod
     def _resolve_teacher(
         teacher: nn.Module | Teacher | str, student: nn.Module, args: DistillConfig, teacher_tokenizer: Any
     ) -> Teacher:
@@ -162,8 +176,6 @@ class Trainer(transformers.Trainer):
             )
         device = torch.device(args.teacher_device) if args.teacher_device else args.device
         if isinstance(teacher, str):
-            if teacher_tokenizer is None:
-                teacher_tokenizer = transformers.AutoTokenizer.from_pretrained(teacher)
             model = load_causal_lm(
                 teacher,
                 dtype=resolve_dtype(args.teacher_dtype),
@@ -178,6 +190,8 @@ class Trainer(transformers.Trainer):
                 "or pass its path."
             )
         dtype = resolve_dtype(args.teacher_dtype)
+        if getattr(teacher, "hf_device_map", None) and not args.teacher_device:
+            device = None  # dispatched over several devices (device_map="auto"): leave it where it is
         return ModelTeacher(
             teacher, tokenizer=teacher_tokenizer, device=device, dtype=None if dtype == "auto" else dtype
         )
