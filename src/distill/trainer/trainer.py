@@ -17,12 +17,11 @@ import transformers
 from torch import Tensor, nn
 
 from distill.config import DistillConfig
-from distill.data import DistillCollator, prepare_dataset
+from distill.data import DistillCollator
 from distill.losses import (
     DistillationOutput,
     NonFiniteInputError,
     TeacherHead,
-    VocabularyMismatchError,
     distillation_loss,
     fused_distillation_loss,
 )
@@ -32,13 +31,13 @@ from distill.models import (
     check_tokenizers_match,
     load_causal_lm,
     resolve_dtype,
-    shared_vocab_size,
 )
 from distill.teachers import ModelTeacher, Teacher, TeacherTargets, final_hidden_states, full_logits, output_head_of
 from distill.teachers.sharding import full_tensor, shard_teacher
 from distill.trainer.batching import completion_batch, next_token_labels
 from distill.trainer.metrics import KDMetrics
 from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
+from distill.trainer.setup import eos_token_ids, prepare_splits, resolve_teacher, shared_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -100,15 +99,15 @@ class Trainer(transformers.Trainer):
         # or a mismatched tokenizer costs seconds, not a model load (or a run).
         if teacher_processing_class is not None:
             check_tokenizers_match(tokenizer, teacher_processing_class)
-        prepared, self.data_reports = self._prepare_data(args, tokenizer, train_dataset, eval_dataset)
+        prepared, self.data_reports = prepare_splits(args, tokenizer, train_dataset, eval_dataset)
 
         if isinstance(model, str):
             model = load_causal_lm(model, dtype=resolve_dtype(args.student_dtype))
-        self.teacher = self._resolve_teacher(teacher, model, args, teacher_processing_class)
+        self.teacher = resolve_teacher(teacher, model, args, teacher_processing_class)
         if peft_config is not None:
             model = apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
         check_student_trainable(model, peft_config)
-        self.vocab_size = self._check_vocabulary(model, tokenizer, args)
+        self.vocab_size = shared_vocabulary(model, self.teacher, tokenizer, args)
         self.objective = args.objective(self.vocab_size)
         if args.loss_implementation == "fused":
             output_head_of(model)  # fail now, not at step 1, if the head cannot be fused
@@ -134,91 +133,9 @@ class Trainer(transformers.Trainer):
         self._place_teacher(args)
         self._train_metrics, self._eval_metrics = KDMetrics(), KDMetrics()
         self._micro_step, self._micro_step_of = 0, -1
-        self._eos_token_ids = self._eos_ids(tokenizer, model)
+        self._eos_token_ids = eos_token_ids(tokenizer, model)
 
     # ---- setup --------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _prepare_data(
-        args: DistillConfig, tokenizer: Any, train_dataset: Any, eval_dataset: Any
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Check and tokenize both splits; ``({split: dataset or None}, {split: DataReport})``."""
-        prepared: dict[str, Any] = {}
-        reports: dict[str, Any] = {}
-        for split, dataset in (("train", train_dataset), ("eval", eval_dataset)):
-            if dataset is None:
-                prepared[split] = None
-                continue
-            prepared[split], reports[split] = prepare_dataset(
-                dataset,
-                tokenizer,
-                max_length=args.max_length,
-                completion_only_loss=args.completion_only_loss,
-                packing=args.packing,
-                need_prompts=args.uses_generation and split == "train",
-                num_proc=args.dataset_num_proc,
-            )
-            logger.info("%s data: %s", split, reports[split])
-        return prepared, reports
-
-    @staticmethod
-    def _resolve_teacher(
-        teacher: nn.Module | Teacher | str, student: nn.Module, args: DistillConfig, teacher_tokenizer: Any
-    ) -> Teacher:
-        if isinstance(teacher, Teacher):
-            if teacher_tokenizer is not None:
-                teacher.tokenizer = teacher_tokenizer
-            return teacher
-        if teacher is student or (isinstance(teacher, nn.Module) and _shares_parameters(teacher, student)):
-            raise ValueError(
-                "The teacher is the student model itself (they share parameters): distilling a model into itself "
-                "trains nothing. Load the teacher separately, e.g. AutoModelForCausalLM.from_pretrained(...)."
-            )
-        device = torch.device(args.teacher_device) if args.teacher_device else args.device
-        if isinstance(teacher, str):
-            model = load_causal_lm(
-                teacher,
-                dtype=resolve_dtype(args.teacher_dtype),
-                quantization=args.teacher_quantization,
-                device=device,
-            )
-            return ModelTeacher(model, tokenizer=teacher_tokenizer, device=device)
-        if args.teacher_quantization != "none":
-            raise ValueError(
-                "teacher_quantization applies when the teacher is given as a path; this teacher is an already "
-                "loaded model. Load it quantized yourself (distill.models.load_causal_lm(..., quantization='4bit')) "
-                "or pass its path."
-            )
-        dtype = resolve_dtype(args.teacher_dtype)
-        if getattr(teacher, "hf_device_map", None) and not args.teacher_device:
-            device = None  # dispatched over several devices (device_map="auto"): leave it where it is
-        return ModelTeacher(
-            teacher, tokenizer=teacher_tokenizer, device=device, dtype=None if dtype == "auto" else dtype
-        )
-
-    def _check_vocabulary(self, student: nn.Module, tokenizer: Any, args: DistillConfig) -> int:
-        """The number of vocabulary rows both heads share, after checking the tokenizers agree."""
-        student_rows = int(student.get_output_embeddings().weight.shape[0])
-        teacher_rows = self.teacher.vocab_rows
-        if self.teacher.tokenizer is not None:
-            shared = shared_vocab_size(tokenizer, self.teacher.tokenizer, student_rows, teacher_rows)
-        else:
-            shared = len(tokenizer)
-            for name, rows in (("student", student_rows), ("teacher", teacher_rows)):
-                if rows < shared:
-                    raise VocabularyMismatchError(
-                        f"The tokenizer has {shared:,} tokens but the {name}'s head has only {rows:,} rows: the "
-                        f"tokenizer does not belong to the {name} (pass the right processing_class, or call "
-                        f"{name}.resize_token_embeddings(len(tokenizer)))."
-                    )
-        if args.vocab_size is not None:
-            if args.vocab_size > min(student_rows, teacher_rows):
-                raise VocabularyMismatchError(
-                    f"vocab_size={args.vocab_size:,} exceeds a head ({student_rows:,} student rows, "
-                    f"{teacher_rows:,} teacher rows)."
-                )
-            shared = args.vocab_size
-        return shared
 
     def _place_teacher(self, args: DistillConfig) -> None:
         """Shard the teacher over the processes (FSDP2) when asked to, or when the student is sharded."""
@@ -241,13 +158,6 @@ class Trainer(transformers.Trainer):
             )
         shard_teacher(self.teacher.model, self.accelerator.device)
         self._teacher_sharded = True
-
-    @staticmethod
-    def _eos_ids(tokenizer: Any, model: nn.Module) -> list[int]:
-        ids = {tokenizer.eos_token_id}
-        generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
-        return sorted(i for i in ids if i is not None)
 
     def _any_process(self, flag: bool) -> bool:
         """Whether ``flag`` is set on any process (every process gets the same answer)."""
@@ -424,11 +334,6 @@ def _input_tokens(inputs: dict[str, Any]) -> int:
     if "num_input_tokens" in inputs:
         return int(inputs["num_input_tokens"])
     return int(inputs["attention_mask"].sum())
-
-
-def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
-    b_storage = {p.data_ptr() for p in b.parameters()}
-    return any(p.data_ptr() in b_storage for p in a.parameters())
 
 
 def _materialize(targets: TeacherTargets) -> Tensor:
