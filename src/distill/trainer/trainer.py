@@ -8,7 +8,6 @@ logits exist at once on the default (fused) path.
 
 from __future__ import annotations
 
-import logging
 import random
 from typing import Any, NoReturn
 
@@ -38,8 +37,6 @@ from distill.trainer.batching import completion_batch, next_token_labels
 from distill.trainer.metrics import KDMetrics
 from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
 from distill.trainer.setup import eos_token_ids, prepare_splits, resolve_teacher, shared_vocabulary
-
-logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
