@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import json
 import math
 import os
@@ -35,9 +34,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peak_memory import GIB, PeakMemory, status_bytes
 from torch import Tensor
 
-GIB = 2**30
 IGNORE_INDEX = -100
 MASK_FRACTION = 0.1  # share of positions labelled IGNORE_INDEX (e.g. prompt tokens)
 STUDENT_LOGIT_STD = 2.0  # head weights are scaled so logits have this standard deviation
@@ -204,42 +203,6 @@ def build_case(case: str, beta: float, chunk_size: int | None, device: torch.dev
 # --------------------------------------------------------------------------------------------------
 
 
-def _status_bytes(key: str) -> int:
-    """A ``VmRSS``/``VmHWM``-style field of ``/proc/self/status``, in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-class PeakMemory:
-    """Peak memory above a baseline: resident set size on the CPU, the caching allocator on CUDA."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.baseline = 0
-
-    def start(self) -> None:
-        """Free garbage, reset the peak and record the baseline (call once the inputs exist)."""
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.baseline = torch.cuda.memory_allocated(self.device)
-        else:
-            with open("/proc/self/clear_refs", "w") as clear_refs:
-                clear_refs.write("5")  # resets VmHWM (peak RSS) to the current RSS
-            self.baseline = _status_bytes("VmRSS")
-
-    def extra_gib(self) -> float:
-        """Peak since :meth:`start` minus the baseline, in GiB."""
-        if self.device.type == "cuda":
-            return (torch.cuda.max_memory_allocated(self.device) - self.baseline) / GIB
-        return (_status_bytes("VmHWM") - self.baseline) / GIB
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work (no-op on the CPU)."""
     if device.type == "cuda":
@@ -318,7 +281,7 @@ def cap_address_space(mem_cap_gib: float) -> None:
     libraries, mostly not resident) plus the cap, which then covers the inputs and the case's peak.
     """
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = _status_bytes("VmSize") + int(mem_cap_gib * GIB)
+    limit = status_bytes("VmSize") + int(mem_cap_gib * GIB)
     resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
 
 

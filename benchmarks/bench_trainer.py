@@ -17,7 +17,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -212,44 +211,6 @@ def data_summary(tokenizer: Any, rows: list[list[dict[str, str]]]) -> str:
 # --------------------------------------------------------------------------------------------------
 # Measuring: tokens seen by the student, time per step, peak memory
 # --------------------------------------------------------------------------------------------------
-
-
-def _status_bytes(key: str) -> int:
-    """A ``VmRSS``/``VmHWM``-style field of ``/proc/self/status``, in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-class PeakMemory:
-    """Peak resident set size (CPU) or allocated memory (CUDA): baseline, absolute peak and the difference."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.baseline = 0
-
-    def start(self) -> None:
-        """Free garbage, reset the peak and record the baseline."""
-        import torch
-
-        gc.collect()
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            self.baseline = torch.cuda.memory_allocated()
-        else:
-            with open("/proc/self/clear_refs", "w") as clear_refs:
-                clear_refs.write("5")  # resets VmHWM (peak RSS) to the current RSS
-            self.baseline = _status_bytes("VmRSS")
-
-    def peak(self) -> int:
-        """Peak since :meth:`start`, in bytes."""
-        import torch
-
-        return torch.cuda.max_memory_allocated() if self.device == "cuda" else _status_bytes("VmHWM")
 
 
 class TokenCounter:
@@ -497,6 +458,8 @@ def run_child(args: argparse.Namespace) -> CaseResult:
         result.extra["gpu"] = torch.cuda.get_device_name()
     counter = TokenCounter(student.model)
     recorder = make_callback(counter, args.warmup_steps, args.device)
+    from peak_memory import PeakMemory  # imports torch: only in the case's own process
+
     meter = PeakMemory(args.device)
     meter.start()  # models and data exist; the trainer, optimizer state, activations and logits are measured
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as output_dir:
