@@ -102,15 +102,17 @@ def final_hidden_states(
     def catch(module: nn.Module, args: object, output: object) -> None:
         caught.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])  # type: ignore[index]
 
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     handle = decoder.register_forward_hook(catch)
     try:
-        model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        try:
+            model(**inputs, logits_to_keep=1)
+        except TypeError as error:
+            if "logits_to_keep" not in str(error):
+                raise
+            # Older model classes have no logits_to_keep: their forward builds full logits, which are dropped.
+            caught.clear()
+            model(**inputs)
     finally:
         handle.remove()
     if len(caught) != 1:
