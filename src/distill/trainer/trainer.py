@@ -101,6 +101,10 @@ class Trainer(transformers.Trainer):
         if isinstance(model, str):
             model = load_causal_lm(model, dtype=resolve_dtype(args.student_dtype))
         self.teacher = resolve_teacher(teacher, model, args, teacher_processing_class)
+        if hasattr(self.teacher, "check_dataset"):  # a cached teacher: every loss position must be in the cache
+            for split in ("train", "eval"):
+                if prepared[split] is not None:
+                    self.teacher.check_dataset(prepared[split])
         if peft_config is not None:
             model = apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
         check_student_trainable(model, peft_config)

@@ -1,0 +1,84 @@
+"""``distill cache``: run a teacher once over a dataset and store its top-k targets (``docs/offline.md``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from distill.cache.encoding import ENCODINGS
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_rows(name: str, split: str) -> Any:
+    """A ``datasets.Dataset`` from a ``save_to_disk`` folder, a json/jsonl/parquet/csv file, or a hub name."""
+    import datasets
+
+    path = Path(name)
+    if path.is_dir() and (path / "dataset_info.json").exists():
+        loaded = datasets.load_from_disk(str(path))
+        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+    if path.is_file() and path.suffix in _FILE_BUILDERS:
+        return datasets.load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+    return datasets.load_dataset(name, split=split)
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``cache`` subcommand to ``distill``'s subparsers."""
+    parser = subparsers.add_parser(
+        "cache",
+        help="run a teacher once over a dataset and store its top-k log-probs (resumable)",
+        description="Run a teacher over a dataset and store, for each completion token, its top-k token ids, "
+        "log-probs and tail mass in checksummed parquet shards. Rerun the same command to resume.",
+    )
+    parser.add_argument("--teacher", required=True, help="teacher model folder or hub name")
+    parser.add_argument("--dataset", required=True, help="save_to_disk folder, json/jsonl/parquet/csv, or hub name")
+    parser.add_argument("--out", required=True, help="cache folder (an unfinished build there is resumed)")
+    parser.add_argument("--split", default="train", help="dataset split (hub / DatasetDict)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or name (default: the teacher's)")
+    parser.add_argument("--top-k", type=int, default=64, help="entries per token (default 64)")
+    parser.add_argument("--encoding", choices=ENCODINGS, default="compact", help="byte encoding (default compact)")
+    parser.add_argument("--max-length", type=int, default=1024, help="as the training run's max_length")
+    parser.add_argument(
+        "--no-completion-only-loss", dest="completion_only_loss", action="store_false",
+        help="cache every token, not only completions (as completion_only_loss=False)",
+    )  # fmt: skip
+    parser.add_argument("--rows-per-shard", type=int, default=1024)
+    parser.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per teacher forward")
+    parser.add_argument("--dtype", default="auto", help="teacher dtype: auto, bf16, fp16, fp32")
+    parser.add_argument("--quantization", choices=("none", "4bit", "8bit"), default="none")
+    parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CPU, or where the loader puts it)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build (or resume) the cache; print its totals as JSON."""
+    from distill.cache.writer import build_cache
+
+    tokenizer = None
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    manifest = build_cache(
+        args.teacher,
+        load_rows(args.dataset, args.split),
+        args.out,
+        tokenizer=tokenizer,
+        top_k=args.top_k,
+        encoding=args.encoding,
+        max_length=args.max_length,
+        completion_only_loss=args.completion_only_loss,
+        rows_per_shard=args.rows_per_shard,
+        batch_tokens=args.batch_tokens,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        device=args.device,
+        progress=args.progress,
+    )
+    print(json.dumps(manifest["totals"], indent=1))
+    return 0

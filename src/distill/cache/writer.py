@@ -1,0 +1,337 @@
+"""Building a top-k cache: run a teacher once over a dataset, store its targets (format: ``docs/offline.md``).
+
+Crash safety: shard ``s`` always holds rows ``[s * rows_per_shard, (s + 1) * rows_per_shard)`` of the
+prepared dataset, whatever happened before, so a restarted build recomputes exactly the missing
+shards. Every file (shard or manifest) is written under a temporary name, fsynced, then renamed
+over its final name with ``os.replace`` (atomic on POSIX), and the folder is fsynced: at any
+instant, even after SIGKILL or a power cut, each shard is either absent or whole, and the manifest
+lists only whole shards with their sha256. Nothing in the files depends on time or on how often
+the build was interrupted, so a resumed cache is byte-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from distill.cache.encoding import Encoding
+from distill.cache.reader import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    CacheMismatchError,
+    file_sha256,
+    loss_spans,
+    read_manifest,
+    row_key,
+    spans_to_positions,
+    tokenizer_fingerprint,
+)
+from distill.data import prepare_dataset
+from distill.models import is_quantized, load_causal_lm, resolve_dtype
+from distill.teachers.cached import topk_from_hidden
+from distill.teachers.model import ModelTeacher
+
+__all__ = ["SHARD_SCHEMA", "build_cache"]
+
+TEMP_SUFFIX = ".tmp"
+ROW_GROUP_ROWS = 64
+SHARD_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("index", pa.int64()),
+        ("num_tokens", pa.int32()),
+        ("spans", pa.list_(pa.int32())),
+        ("ids", pa.binary()),
+        ("logprobs", pa.binary()),
+        ("mass", pa.binary()),
+    ]
+)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_atomically(temp: Path, final: Path) -> None:
+    with open(temp, "rb+") as file:
+        os.fsync(file.fileno())
+    os.replace(temp, final)
+    _fsync_dir(final.parent)
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    temp = folder / (MANIFEST_NAME + TEMP_SUFFIX)
+    temp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    _replace_atomically(temp, folder / MANIFEST_NAME)
+
+
+def _resolve_teacher(
+    teacher: Any, tokenizer: Any, dtype: Any, quantization: str, device: Any, name: str | None
+) -> tuple[ModelTeacher, Any, dict[str, Any]]:
+    """The teacher wrapped as a frozen :class:`ModelTeacher`, its tokenizer, and its manifest record."""
+    if isinstance(teacher, (str, os.PathLike)):
+        name = name or str(teacher)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(teacher))
+        teacher = load_causal_lm(str(teacher), dtype=resolve_dtype(dtype), quantization=quantization, device=device)
+    if tokenizer is None:
+        raise ValueError("build_cache needs the teacher's tokenizer when the teacher is given as a model object.")
+    if isinstance(teacher, ModelTeacher):
+        wrapped = teacher
+    elif isinstance(teacher, nn.Module):
+        wrapped = ModelTeacher(teacher, device=device)
+    else:
+        raise TypeError(f"teacher must be a path, a causal LM or a ModelTeacher; got {type(teacher).__name__}.")
+    config = getattr(wrapped.model, "config", None)
+    record = {
+        "name": name or getattr(config, "_name_or_path", "") or type(wrapped.model).__name__,
+        "revision": getattr(config, "_commit_hash", None),
+        "dtype": str(next(wrapped.model.parameters()).dtype).removeprefix("torch."),
+        "quantization": _quantization_of(wrapped.model, quantization),
+        "vocab_rows": wrapped.vocab_rows,
+    }
+    return wrapped, tokenizer, record
+
+
+def _quantization_of(model: nn.Module, requested: str) -> str:
+    """``"none"``, ``"4bit"`` or ``"8bit"``: what was asked for, or what a model passed in already holds."""
+    if requested != "none" or not is_quantized(model):
+        return requested
+    return "8bit" if getattr(model, "is_loaded_in_8bit", False) else "4bit"
+
+
+def _batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Group row numbers, longest first, into batches of at most ``batch_tokens`` padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda row: (-lengths[row], row))
+    batches: list[list[int]] = []
+    for row in order:
+        # Rows come longest first, so the batch's first row sets its padded length.
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(row)
+        else:
+            batches.append([row])
+    return batches
+
+
+@torch.no_grad()
+def _shard_table(
+    teacher: ModelTeacher,
+    rows: dict[str, list[Any]],
+    spans: list[list[int]],
+    encoding: Encoding,
+    vocab_size: int,
+    pad_token_id: int,
+    batch_tokens: int,
+    first_row: int,
+    on_tokens: Any,
+) -> pa.Table:
+    """The parquet table of one shard: every row's top-k targets at its loss positions, in row order."""
+    input_ids = rows["input_ids"]
+    encoded: list[Any] = [None] * len(input_ids)
+    device = teacher.device
+    for batch in _batches([len(ids) for ids in input_ids], batch_tokens):
+        length = len(input_ids[batch[0]])
+        ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        flat_positions = []
+        for b, row in enumerate(batch):
+            ids[b, : len(input_ids[row])] = torch.tensor(input_ids[row])
+            mask[b, : len(input_ids[row])] = 1
+            flat_positions.append(torch.from_numpy(spans_to_positions(spans[row])) + b * length)
+        head = teacher.targets(ids.to(device), mask.to(device))
+        hidden = head.hidden.reshape(len(batch) * length, -1)[torch.cat(flat_positions).to(device)]
+        top_ids, top_logprobs, tail = (t.cpu().numpy() for t in topk_from_hidden(hidden, head, encoding.k, vocab_size))
+        start = 0
+        for b, row in enumerate(batch):
+            count = len(flat_positions[b])
+            part = slice(start, start + count)
+            encoded[row] = encoding.encode(top_ids[part], top_logprobs[part], tail[part])
+            start += count
+        on_tokens(start)
+    columns = {
+        "key": [row_key(ids) for ids in input_ids],
+        "index": list(range(first_row, first_row + len(input_ids))),
+        "num_tokens": [len(ids) for ids in input_ids],
+        "spans": spans,
+        "ids": [e.ids for e in encoded],
+        "logprobs": [e.logprobs for e in encoded],
+        "mass": [e.mass for e in encoded],
+    }
+    return pa.table(columns, schema=SHARD_SCHEMA)
+
+
+def _completed_shards(folder: Path, manifest: dict[str, Any] | None, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The shards a previous (interrupted) build of the same cache finished, checked against their sha256."""
+    if manifest is None:
+        return []
+    if manifest["config"] != config:
+        differing = sorted(key for key in config.keys() | manifest["config"].keys()
+                           if config.get(key) != manifest["config"].get(key))  # fmt: skip
+        raise CacheMismatchError(
+            f"{folder} already holds a cache built with other settings (differing: {', '.join(differing)}). "
+            "Write to another folder, or delete this one to rebuild."
+        )
+    done = []
+    for shard in manifest["shards"]:
+        path = folder / shard["file"]
+        if not path.exists() or path.stat().st_size != shard["bytes"] or file_sha256(path) != shard["sha256"]:
+            break  # recompute from here: shards are deterministic, so the result is the same
+        done.append(shard)
+    return done
+
+
+def build_cache(
+    teacher: nn.Module | ModelTeacher | str | os.PathLike,
+    dataset: Any,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    top_k: int = 64,
+    encoding: str = "compact",
+    max_length: int = 1024,
+    completion_only_loss: bool = True,
+    vocab_size: int | None = None,
+    rows_per_shard: int = 1024,
+    batch_tokens: int = 16384,
+    dtype: str | torch.dtype | None = "auto",
+    quantization: str = "none",
+    device: str | torch.device | None = None,
+    teacher_name: str | None = None,
+    compression: str = "zstd",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run a teacher over a dataset once and store its top-k targets at every loss token.
+
+    Rows are tokenized as the trainer does (:func:`distill.data.prepare_dataset` with the same
+    ``max_length`` and ``completion_only_loss``), so :class:`distill.teachers.CachedTeacher` finds
+    every training row. Running again with the same arguments resumes an interrupted build.
+
+    Args:
+        teacher: a causal LM, a :class:`~distill.teachers.ModelTeacher`, or a path / hub name (loaded
+            with ``dtype``, ``quantization``, ``device``).
+        dataset: a ``datasets.Dataset`` of any layout :func:`~distill.data.prepare_dataset` accepts.
+        out_dir: the cache folder (created; an unfinished build of the same cache there is resumed).
+        tokenizer: the teacher's (= the student's) tokenizer; loaded from ``teacher`` when it is a path.
+        top_k: entries per token.
+        encoding: ``"compact"`` or ``"fp16"`` (see :mod:`distill.cache.encoding`).
+        max_length, completion_only_loss: as in ``DistillConfig``; must match the training run.
+        vocab_size: softmax over the first ``vocab_size`` head rows; default ``len(tokenizer)`` (the
+            trainer's shared vocabulary; padded head rows are left out).
+        rows_per_shard: dataset rows per shard (the unit of resumption).
+        batch_tokens: padded tokens per teacher forward; rows are batched longest first within a shard.
+        dtype, quantization, device: how to load a teacher given as a path.
+        teacher_name: recorded in the manifest (default: the path or the model's ``name_or_path``).
+        compression: parquet compression (``"zstd"``, ``"none"``, ...).
+        progress: show a tqdm bar (tokens/s, ETA).
+
+    Returns:
+        The final manifest (also written to ``out_dir/manifest.json``).
+
+    Raises:
+        CacheMismatchError: ``out_dir`` holds a cache built with other settings.
+    """
+    model_teacher, tokenizer, teacher_record = _resolve_teacher(
+        teacher, tokenizer, dtype, quantization, device, teacher_name
+    )
+    vocab_size = vocab_size or min(len(tokenizer), model_teacher.vocab_rows)
+    if isinstance(dataset, list):
+        import datasets
+
+        dataset = datasets.Dataset.from_list(dataset)
+    rows, report = prepare_dataset(
+        dataset, tokenizer, max_length=max_length, completion_only_loss=completion_only_loss
+    )
+    all_spans = [loss_spans(labels) for labels in rows["labels"]]
+    content = hashlib.sha256()
+    for ids, spans in zip(rows["input_ids"], all_spans, strict=True):
+        content.update(row_key(ids).encode() + np.asarray(spans, dtype="<i8").tobytes() + b";")
+    code = Encoding(encoding, top_k, model_teacher.vocab_rows)
+    config = {
+        "teacher": teacher_record,
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "size": len(tokenizer)},
+        "k": top_k,
+        "encoding": code.describe(),
+        "vocab_size": vocab_size,
+        "max_length": max_length,
+        "completion_only_loss": completion_only_loss,
+        "dataset": {
+            "num_rows": len(rows),
+            "num_loss_tokens": int(sum(len(spans_to_positions(s)) for s in all_spans)),
+            "rows_sha256": content.hexdigest(),
+            "source_fingerprint": getattr(dataset, "_fingerprint", None),
+        },
+        "rows_per_shard": rows_per_shard,
+        "row_group_rows": ROW_GROUP_ROWS,
+        "batch_tokens": batch_tokens,
+        "compression": compression,
+    }
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.glob("*" + TEMP_SUFFIX):  # from a build killed mid-write
+        leftover.unlink()
+    num_shards = -(-len(rows) // rows_per_shard)
+    shards = _completed_shards(folder, read_manifest(folder), config)
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "complete": False, "num_shards": num_shards,
+                "config": config, "shards": shards}  # fmt: skip
+    _write_manifest(folder, manifest)
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bar = tqdm(
+        total=config["dataset"]["num_loss_tokens"],
+        initial=sum(shard["tokens"] for shard in shards),
+        unit="tok",
+        unit_scale=True,
+        desc="Caching teacher top-k",
+        disable=not progress,
+    )
+    with bar:
+        for shard_number in range(len(shards), num_shards):
+            first = shard_number * rows_per_shard
+            last = min(first + rows_per_shard, len(rows))
+            table = _shard_table(
+                model_teacher, rows[first:last], all_spans[first:last], code, vocab_size, pad_token_id,
+                batch_tokens, first, bar.update,
+            )  # fmt: skip
+            name = f"shard-{shard_number:05d}.parquet"
+            temp = folder / (name + TEMP_SUFFIX)
+            pq.write_table(table, temp, compression=compression, row_group_size=ROW_GROUP_ROWS)
+            _replace_atomically(temp, folder / name)
+            tokens = sum(len(spans_to_positions(s)) for s in all_spans[first:last])
+            shards.append(
+                {"file": name, "first_row": first, "rows": last - first, "tokens": tokens,
+                 "bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+            )  # fmt: skip
+            _write_manifest(folder, manifest)
+    total_bytes = sum(shard["bytes"] for shard in shards)
+    total_tokens = sum(shard["tokens"] for shard in shards)
+    manifest["complete"] = True
+    manifest["totals"] = {
+        "rows": len(rows),
+        "tokens": total_tokens,
+        "file_bytes": total_bytes,
+        "file_bytes_per_token": round(total_bytes / max(total_tokens, 1), 3),
+        "encoded_bytes_per_token": code.bytes_per_token,
+        "truncated_rows": report.num_truncated,
+    }
+    _write_manifest(folder, manifest)
+    return manifest

@@ -1,0 +1,355 @@
+"""Teacher-generated datasets for sequence-level KD: N completions per prompt, in resumable parquet shards.
+
+Layout of ``out_dir`` (see ``docs/generation.md``):
+
+- ``run.json``: the settings; a restart with other settings is refused.
+- ``shard-00000.parquet`` + ``shard-00000.json`` (row count, sha256, filter counts), one pair per
+  ``prompts_per_shard`` prompts. Each file is written to a temporary name, fsynced and renamed, the
+  json after the parquet, so a shard is complete exactly when its json exists.
+- ``manifest.json``: teacher, settings, counts, filter pass counts, every shard with its sha256.
+
+A restart regenerates only the shards without a json; sampling is seeded per (prompt, completion),
+and batches never cross a shard, so the output is byte-identical to an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from distill.generation.sampling import sample_batch, sequence_seed
+
+__all__ = ["RowFilter", "generate_dataset", "load_generated", "read_manifest"]
+
+FORMAT = "distill.generation/1"
+
+
+class RowFilter(Protocol):
+    """A check a generated row must pass to be kept; ``name`` is recorded in the manifest."""
+
+    name: str
+
+    def __call__(self, row: dict[str, Any]) -> bool: ...
+
+
+def _filter_name(filter: Callable[[dict[str, Any]], bool]) -> str:
+    return getattr(filter, "name", None) or getattr(filter, "__name__", None) or type(filter).__name__
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` so that ``path`` is either absent or complete, even after SIGKILL or power loss."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _prompt_of(row: Mapping[str, Any] | str) -> tuple[str, Any]:
+    """``(layout, prompt)``: ``("text", str)``, ``("chat_prompt", messages)`` or ``("messages", messages)``."""
+    if isinstance(row, str):
+        return "text", row
+    if "messages" in row:
+        messages = list(row["messages"])
+        # The conversation before its last assistant turn is the prompt (a reference answer is replaced).
+        last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        return "messages", messages[:last_assistant] if last_assistant is not None else messages
+    if "prompt" in row:
+        return ("text" if isinstance(row["prompt"], str) else "chat_prompt"), row["prompt"]
+    raise ValueError(f"A prompt row needs a 'prompt' or a 'messages' column; got columns {sorted(row)}.")
+
+
+def _encode(tokenizer: Any, layout: str, prompt: Any) -> list[int]:
+    if layout == "text":
+        return list(tokenizer(prompt)["input_ids"])
+    text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _output_row(layout: str, prompt: Any, completion: str) -> dict[str, Any]:
+    if layout == "text":
+        return {"prompt": prompt, "completion": completion}
+    reply = {"role": "assistant", "content": completion}
+    if layout == "chat_prompt":
+        return {"prompt": list(prompt), "completion": [reply]}
+    return {"messages": [*prompt, reply]}
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _eos_ids(teacher: torch.nn.Module, tokenizer: Any) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(teacher, "generation_config", None), "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+def _generate_shard(
+    teacher: torch.nn.Module,
+    tokenizer: Any,
+    rows: list[Any],
+    first_index: int,
+    settings: dict[str, Any],
+    filter: Callable[[dict[str, Any]], bool] | None,
+    filter_workers: int,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Generate, cut, drop empties and filter one shard's rows. Returns (kept rows, counts)."""
+    n = settings["num_completions"]
+    prompts = [_prompt_of(row) for row in rows]
+    encoded = [_encode(tokenizer, layout, prompt) for layout, prompt in prompts]
+    jobs = [(p, c) for p in range(len(rows)) for c in range(n)]  # (prompt offset, completion index)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = _eos_ids(teacher, tokenizer)
+    texts: list[str] = []
+    for start in range(0, len(jobs), settings["batch_size"]):
+        batch = jobs[start : start + settings["batch_size"]]
+        generators = [
+            torch.Generator().manual_seed(sequence_seed(settings["seed"], first_index + p, c)) for p, c in batch
+        ]
+        outputs = sample_batch(
+            teacher,
+            [encoded[p] for p, _ in batch],
+            generators,
+            max_new_tokens=settings["max_new_tokens"],
+            eos_token_ids=eos_ids,
+            pad_token_id=pad,
+            temperature=settings["temperature"],
+            top_k=settings["top_k"],
+            top_p=settings["top_p"],
+        )
+        for tokens in outputs:
+            tokens = [t for t in tokens if t not in eos_ids]
+            texts.append(_cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), settings["stop"]))
+
+    candidates = []
+    for (p, c), text in zip(jobs, texts, strict=True):
+        if settings["drop_empty"] and not text.strip():
+            continue
+        layout, prompt = prompts[p]
+        row = {**_output_row(layout, prompt, text), "prompt_index": first_index + p, "completion_index": c}
+        source = rows[p] if isinstance(rows[p], Mapping) else {"prompt": rows[p]}
+        candidates.append((row, {**source, **row, "completion": text}))
+    counts = {"generated": len(jobs), "empty": len(jobs) - len(candidates), "checked": 0, "passed": 0}
+    if filter is None:
+        return [row for row, _ in candidates], counts
+    with ThreadPoolExecutor(max_workers=max(1, filter_workers)) as pool:
+        verdicts = list(pool.map(lambda pair: bool(filter(pair[1])), candidates))
+    kept = [row for (row, _), ok in zip(candidates, verdicts, strict=True) if ok]
+    counts.update(checked=len(candidates), passed=len(kept))
+    return kept, counts
+
+
+def _settings_hash(rows: Sequence[Any]) -> str:
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(_prompt_of(row), sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
+def generate_dataset(
+    teacher: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Iterable[Mapping[str, Any] | str],
+    out_dir: str | os.PathLike[str],
+    *,
+    num_completions: int = 1,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    batch_size: int = 8,
+    prompts_per_shard: int = 256,
+    stop: Sequence[str] = (),
+    drop_empty: bool = True,
+    filter: Callable[[dict[str, Any]], bool] | None = None,
+    filter_workers: int = 1,
+    teacher_name: str | None = None,
+    backend: str = "transformers",
+) -> Path:
+    """Sample ``num_completions`` teacher completions per prompt into a resumable parquet dataset.
+
+    Args:
+        teacher: A causal LM, on the device it should run on (put in eval mode during the call).
+        tokenizer: Its tokenizer (a chat template for chat rows).
+        prompts: Rows with ``prompt`` (a string, or a list of chat messages) or ``messages`` (the
+            conversation before the last assistant turn is the prompt), or plain strings. Other
+            columns are passed to ``filter`` but not written.
+        out_dir: Output folder; an unfinished run there with the same settings is resumed.
+        num_completions: Completions per prompt.
+        max_new_tokens: Most tokens per completion.
+        temperature: Sampling temperature (0: greedy).
+        top_p: Nucleus sampling mass (1: off).
+        top_k: Keep the k most likely tokens (0: off).
+        seed: Sampling seed; completion ``c`` of prompt ``i`` draws from a generator seeded from
+            ``(seed, i, c)``, so it does not depend on batching.
+        batch_size: Sequences per forward pass.
+        prompts_per_shard: Prompts per parquet shard (the unit of resumption).
+        stop: Strings that end a completion (cut before the first one, e.g. ``"\\ndef "`` for code).
+        drop_empty: Drop completions that are empty or whitespace (the trainer refuses them).
+        filter: Keeps a row when it returns True; gets the source row updated with ``completion``
+            (text), ``prompt_index`` and ``completion_index``. Its ``name`` and counts go in the manifest.
+        filter_workers: Threads running ``filter`` (a sandboxed check spends its time in a subprocess).
+        teacher_name: Recorded in the manifest; default ``teacher.config.name_or_path``.
+        backend: ``"transformers"``; ``"vllm"`` is not implemented yet.
+
+    Returns:
+        ``out_dir`` as a ``Path``; read it with :func:`load_generated`.
+    """
+    if backend == "vllm":
+        raise NotImplementedError(
+            "The vLLM generation backend is not implemented yet; use backend='transformers'"
+            " (or serve the teacher with vLLM and generate through its OpenAI-compatible API)."
+        )
+    if backend != "transformers":
+        raise ValueError(f"backend must be 'transformers' or 'vllm'; got {backend!r}.")
+    if num_completions < 1 or max_new_tokens < 1 or batch_size < 1 or prompts_per_shard < 1:
+        raise ValueError("num_completions, max_new_tokens, batch_size and prompts_per_shard must be >= 1.")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"Need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}.")
+    rows = list(prompts)
+    if not rows:
+        raise ValueError("No prompts to generate from.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):
+        stale.unlink()  # a file a killed run was writing; its shard is regenerated below
+    name = teacher_name or getattr(getattr(teacher, "config", None), "name_or_path", None) or type(teacher).__name__
+    settings = {
+        "num_completions": num_completions,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "seed": seed,
+        "batch_size": batch_size,
+        "prompts_per_shard": prompts_per_shard,
+        "stop": list(stop),
+        "drop_empty": drop_empty,
+        "backend": backend,
+    }
+    run = {
+        "format": FORMAT,
+        "teacher": name,
+        "settings": settings,
+        "filter": _filter_name(filter) if filter is not None else None,
+        "num_prompts": len(rows),
+        "prompts_sha256": _settings_hash(rows),
+    }
+    if (out / "run.json").exists():
+        previous = json.loads((out / "run.json").read_text(encoding="utf-8"))
+        if previous != run:
+            changed = sorted(k for k in run if previous.get(k) != run[k])
+            raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)}); use another out_dir.")
+    else:
+        _atomic_write(out / "run.json", _json_bytes(run))
+
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        shards = []
+        for shard, first in enumerate(range(0, len(rows), prompts_per_shard)):
+            state_path = out / f"shard-{shard:05d}.json"
+            if not state_path.exists():
+                kept, counts = _generate_shard(
+                    teacher,
+                    tokenizer,
+                    rows[first : first + prompts_per_shard],
+                    first,
+                    settings,
+                    filter,
+                    filter_workers,
+                )
+                file = None
+                if kept:
+                    data = _parquet_bytes(kept)
+                    file = f"shard-{shard:05d}.parquet"
+                    _atomic_write(out / file, data)
+                state = {
+                    "file": file,
+                    "first_prompt": first,
+                    "num_prompts": len(rows[first : first + prompts_per_shard]),
+                    "rows": len(kept),
+                    "sha256": hashlib.sha256(data).hexdigest() if kept else None,
+                    **counts,
+                }
+                _atomic_write(state_path, _json_bytes(state))
+            shards.append(json.loads(state_path.read_text(encoding="utf-8")))
+    finally:
+        teacher.train(was_training)
+
+    totals = {key: sum(s[key] for s in shards) for key in ("generated", "empty", "rows")}
+    manifest = {
+        **run,
+        "num_generated": totals["generated"],
+        "num_empty_dropped": totals["empty"],
+        "num_rows": totals["rows"],
+        "filter": None
+        if filter is None
+        else {
+            "name": run["filter"],
+            "checked": sum(s["checked"] for s in shards),
+            "passed": sum(s["passed"] for s in shards),
+        },
+        "shards": shards,
+        "data_files": [s["file"] for s in shards if s["file"]],
+    }
+    _atomic_write(out / "manifest.json", _json_bytes(manifest))
+    return out
+
+
+def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``manifest.json`` of a finished generation run."""
+    return json.loads((Path(out_dir) / "manifest.json").read_text(encoding="utf-8"))
+
+
+def load_generated(out_dir: str | os.PathLike[str], verify: bool = True, **load_kwargs: Any):
+    """Load a finished run as a ``datasets.Dataset`` (``load_dataset("parquet", ...)``, split ``train``).
+
+    Args:
+        out_dir: The folder :func:`generate_dataset` wrote.
+        verify: Check every shard's sha256 against the manifest first.
+        **load_kwargs: Passed to ``datasets.load_dataset`` (e.g. ``cache_dir``).
+    """
+    import datasets
+
+    out = Path(out_dir)
+    manifest = read_manifest(out)
+    for shard in manifest["shards"]:
+        if verify and shard["file"]:
+            digest = hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest()
+            if digest != shard["sha256"]:
+                raise ValueError(f"{out / shard['file']} does not match its sha256 in the manifest.")
+    files = [str(out / f) for f in manifest["data_files"]]
+    if not files:
+        raise ValueError(f"{out} holds no rows (every completion was empty or filtered out).")
+    return datasets.load_dataset("parquet", data_files=files, split="train", **load_kwargs)
