@@ -319,6 +319,55 @@ def test_trainer_from_the_compact_cache_is_close_to_exact_topk(caches, tokenizer
     np.testing.assert_allclose(cached, exact, rtol=0.015, atol=2e-4)
 
 
+def test_sampled_cache_is_deterministic_unbiased_targets_and_trains_forward_kl_only(
+    tokenizer, taught, tmp_path: Path
+) -> None:
+    teacher, _ = taught
+
+    def build(folder: str, batch_tokens: int) -> Path:
+        build_cache(
+            teacher, arithmetic_dataset(), tmp_path / folder, tokenizer=tokenizer, top_k=8, targets="sampled",
+            seed=5, max_length=MAX_LENGTH, rows_per_shard=10, batch_tokens=batch_tokens, progress=False,
+        )  # fmt: skip
+        return tmp_path / folder
+
+    first, second = build("a", 16384), build("b", 200)  # other batching: the same draws per row
+    for shard in sorted(first.glob("shard-*.parquet")):
+        assert shard.read_bytes() == (second / shard.name).read_bytes()
+    manifest = json.loads((first / "manifest.json").read_text())
+    assert manifest["config"]["targets"] == "sampled" and manifest["config"]["seed"] == 5
+    cached = CachedTeacher(first, tokenizer=tokenizer)
+    assert cached.sampled
+
+    rows, _ = prepare_dataset(arithmetic_dataset(), tokenizer, max_length=MAX_LENGTH)
+    batch = _batch(tokenizer, rows)
+    targets = cached.targets(batch["input_ids"], batch["attention_mask"])
+    assert targets.estimate and not bool(targets.tail_mass.any())
+    # Every weight is at least the teacher's probability of its token (max(p, threshold)); heavy tokens exact.
+    probs = torch.softmax(teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    loss_positions = next_token_labels(batch["labels"]) != -100
+    true = probs.gather(-1, targets.topk_ids)[loss_positions]
+    weights = targets.topk_logprobs[loss_positions].exp()
+    assert bool((weights >= true * 0.9 - 1e-6).all())  # 0.9: the 8-bit grid
+
+    with pytest.raises(ValueError, match="forward KL"):  # refused before any training
+        Trainer(model=taught_student(tokenizer), teacher=cached, args=config(tmp_path / "jsd", loss="jsd"),
+                train_dataset=arithmetic_dataset(), processing_class=tokenizer)  # fmt: skip
+    trainer = Trainer(
+        model=taught_student(tokenizer), teacher=cached, args=config(tmp_path / "fkl", loss="forward_kl", max_steps=8),
+        train_dataset=arithmetic_dataset(), processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    losses = logged(trainer, "loss")
+    assert all(math.isfinite(value) for value in losses) and losses[-1] < losses[0]
+
+
+def taught_student(tokenizer):
+    from trainer_helpers import taught_pair
+
+    return taught_pair(tokenizer)[1]
+
+
 # ---- command line ---------------------------------------------------------------------------------------
 
 

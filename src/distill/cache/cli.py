@@ -40,6 +40,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or name (default: the teacher's)")
     parser.add_argument("--top-k", type=int, default=64, help="entries per token (default 64)")
     parser.add_argument("--encoding", choices=ENCODINGS, default="compact", help="byte encoding (default compact)")
+    parser.add_argument(
+        "--targets", choices=("top_k", "sampled"), default="top_k",
+        help="top_k: the k most likely tokens + tail mass; sampled: k tokens priority-sampled with unbiased weights "
+        "(forward KL only)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled targets")
     parser.add_argument("--max-length", type=int, default=1024, help="as the training run's max_length")
     parser.add_argument(
         "--no-completion-only-loss", dest="completion_only_loss", action="store_false",
@@ -71,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         top_k=args.top_k,
         encoding=args.encoding,
+        targets=args.targets,
+        seed=args.seed,
         max_length=args.max_length,
         completion_only_loss=args.completion_only_loss,
         rows_per_shard=args.rows_per_shard,

@@ -11,6 +11,11 @@ encodings, both fixed-width per token so a row's bytes split into tokens by plai
   ``6 k + 4`` bytes per token.
 
 Entries are stored sorted by log-prob, highest first. All multi-byte values are little-endian.
+
+With ``sampled=True`` the entries are sampled targets (:func:`distill.cache.sampling.priority_sample`):
+log-weights whose exponentials estimate the teacher's probabilities without bias and may sum above 1.
+The layout is the same; the compact mass field then holds ``log(sum of weights)`` unclamped, and the
+decoded tail mass is 0.
 """
 
 from __future__ import annotations
@@ -84,11 +89,13 @@ class Encoding:
         name: ``"compact"`` or ``"fp16"``.
         k: entries per token.
         vocab_rows: ids are in ``[0, vocab_rows)``; sets the compact id width.
+        sampled: the entries are sampled targets (log-weights, no tail) rather than the top-k.
     """
 
     name: str
     k: int
     vocab_rows: int
+    sampled: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in ENCODINGS:
@@ -120,8 +127,14 @@ class Encoding:
 
     def describe(self) -> dict[str, object]:
         """The manifest's record of this encoding: everything a reader needs to decode."""
+        targets = {"targets": "sampled" if self.sampled else "top_k"}
         if self.name == "compact":
-            return {
+            mass = (
+                "float16 logmass = log(sum of the sampled weights), may be > 0; tail_mass = 0"
+                if self.sampled
+                else "float16 logmass = log(sum of top-k probs); tail_mass = -expm1(logmass)"
+            )
+            return targets | {
                 "name": "compact",
                 "k": self.k,
                 "ids": f"uint{self.id_bits} bit-packed, LSB first, per token padded to a byte",
@@ -129,16 +142,16 @@ class Encoding:
                 "logprobs": f"uint8 code c: log-prob = top1 - {GRID_MAX_NATS} * (c / 254)^2, 255 = -inf; "
                 "renormalised so that logsumexp = logmass",
                 "grid_max_nats": GRID_MAX_NATS,
-                "mass": "float16 logmass = log(sum of top-k probs); tail_mass = -expm1(logmass)",
+                "mass": mass,
                 "bytes_per_token": self.bytes_per_token,
             }
-        return {
+        return targets | {
             "name": "fp16",
             "k": self.k,
             "ids": "int32",
             "id_bits": 32,
             "logprobs": "float16",
-            "mass": "float32 tail_mass = 1 - sum of top-k probs",
+            "mass": "float32 tail_mass = 0" if self.sampled else "float32 tail_mass = 1 - sum of top-k probs",
             "bytes_per_token": self.bytes_per_token,
         }
 
@@ -148,7 +161,8 @@ class Encoding:
         Args:
             topk_ids: ``[n, k]`` distinct ids per token, in ``[0, vocab_rows)``.
             topk_logprobs: ``[n, k]`` log-probabilities (nats, temperature 1), any order; ``-inf`` allowed.
-            tail_mass: ``[n]`` probability outside the top-k, computed without cancellation (float64).
+            tail_mass: ``[n]`` probability outside the top-k, computed without cancellation (float64);
+                ignored for sampled targets (stored as 0).
         """
         topk_ids = np.asarray(topk_ids)
         topk_logprobs = np.asarray(topk_logprobs, dtype=np.float64)
@@ -162,6 +176,8 @@ class Encoding:
         topk_ids = np.take_along_axis(topk_ids, order, axis=1)
         topk_logprobs = np.take_along_axis(topk_logprobs, order, axis=1)
         tail = np.clip(np.asarray(tail_mass, dtype=np.float64).reshape(n), 0.0, 1.0)
+        if self.sampled:
+            tail = np.zeros(n)
         if self.name == "fp16":
             return EncodedTokens(
                 topk_ids.astype("<i4").tobytes(),
@@ -173,8 +189,11 @@ class Encoding:
             gap = np.where(np.isfinite(topk_logprobs), top1 - topk_logprobs, np.inf)
         codes = np.rint(np.sqrt(np.clip(gap, 0.0, GRID_MAX_NATS) / GRID_MAX_NATS) * _GRID_STEPS)
         codes = np.where(gap <= GRID_MAX_NATS, codes, _ZERO_MASS_CODE).astype(np.uint8)
-        with np.errstate(divide="ignore"):
-            logmass = np.minimum(np.log1p(-tail), 0.0)
+        if self.sampled:
+            logmass = _logsumexp(topk_logprobs)
+        else:
+            with np.errstate(divide="ignore"):
+                logmass = np.minimum(np.log1p(-tail), 0.0)
         return EncodedTokens(
             _pack_bits(topk_ids, self.id_bits).tobytes(), codes.tobytes(), logmass.astype("<f2").tobytes()
         )
@@ -208,9 +227,10 @@ class Encoding:
         with np.errstate(invalid="ignore"):
             logprobs = relative + (logmass - _logsumexp(relative))[:, None]
         logprobs = np.where(np.isfinite(relative), logprobs, -np.inf)
-        return ids, logprobs.astype(np.float32), (-np.expm1(logmass)).astype(np.float32)
+        tail = np.zeros(n) if self.sampled else -np.expm1(logmass)
+        return ids, logprobs.astype(np.float32), tail.astype(np.float32)
 
 
 def bytes_per_token(encoding: str, k: int, vocab_rows: int) -> int:
-    """Encoded bytes per cached token of ``encoding`` at ``k`` entries and ``vocab_rows`` ids."""
+    """Encoded bytes per cached token of ``encoding`` at ``k`` entries and ``vocab_rows`` ids (top-k or sampled)."""
     return Encoding(encoding, k, vocab_rows).bytes_per_token

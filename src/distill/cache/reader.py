@@ -150,7 +150,10 @@ class CacheReader:
             )
         self.manifest = manifest
         config = manifest["config"]
-        self.encoding = Encoding(config["encoding"]["name"], config["k"], config["teacher"]["vocab_rows"])
+        self.sampled = config.get("targets", "top_k") == "sampled"
+        self.encoding = Encoding(
+            config["encoding"]["name"], config["k"], config["teacher"]["vocab_rows"], sampled=self.sampled
+        )
         self.row_group_rows = int(config["row_group_rows"])
         self._verified: set[int] = set()
         self._groups: OrderedDict[tuple[int, int], dict[str, list[Any]]] = OrderedDict()

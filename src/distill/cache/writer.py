@@ -37,9 +37,10 @@ from distill.cache.reader import (
     spans_to_positions,
     tokenizer_fingerprint,
 )
+from distill.cache.sampling import row_generator
 from distill.data import prepare_dataset
 from distill.models import is_quantized, load_causal_lm, resolve_dtype
-from distill.teachers.cached import topk_from_hidden
+from distill.teachers.cached import sampled_from_hidden, topk_from_hidden
 from distill.teachers.model import ModelTeacher
 
 __all__ = ["SHARD_SCHEMA", "build_cache"]
@@ -145,8 +146,9 @@ def _shard_table(
     batch_tokens: int,
     first_row: int,
     on_tokens: Any,
+    seed: int = 0,
 ) -> pa.Table:
-    """The parquet table of one shard: every row's top-k targets at its loss positions, in row order."""
+    """The parquet table of one shard: every row's top-k (or sampled) targets at its loss positions, in row order."""
     input_ids = rows["input_ids"]
     encoded: list[Any] = [None] * len(input_ids)
     device = teacher.device
@@ -161,12 +163,19 @@ def _shard_table(
             flat_positions.append(torch.from_numpy(spans_to_positions(spans[row])) + b * length)
         head = teacher.targets(ids.to(device), mask.to(device))
         hidden = head.hidden.reshape(len(batch) * length, -1)[torch.cat(flat_positions).to(device)]
-        top_ids, top_logprobs, tail = (t.cpu().numpy() for t in topk_from_hidden(hidden, head, encoding.k, vocab_size))
+        if not encoding.sampled:
+            top = topk_from_hidden(hidden, head, encoding.k, vocab_size)
+            top_ids, top_logprobs, tail = (t.cpu().numpy() for t in top)
         start = 0
         for b, row in enumerate(batch):
             count = len(flat_positions[b])
             part = slice(start, start + count)
-            encoded[row] = encoding.encode(top_ids[part], top_logprobs[part], tail[part])
+            if encoding.sampled:  # one generator per row: its samples do not depend on the batching
+                generator = row_generator(row_key(input_ids[row]), seed, hidden.device)
+                row_targets = sampled_from_hidden(hidden[part], head, encoding.k, vocab_size, generator)
+                encoded[row] = encoding.encode(*(t.cpu().numpy() for t in row_targets))
+            else:
+                encoded[row] = encoding.encode(top_ids[part], top_logprobs[part], tail[part])
             start += count
         on_tokens(start)
     columns = {
@@ -209,6 +218,8 @@ def build_cache(
     tokenizer: Any = None,
     top_k: int = 64,
     encoding: str = "compact",
+    targets: str = "top_k",
+    seed: int = 0,
     max_length: int = 1024,
     completion_only_loss: bool = True,
     vocab_size: int | None = None,
@@ -235,6 +246,10 @@ def build_cache(
         tokenizer: the teacher's (= the student's) tokenizer; loaded from ``teacher`` when it is a path.
         top_k: entries per token.
         encoding: ``"compact"`` or ``"fp16"`` (see :mod:`distill.cache.encoding`).
+        targets: ``"top_k"`` (the ``top_k`` most likely tokens and the tail mass) or ``"sampled"``
+            (``top_k`` tokens priority-sampled per position with unbiased weights, see
+            :mod:`distill.cache.sampling`; trains the forward KL only, without the top-k's bias).
+        seed: the sampled targets' seed (each row's draws are seeded by it and the row's key).
         max_length, completion_only_loss: as in ``DistillConfig``; must match the training run.
         vocab_size: softmax over the first ``vocab_size`` head rows; default ``len(tokenizer)`` (the
             trainer's shared vocabulary; padded head rows are left out).
@@ -266,11 +281,15 @@ def build_cache(
     content = hashlib.sha256()
     for ids, spans in zip(rows["input_ids"], all_spans, strict=True):
         content.update(row_key(ids).encode() + np.asarray(spans, dtype="<i8").tobytes() + b";")
-    code = Encoding(encoding, top_k, model_teacher.vocab_rows)
+    if targets not in ("top_k", "sampled"):
+        raise ValueError(f"targets must be 'top_k' or 'sampled'; got {targets!r}.")
+    code = Encoding(encoding, top_k, model_teacher.vocab_rows, sampled=targets == "sampled")
     config = {
         "teacher": teacher_record,
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "size": len(tokenizer)},
         "k": top_k,
+        "targets": targets,
+        "seed": seed if targets == "sampled" else None,
         "encoding": code.describe(),
         "vocab_size": vocab_size,
         "max_length": max_length,
@@ -310,7 +329,7 @@ def build_cache(
             last = min(first + rows_per_shard, len(rows))
             table = _shard_table(
                 model_teacher, rows[first:last], all_spans[first:last], code, vocab_size, pad_token_id,
-                batch_tokens, first, bar.update,
+                batch_tokens, first, bar.update, seed,
             )  # fmt: skip
             name = f"shard-{shard_number:05d}.parquet"
             temp = folder / (name + TEMP_SUFFIX)

@@ -31,7 +31,7 @@ from distill.losses.objective import (
 from distill.losses.targets import SparseTargets
 from distill.losses.vocab import check_labels, check_sparse_targets, resolve_vocab_size
 
-__all__ = ["prepare_sparse_targets", "sparse_distillation_loss"]
+__all__ = ["check_estimate_objective", "prepare_sparse_targets", "sparse_distillation_loss"]
 
 
 def sparse_distillation_loss(
@@ -43,6 +43,7 @@ def sparse_distillation_loss(
     *,
     teacher_tail_mass: Tensor | None = None,
     tail: TailMode = "bucket",
+    sampled: bool = False,
     beta: float = 0.5,
     alpha: float = 0.1,
     temperature: float = 1.0,
@@ -63,6 +64,8 @@ def sparse_distillation_loss(
         divergence: as in :func:`distill.losses.distillation_loss`.
         teacher_tail_mass: optional ``[...]`` mass outside the top-k (derived when ``None``).
         tail: ``"bucket"`` or ``"renormalize"``; see the module docstring for the bias of each.
+        sampled: the ids and log-probs are sampled targets (:func:`distill.cache.sampling.priority_sample`),
+            an unbiased estimate of the teacher rather than its top-k: forward KL only, no tail.
         beta, alpha, temperature, kd_weight, ce_weight, reduction, vocab_size, ignore_index: as in
             :func:`distill.losses.distillation_loss`.
 
@@ -76,7 +79,7 @@ def sparse_distillation_loss(
     leading_shape = student_logits.shape[:-1]
     student_flat = student_logits.reshape(-1, student_logits.shape[-1])
     tail_mass = None if teacher_tail_mass is None else teacher_tail_mass.detach()
-    targets = SparseTargets(teacher_topk_ids, teacher_topk_logprobs.detach(), tail_mass)
+    targets = SparseTargets(teacher_topk_ids, teacher_topk_logprobs.detach(), tail_mass, estimate=sampled)
     labels_flat, rows, targets = prepare_sparse_targets(objective, targets, labels, student_flat.shape[0])
     if rows is not None:
         student_flat = student_flat[rows]
@@ -107,8 +110,15 @@ def prepare_sparse_targets(
             "tail='bucket' needs temperature=1: the tempered teacher's mass outside its top-k is unknown. "
             "Use tail='renormalize' to distill at a temperature from top-k targets."
         )
+    if targets.estimate:
+        check_estimate_objective(objective)
     assert objective.vocab_size is not None
     targets = targets.flatten()
+    if targets.estimate and targets.tail_mass is None:
+        # Sampled weights stand for the whole distribution: nothing is left for the tail bucket.
+        targets = SparseTargets(
+            targets.topk_ids, targets.topk_logprobs, targets.topk_logprobs.new_zeros(num_rows), estimate=True
+        )
     if targets.topk_ids.shape[0] != num_rows:
         raise ValueError(
             f"The teacher has targets for {targets.topk_ids.shape[0]} positions but the student has {num_rows}."
@@ -126,3 +136,23 @@ def prepare_sparse_targets(
         targets = targets.take(rows)
     check_sparse_targets(targets, targets.topk_ids.shape[0], objective.vocab_size)
     return labels_flat, rows, targets
+
+
+def check_estimate_objective(objective: Objective) -> None:
+    """Refuse an objective whose gradient sampled (estimated) teacher targets would bias.
+
+    The forward KL's gradient with respect to the student's logits is ``q - p``: linear in the
+    teacher's probabilities, so unbiased targets give an unbiased gradient. Every other divergence
+    (JSD, reverse KL, skew KLs, TVD) is non-linear in ``p``, and renormalising over the sampled ids
+    or tempering is too.
+    """
+    divergence = objective.divergence
+    is_forward_kl = divergence.name == "forward_kl" or (divergence.name == "jsd" and divergence.beta == 0.0)
+    if not is_forward_kl or objective.tail != "bucket" or objective.temperature != 1.0:
+        raise ValueError(
+            "Sampled teacher targets (an unbiased estimate of the teacher's distribution) keep the gradient unbiased "
+            "only for the forward KL at temperature 1 with tail='bucket'; got divergence="
+            f"{divergence.name!r} (beta={divergence.beta}), tail={objective.tail!r}, "
+            f"temperature={objective.temperature}. "
+            "Use loss='forward_kl', or a top-k cache for other divergences."
+        )

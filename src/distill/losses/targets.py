@@ -47,11 +47,17 @@ class SparseTargets:
         tail_mass: optional ``[...]`` probability mass outside the top-k. When ``None`` it is
             derived as ``1 - sum(exp(topk_logprobs))``; pass it when the log-probs were stored
             lossily (quantised) so the tail stays exact.
+        estimate: the entries are *sampled* targets (:func:`distill.cache.priority_sample`): their
+            exponentials are an unbiased estimate of the teacher's probabilities (zero for ids not
+            listed), so they need not sum to 1 and nothing is left in a tail. Only the forward KL
+            (and the CE it contains) is linear in the teacher's probabilities, so only its gradient
+            stays unbiased: the losses refuse other divergences for such targets.
     """
 
     topk_ids: Tensor
     topk_logprobs: Tensor
     tail_mass: Tensor | None = None
+    estimate: bool = False
 
     def flatten(self) -> SparseTargets:
         """The same targets with the leading dimensions flattened: ``[N, k]`` and ``[N]``."""
@@ -60,6 +66,7 @@ class SparseTargets:
             self.topk_ids.reshape(-1, k),
             self.topk_logprobs.reshape(-1, k),
             None if self.tail_mass is None else self.tail_mass.reshape(-1),
+            self.estimate,
         )
 
     def take(self, rows: Tensor | slice) -> SparseTargets:
@@ -68,4 +75,5 @@ class SparseTargets:
             self.topk_ids[rows],
             self.topk_logprobs[rows],
             None if self.tail_mass is None else self.tail_mass[rows],
+            self.estimate,
         )

@@ -9,6 +9,8 @@ Whether two *tokenizers* agree is checked one layer down, in :mod:`distill.model
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -100,6 +102,13 @@ def check_sparse_targets(targets: SparseTargets, num_tokens: int, vocab_size: in
     sorted_ids = ids.sort(dim=-1).values
     if ids.shape[-1] > 1 and bool((sorted_ids[:, 1:] == sorted_ids[:, :-1]).any()):
         raise ValueError("Teacher top-k ids repeat within a position; each position needs k distinct ids.")
+    if targets.estimate:
+        # Sampled weights are unbiased estimates: a single draw may sum above 1 (never NaN or +inf).
+        if bool(torch.isnan(logprobs).any()) or bool((logprobs == math.inf).any()):
+            raise ValueError("Sampled teacher targets hold NaN or +inf log-weights.")
+        if targets.tail_mass is not None and bool((targets.tail_mass != 0).any()):
+            raise ValueError("Sampled teacher targets cover the whole distribution: tail_mass must be 0 or None.")
+        return
     mass = torch.logsumexp(logprobs.double(), dim=-1).exp()
     if bool((logprobs > 1e-4).any()) or bool((mass > 1.0 + 1e-3).any()):
         raise ValueError(

@@ -10,6 +10,7 @@ from distill.models.loading import (
     resolve_dtype,
 )
 from distill.models.quantization import Quantization, is_quantized, make_trainable_4bit_safe, quantization_config
+from distill.models.shrink import evenly_spaced_layers, student_from_teacher
 from distill.models.vocab import VocabularyMismatchError, check_tokenizers_match, shared_vocab_size
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "check_fits",
     "check_student_trainable",
     "check_tokenizers_match",
+    "evenly_spaced_layers",
     "freeze",
     "has_trainable_adapters",
     "is_quantized",
@@ -29,4 +31,5 @@ __all__ = [
     "quantization_config",
     "resolve_dtype",
     "shared_vocab_size",
+    "student_from_teacher",
 ]

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,28 @@ from distill.cache.reader import (
     row_key,
     tokenizer_fingerprint,
 )
-from distill.losses import SparseTargets, TeacherHead
+from distill.cache.sampling import priority_sample
+from distill.losses import Objective, SparseTargets, TeacherHead
+from distill.losses.sparse import check_estimate_objective
 from distill.teachers.base import Teacher
 from distill.teachers.model import ModelTeacher
 
-__all__ = ["CachedTeacher", "TopKTeacher", "topk_from_hidden"]
+__all__ = ["CachedTeacher", "TopKTeacher", "sampled_from_hidden", "topk_from_hidden"]
 
 # Positions per head matmul when taking the top-k: one [chunk x V] float32 buffer of ~64 MiB at V = 128k.
 _TOPK_CHUNK = 128
+
+
+def _chunk_logprobs(hidden: Tensor, head: TeacherHead, vocab_size: int, chunk_size: int) -> Iterator[Tensor]:
+    """The teacher's float32 log-softmax over head rows ``[0, vocab_size)``, ``chunk_size`` positions at a time."""
+    weight = head.weight[:vocab_size]
+    bias = None if head.bias is None else head.bias[:vocab_size]
+    for start in range(0, hidden.shape[0], chunk_size):
+        chunk = hidden[start : start + chunk_size].to(weight.dtype)
+        logits = (chunk @ weight.t() if bias is None else torch.addmm(bias, chunk, weight.t())).float()
+        if head.softcap is not None:
+            logits = head.softcap * torch.tanh(logits / head.softcap)
+        yield torch.log_softmax(logits, dim=-1)
 
 
 @torch.no_grad()
@@ -56,23 +71,39 @@ def topk_from_hidden(
         ``(ids [n, k] int64, logprobs [n, k] float32, tail_mass [n] float64)``, highest log-prob first;
         the tail is ``-expm1(logsumexp(top-k log-probs))`` in float64 (no cancellation near 0).
     """
-    weight = head.weight[:vocab_size]
-    bias = None if head.bias is None else head.bias[:vocab_size]
-    outputs: list[tuple[Tensor, Tensor]] = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        chunk = hidden[start : start + chunk_size].to(weight.dtype)
-        logits = (chunk @ weight.t() if bias is None else torch.addmm(bias, chunk, weight.t())).float()
-        if head.softcap is not None:
-            logits = head.softcap * torch.tanh(logits / head.softcap)
-        values, ids = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
-        outputs.append((ids, values))
+    outputs = [logprobs.topk(k, dim=-1) for logprobs in _chunk_logprobs(hidden, head, vocab_size, chunk_size)]
     if not outputs:
         empty = hidden.new_zeros(0, k)
         return empty.long(), empty.float(), hidden.new_zeros(0, dtype=torch.float64)
-    ids = torch.cat([pair[0] for pair in outputs])
-    logprobs = torch.cat([pair[1] for pair in outputs])
+    ids = torch.cat([pair.indices for pair in outputs])
+    logprobs = torch.cat([pair.values for pair in outputs])
     tail = (-torch.expm1(torch.logsumexp(logprobs.double(), dim=-1))).clamp(0.0, 1.0)
     return ids, logprobs, tail
+
+
+@torch.no_grad()
+def sampled_from_hidden(
+    hidden: Tensor,
+    head: TeacherHead,
+    k: int,
+    vocab_size: int,
+    generator: torch.Generator,
+    chunk_size: int = _TOPK_CHUNK,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sampled targets (:func:`distill.cache.sampling.priority_sample`) at some positions.
+
+    Args and the chunked log-softmax as :func:`topk_from_hidden`; ``generator`` (on ``hidden``'s
+    device) draws the positions' uniforms in order.
+
+    Returns:
+        ``(ids [n, k] int64, log_weights [n, k] float32, tail_mass [n] float64 zeros)``.
+    """
+    pairs = [priority_sample(lp, k, generator) for lp in _chunk_logprobs(hidden, head, vocab_size, chunk_size)]
+    if not pairs:
+        empty = hidden.new_zeros(0, k)
+        return empty.long(), empty.float(), hidden.new_zeros(0, dtype=torch.float64)
+    ids = torch.cat([pair[0] for pair in pairs])
+    return ids, torch.cat([pair[1] for pair in pairs]), hidden.new_zeros(ids.shape[0], dtype=torch.float64)
 
 
 def _dummy_targets(batch: int, length: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -155,6 +186,16 @@ class CachedTeacher(Teacher):
     def vocab_rows(self) -> int:
         return int(self.manifest["config"]["teacher"]["vocab_rows"])
 
+    @property
+    def sampled(self) -> bool:
+        """Whether the cache holds sampled targets (unbiased weights; forward KL only) rather than the top-k."""
+        return self.reader.sampled
+
+    def check_objective(self, objective: Objective) -> None:
+        """Refuse, before training, a loss that this cache's targets cannot train without bias."""
+        if self.sampled:
+            check_estimate_objective(objective)
+
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a tokenizer other than the one the cache was built with (vocabulary, specials, template)."""
         expected = self.manifest["config"]["tokenizer"]
@@ -224,4 +265,4 @@ class CachedTeacher(Teacher):
             logprobs[b, index] = torch.from_numpy(row_logprobs)
             tail[b, index] = torch.from_numpy(row_tail)
         device = input_ids.device
-        return SparseTargets(ids.to(device), logprobs.to(device), tail.to(device))
+        return SparseTargets(ids.to(device), logprobs.to(device), tail.to(device), estimate=self.sampled)

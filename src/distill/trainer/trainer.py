@@ -102,6 +102,7 @@ class Trainer(transformers.Trainer):
             model = load_causal_lm(model, dtype=resolve_dtype(args.student_dtype))
         self.teacher = resolve_teacher(teacher, model, args, teacher_processing_class)
         if hasattr(self.teacher, "check_dataset"):  # a cached teacher: every loss position must be in the cache
+            self.teacher.check_objective(args.objective(None))
             for split in ("train", "eval"):
                 if prepared[split] is not None:
                     self.teacher.check_dataset(prepared[split])
