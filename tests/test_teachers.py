@@ -60,3 +60,25 @@ def test_a_lora_wrapped_head_is_refused_for_the_fused_loss() -> None:
     model = peft.get_peft_model(tiny_llama(vocab_size=300), peft.LoraConfig(r=4, target_modules=["lm_head"]))
     with pytest.raises(UnsupportedModelError, match="loss_implementation='dense'"):
         output_head_of(model)
+
+
+def test_data_teacher_trains_plain_cross_entropy(tokenizer, tmp_path) -> None:
+    """Forward KL from the one-hot next token is the CE: the trainer's loss equals the model's own LM loss."""
+    from trainer_helpers import arithmetic_dataset, config
+
+    from distill import Trainer
+    from distill.teachers import DataTeacher
+    from distill.testing import tiny_llama
+
+    student = tiny_llama(len(tokenizer), seed=3)
+    args = config(tmp_path / "sft", loss="forward_kl", max_steps=2)
+    trainer = Trainer(
+        model=student, teacher=DataTeacher(len(tokenizer)), args=args, train_dataset=arithmetic_dataset(),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    ours = trainer.compute_loss(student, batch)
+    reference = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    torch.testing.assert_close(ours, reference.loss, rtol=1e-5, atol=1e-6)
+    trainer.train()
+    assert trainer.state.global_step == 2

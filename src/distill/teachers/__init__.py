@@ -3,10 +3,12 @@
 * :class:`ModelTeacher`: a frozen in-process model (own device, dtype, quantization).
 * :class:`CachedTeacher`: top-k targets read from an offline cache (:func:`distill.cache.build_cache`);
   :class:`TopKTeacher`: the same top-k targets computed live.
+* :class:`DataTeacher`: the next token of the data, one-hot (plain fine-tuning through the same trainer).
 """
 
 from distill.teachers.base import Teacher, TeacherTargets
 from distill.teachers.cached import CachedTeacher, TopKTeacher
+from distill.teachers.data import DataTeacher
 from distill.teachers.decoder import (
     OutputHead,
     UnsupportedModelError,
@@ -20,6 +22,7 @@ from distill.teachers.sharding import shard_teacher
 
 __all__ = [
     "CachedTeacher",
+    "DataTeacher",
     "TopKTeacher",
     "ModelTeacher",
     "OutputHead",

@@ -1,0 +1,147 @@
+"""``distill eval``: held-out KD metrics, optional HumanEval pass@k, speed and cost, written as a report card."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``eval`` subcommand to ``subparsers``."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="compare a student with its teacher: quality kept vs cost saved (report card)",
+        description="Held-out KL / top-1 agreement / cross-entropy on a dataset, optional HumanEval pass@k in "
+        "the sandbox, generation speed, memory and cost; writes report.md, report.json and plots to --out.",
+    )
+    parser.add_argument("--student", required=True, help="the KD student: a save_pretrained folder or hub id")
+    parser.add_argument("--teacher", required=True, help="the teacher: a save_pretrained folder or hub id")
+    parser.add_argument("--baseline", default=None, help="a student of the same size trained without KD")
+    parser.add_argument(
+        "--dataset", required=True, help="held-out rows: .json/.jsonl/.parquet/.csv or a save_to_disk folder"
+    )
+    parser.add_argument("--tokenizer", default=None, help="the students' tokenizer (default: --student)")
+    parser.add_argument("--max-rows", type=int, default=None, help="evaluate only the first R rows")
+    parser.add_argument("--max-length", type=int, default=1024, help="tokens per row (longer rows are cut)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
+    parser.add_argument("--humaneval", type=int, default=0, metavar="N", help="pass@k on the first N problems")
+    parser.add_argument("--samples", type=int, default=1, help="completions per HumanEval problem (n)")
+    parser.add_argument("--k", default="1", help="comma-separated k for pass@k (only k <= --samples)")
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="sampling temperature (default: 0 for n=1, else 0.8)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per HumanEval completion")
+    parser.add_argument("--sandbox-workers", type=int, default=2, help="tests run in parallel")
+    price = parser.add_mutually_exclusive_group()
+    price.add_argument("--gpu", default=None, help="GPU name whose hourly price distill.planning knows (e.g. H100)")
+    price.add_argument("--price-per-hour", type=float, default=None, help="USD per hour of this device")
+    parser.add_argument("--no-speed", action="store_true", help="skip the generation speed measurement")
+    parser.add_argument("--speed-batch-size", type=int, default=8)
+    parser.add_argument("--speed-new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
+    parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output folder for the report")
+    parser.set_defaults(func=run)
+
+
+def _log_history(model_path: str) -> list[dict[str, Any]] | None:
+    """``log_history`` of the ``trainer_state.json`` a Trainer saved beside the model, if there is one."""
+    state = Path(model_path) / "trainer_state.json"
+    if not state.is_file():
+        return None
+    return json.loads(state.read_text(encoding="utf-8")).get("log_history")
+
+
+def _tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``distill eval`` with parsed arguments; returns the exit code."""
+    import torch
+
+    from distill.evaluation.metrics import heldout_metrics, load_rows
+    from distill.evaluation.report import ModelResult, summary_tables, write_report
+    from distill.evaluation.speed import measure_speed, resolve_price
+    from distill.evaluation.tasks import HumanEvalPassAtK, humaneval_problems, run_tasks
+    from distill.models.loading import freeze, load_causal_lm
+
+    # Everything that can fail without weights is checked before any model loads.
+    rows = load_rows(args.dataset, args.max_rows)
+    price = resolve_price(args.price_per_hour, args.gpu)
+    ks = [int(k) for k in args.k.split(",") if k.strip()]
+    tasks = []
+    if args.humaneval:
+        tasks.append(
+            HumanEvalPassAtK(
+                humaneval_problems(first=args.humaneval),
+                num_samples=args.samples,
+                ks=ks,
+                temperature=args.temperature,
+                max_new_tokens=args.max_new_tokens,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                workers=args.sandbox_workers,
+            )
+        )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = _tokenizer(args.tokenizer or args.student)
+    try:
+        teacher_tokenizer = _tokenizer(args.teacher)
+    except (OSError, ValueError):
+        teacher_tokenizer = tokenizer  # a teacher folder without tokenizer files: assume the students' one
+
+    def load(path: str) -> torch.nn.Module:
+        print(f"distill eval: loading {path}", file=sys.stderr)
+        return freeze(load_causal_lm(path, dtype=args.dtype, device=device))
+
+    def evaluate(path: str, model: torch.nn.Module, model_tokenizer: Any, metrics: dict[str, float]) -> ModelResult:
+        metrics = {**metrics, **run_tasks(model, model_tokenizer, tasks)}
+        speed = None
+        if not args.no_speed:
+            speed = measure_speed(
+                model,
+                model_tokenizer,
+                batch_size=args.speed_batch_size,
+                new_tokens=args.speed_new_tokens,
+                price_per_hour=price,
+            )
+        return ModelResult.from_results(path, metrics, speed=speed, log_history=_log_history(path))
+
+    teacher = load(args.teacher)
+    students: dict[str, ModelResult] = {}
+    teacher_metrics: dict[str, float] = {}
+    for role, path in (("student", args.student), ("baseline", args.baseline)):
+        if path is None:
+            continue
+        model = load(path)
+        print(f"distill eval: held-out metrics of the {role}", file=sys.stderr)
+        heldout = heldout_metrics(
+            model,
+            teacher,
+            tokenizer,
+            rows,
+            teacher_tokenizer=teacher_tokenizer,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+        )
+        students[role] = evaluate(path, model, tokenizer, heldout.student_metrics())
+        teacher_metrics = heldout.teacher_metrics()  # the same for every student: the teacher's own scores
+        del model
+        gc.collect()
+    teacher_result = evaluate(args.teacher, teacher, teacher_tokenizer, teacher_metrics)
+    card = write_report(args.out, teacher_result, students["student"], students.get("baseline"))
+    print(card.headline)
+    print()
+    print(summary_tables(teacher_result, students["student"], students.get("baseline")))
+    if card.plots_skipped:
+        print(f"\nPlots skipped: {card.plots_skipped}")
+    print(f"\nReport: {', '.join(str(path) for path in card.files)}")
+    return 0

@@ -1,0 +1,120 @@
+"""PNG plots for the report card, drawn with matplotlib's Agg canvas (imported lazily, no pyplot state).
+
+matplotlib is optional (``pip install 'distill[report]'``); :func:`plots_unavailable` says why the
+plots cannot be drawn, and the report then writes only its markdown and JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TRAINING_SERIES", "plot_quality_vs_cost", "plot_training_curves", "plots_unavailable"]
+
+# Trainer log keys drawn against the optimizer step: total loss, its KD term, its cross-entropy term.
+TRAINING_SERIES = ("loss", "kd_loss", "ce_loss")
+
+
+def plots_unavailable() -> str | None:
+    """None when matplotlib can be imported, else why not (with the install command)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        return f"matplotlib is not installed ({error}); install it with: pip install 'distill[report]'"
+    return None
+
+
+def _figure(width: float, height: float, panels: int) -> tuple[Any, list[Any]]:
+    # A bare Figure with an Agg canvas: no pyplot, so the caller's backend and open figures are untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, [figure.add_subplot(1, panels, i + 1) for i in range(panels)]
+
+
+def plot_training_curves(path: str | Path, histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> bool:
+    """Draw ``loss``, ``kd_loss`` and ``ce_loss`` against the optimizer step, one line per model.
+
+    Args:
+        path: the PNG to write.
+        histories: per model name, a Trainer's ``state.log_history`` (dicts with ``step`` and the
+            logged values; evaluation lines are ignored).
+
+    Returns:
+        False (and nothing written) when no history holds any of the series.
+    """
+    series = {
+        key: {
+            name: [(entry["step"], entry[key]) for entry in history if key in entry and "step" in entry]
+            for name, history in histories.items()
+        }
+        for key in TRAINING_SERIES
+    }
+    series = {key: {name: pts for name, pts in lines.items() if pts} for key, lines in series.items()}
+    series = {key: lines for key, lines in series.items() if lines}
+    if not series:
+        return False
+    figure, axes = _figure(4.2 * len(series), 3.4, len(series))
+    for ax, (key, lines) in zip(axes, series.items(), strict=True):
+        for name, points in lines.items():
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3, label=name)
+        ax.set_title(key)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("nats/token")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    figure.savefig(path, dpi=120)
+    return True
+
+
+def plot_quality_vs_cost(
+    path: str | Path,
+    points: Sequence[tuple[str, float | None, float | None, float | None]],
+    quality_label: str,
+) -> bool:
+    """Two scatters of quality: against size (MB, log scale) and against generation speed (tokens/s).
+
+    Args:
+        path: the PNG to write.
+        points: per model ``(name, quality, size_mb, tokens_per_s)``; None values are left out of a panel.
+        quality_label: the y-axis label (the metric and how it is turned into quality).
+
+    Returns:
+        False (and nothing written) when no model has both a quality and a size or a speed.
+    """
+
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+    def usable(value: float | None) -> bool:
+        return value is not None and math.isfinite(value)
+
+    panels = [
+        (index, title)
+        for index, title in ((2, "size (MB of parameters)"), (3, "generation speed (tokens/s)"))
+        if any(usable(point[1]) and usable(point[index]) for point in points)
+    ]
+    if not panels:
+        return False
+    figure, axes = _figure(4.6 * len(panels), 3.6, len(panels))
+    for ax, (index, title) in zip(axes, panels, strict=True):
+        for point in points:
+            if usable(point[1]) and usable(point[index]):
+                ax.scatter([point[index]], [point[1]], s=60, label=point[0])
+                ax.annotate(point[0], (point[index], point[1]), textcoords="offset points", xytext=(6, 4))
+        ax.set_xscale("log")
+        # Plain numbers (200, 500, 1000) instead of 2x10^2 on the log axis.
+        ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="x", which="minor", labelsize="small")
+        ax.set_xlabel(title)
+        ax.set_ylabel(quality_label)
+        ax.grid(alpha=0.3, which="both")
+        ax.margins(0.25)
+    figure.savefig(path, dpi=120)
+    return True

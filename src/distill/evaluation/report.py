@@ -1,0 +1,419 @@
+"""The report card: quality kept vs cost saved, as ``report.md``, ``report.json`` and PNG plots.
+
+Models come in as named entries (:class:`ModelResult`: teacher, KD student, optional baseline student)
+holding metrics already computed, so a demo or a notebook can pass its own numbers.
+
+Quality is defined per metric, and the headline names the one it uses:
+
+* ``ce`` (cross-entropy on the reference completions, nats/token): quality is ``exp(-CE)``, the
+  geometric-mean probability given to a reference token; kept = ``exp(CE_teacher - CE_student)``,
+  which equals ``perplexity_teacher / perplexity_student``.
+* ``perplexity``: the same, ``perplexity_teacher / perplexity_student``.
+* task scores (``humaneval/pass@1``, ...; higher is better): kept = ``student / teacher``.
+* ``kl`` and ``top1_agreement`` are measured against the teacher, so no "kept" ratio; they are shown
+  as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill.evaluation.plots import plot_quality_vs_cost, plot_training_curves, plots_unavailable
+from distill.evaluation.speed import SpeedResult, cost_per_million_tokens
+
+__all__ = ["ModelResult", "ReportCard", "higher_is_better", "kept", "quality", "summary_tables", "write_report"]
+
+_MB = 1e6
+_LOWER_IS_BETTER = {"ce", "perplexity", "kl"}
+_AGAINST_TEACHER = {"kl", "top1_agreement"}
+_UNITS = {"ce": "nats/token", "perplexity": "unitless", "kl": "nats/token", "top1_agreement": "fraction"}
+_DEFINITIONS = {
+    "ce": "cross-entropy of the reference completion tokens (nats/token); quality = exp(-CE), kept = "
+    "exp(CE_teacher - CE_student) = perplexity_teacher / perplexity_student",
+    "perplexity": "exp(CE) on the reference completions; kept = perplexity_teacher / perplexity_student",
+    "kl": "forward KL(teacher || student) per completion token (nats/token); 0 means the same distribution",
+    "top1_agreement": "fraction of completion tokens where the student's most likely token is the teacher's",
+}
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better (False for ``ce``, ``perplexity``, ``kl``)."""
+    return metric not in _LOWER_IS_BETTER
+
+
+def quality(metric: str, value: float) -> float:
+    """The value as "quality" (higher is better): ``exp(-ce)``, ``1 / perplexity``, else the value itself."""
+    if metric == "ce":
+        return math.exp(-value)
+    if metric == "perplexity":
+        return 1.0 / value
+    return value
+
+
+def kept(metric: str, student_value: float, teacher_value: float) -> float | None:
+    """Fraction of the teacher's quality the student keeps on ``metric`` (1.0 = all of it).
+
+    ``ce``: ``exp(CE_t - CE_s)``; ``perplexity``: ``PPL_t / PPL_s``; task scores: ``student / teacher``.
+    None for ``kl`` and ``top1_agreement`` (measured against the teacher) and when the teacher scores 0.
+    """
+    if metric in _AGAINST_TEACHER:
+        return None
+    teacher_quality = quality(metric, teacher_value)
+    return quality(metric, student_value) / teacher_quality if teacher_quality > 0 else None
+
+
+def _definition(metric: str) -> str:
+    if metric in _DEFINITIONS:
+        return _DEFINITIONS[metric]
+    if "pass@" in metric:
+        k = metric.rsplit("pass@", 1)[1]
+        return (
+            f"probability that at least one of k={k} sampled programs passes the problem's tests, averaged over "
+            "problems (unbiased estimate from n >= k samples per problem); kept = student / teacher"
+        )
+    return f"task score {metric} (higher is better); kept = student / teacher"
+
+
+@dataclass
+class ModelResult:
+    """One model's entry in the report card.
+
+    Attributes:
+        name: shown in tables and plots (a path or a label).
+        metrics: flat scores: ``ce`` / ``perplexity`` / ``kl`` / ``top1_agreement`` (from
+            :meth:`HeldoutMetrics.student_metrics` or ``teacher_metrics``) and task scores such as
+            ``humaneval/pass@1`` (from :func:`run_tasks`).
+        parameter_bytes: size of the weights in bytes.
+        tokens_per_s: generation speed in tokens per second.
+        peak_memory_bytes: peak memory while generating, in bytes.
+        price_per_hour: USD per hour of the device the speed was measured on.
+        log_history: a Trainer's ``state.log_history``, for the training curves.
+    """
+
+    name: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    parameter_bytes: int | None = None
+    tokens_per_s: float | None = None
+    peak_memory_bytes: int | None = None
+    price_per_hour: float | None = None
+    log_history: list[dict[str, Any]] | None = None
+
+    @classmethod
+    def from_results(
+        cls,
+        name: str,
+        metrics: Mapping[str, float] | None = None,
+        *,
+        speed: SpeedResult | None = None,
+        log_history: Sequence[Mapping[str, Any]] | None = None,
+    ) -> ModelResult:
+        """An entry from metrics and a :class:`SpeedResult` (size, speed, peak memory and price)."""
+        return cls(
+            name=name,
+            metrics=dict(metrics or {}),
+            parameter_bytes=speed.parameter_bytes if speed else None,
+            tokens_per_s=speed.tokens_per_s if speed else None,
+            peak_memory_bytes=speed.peak_memory_bytes if speed else None,
+            price_per_hour=speed.price_per_hour if speed else None,
+            log_history=[dict(entry) for entry in log_history] if log_history is not None else None,
+        )
+
+    @property
+    def cost_per_million_tokens(self) -> float | None:
+        """USD per million generated tokens, when both a price and a speed are known."""
+        if self.price_per_hour is None or not self.tokens_per_s:
+            return None
+        return cost_per_million_tokens(self.price_per_hour, self.tokens_per_s)
+
+
+@dataclass(frozen=True)
+class ReportCard:
+    """What :func:`write_report` wrote.
+
+    Attributes:
+        headline: the one-sentence summary.
+        data: the contents of ``report.json``.
+        files: every file written (``report.md``, ``report.json``, the PNGs).
+        plots_skipped: why plots were not drawn, or None.
+    """
+
+    headline: str
+    data: dict[str, Any]
+    files: list[Path]
+    plots_skipped: str | None
+
+
+def _primary_metric(teacher: ModelResult, student: ModelResult) -> str | None:
+    shared = [m for m in student.metrics if m in teacher.metrics and m not in _AGAINST_TEACHER]
+    # A metric the teacher scores 0 on gives no ratio (e.g. pass@1 of a small teacher on few problems).
+    shared = [m for m in shared if quality(m, teacher.metrics[m]) > 0] or shared
+    tasks = [m for m in shared if m not in _LOWER_IS_BETTER]
+    for candidates in ([m for m in tasks if m.endswith("pass@1")], tasks, [m for m in shared if m == "ce"], shared):
+        if candidates:
+            return candidates[0]
+    return None
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator and denominator else None
+
+
+def _usd(value: float) -> str:
+    return f"${value:,.2f}" if value >= 0.1 else f"${value:.3g}"
+
+
+def _headline(teacher: ModelResult, student: ModelResult, primary: str | None) -> tuple[str, dict[str, float | None]]:
+    """The sentence and its numbers: ``quality_kept``, ``size_ratio``, ``speedup`` and both costs."""
+    numbers = {
+        "quality_kept": kept(primary, student.metrics[primary], teacher.metrics[primary]) if primary else None,
+        "size_ratio": _ratio(student.parameter_bytes, teacher.parameter_bytes),
+        "speedup": _ratio(student.tokens_per_s, teacher.tokens_per_s),
+        "student_cost_per_million_tokens": student.cost_per_million_tokens,
+        "teacher_cost_per_million_tokens": teacher.cost_per_million_tokens,
+    }
+    quality_kept, size_ratio, speedup = numbers["quality_kept"], numbers["size_ratio"], numbers["speedup"]
+    sentence = "The student"
+    if quality_kept is not None:
+        sentence += f" keeps {quality_kept:.1%} of the teacher's quality"
+    elif primary is None:
+        sentence += " (no quality metric shared with the teacher)"
+    else:
+        sentence += f" (quality not comparable: the teacher scores 0 on {primary})"
+    clauses = []
+    if size_ratio is not None:
+        clauses.append(f"at {size_ratio:.1%} of its size")
+    if speedup is not None:
+        clauses.append(f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower")
+    student_cost, teacher_cost = numbers["student_cost_per_million_tokens"], numbers["teacher_cost_per_million_tokens"]
+    if student_cost is not None and teacher_cost is not None:
+        clauses.append(f"{_usd(student_cost)} per million tokens instead of {_usd(teacher_cost)}")
+    if clauses:
+        sentence += (" " if size_ratio is not None else ", ") + ", ".join(clauses)
+    return sentence + ".", numbers
+
+
+def _comparison(student: ModelResult, baseline: ModelResult) -> dict[str, dict[str, float | str]]:
+    """Per metric both have: ``kd_minus_baseline`` and which of the two is better."""
+    out: dict[str, dict[str, float | str]] = {}
+    for metric, value in student.metrics.items():
+        if metric not in baseline.metrics:
+            continue
+        difference = value - baseline.metrics[metric]
+        gain = difference if higher_is_better(metric) else -difference
+        out[metric] = {
+            "kd_minus_baseline": difference,
+            "better": "kd" if gain > 0 else "baseline" if gain < 0 else "tie",
+        }
+    return out
+
+
+def _comparison_line(comparison: dict[str, dict[str, float | str]]) -> str:
+    by_verdict = {
+        verdict: ", ".join(
+            f"`{m}` ({entry['kd_minus_baseline']:+.4g})"
+            for m, entry in comparison.items()
+            if entry["better"] == verdict
+        )
+        for verdict in ("kd", "baseline", "tie")
+    }
+    parts = [
+        f"{label} {by_verdict[verdict]}"
+        for verdict, label in (("kd", "better on"), ("baseline", "worse on"), ("tie", "tied on"))
+        if by_verdict[verdict]
+    ]
+    return "Against the baseline student (KD − baseline): " + "; ".join(parts) + "."
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    small_or_large = value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3)
+    return f"{value:.{digits}g}" if small_or_large else f"{value:.{digits}f}"
+
+
+def _size(num_bytes: int | None) -> str:
+    if num_bytes is None:
+        return "–"
+    return f"{num_bytes / 1e9:,.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:,.1f} MB"
+
+
+def _metrics_table(models: dict[str, ModelResult], teacher: ModelResult, comparison: dict[str, Any] | None) -> str:
+    roles = list(models)
+    metrics = list(dict.fromkeys(metric for model in models.values() for metric in model.metrics))
+    header = ["metric", "unit", *roles] + [f"{role} kept" for role in roles if role != "teacher"]
+    if comparison is not None:
+        header.append("KD − baseline")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+    for metric in metrics:
+        cells = [f"`{metric}`", _UNITS.get(metric, "fraction" if "pass@" in metric else "")]
+        cells += [_fmt(model.metrics.get(metric)) for model in models.values()]
+        for role in roles[1:]:
+            value, reference = models[role].metrics.get(metric), teacher.metrics.get(metric)
+            ratio = kept(metric, value, reference) if value is not None and reference is not None else None
+            cells.append(f"{ratio:.1%}" if ratio is not None else "–")
+        if comparison is not None:
+            entry = comparison.get(metric)
+            if entry is None:
+                cells.append("–")
+            else:
+                verdict = "tie" if entry["better"] == "tie" else f"{entry['better']} better"
+                cells.append(f"{entry['kd_minus_baseline']:+.4f} ({verdict})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cost_table(models: dict[str, ModelResult]) -> str:
+    lines = [
+        "| role | model | parameters | tokens/s | peak memory | $/hour | $ per million tokens |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for role, model in models.items():
+        cost = model.cost_per_million_tokens
+        cells = [
+            role,
+            f"`{model.name}`",
+            _size(model.parameter_bytes),
+            f"{model.tokens_per_s:,.1f}" if model.tokens_per_s is not None else "–",
+            _size(model.peak_memory_bytes),
+            _usd(model.price_per_hour) if model.price_per_hour is not None else "–",
+            _usd(cost) if cost is not None else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plots(out: Path, models: dict[str, ModelResult], primary: str | None) -> tuple[list[Path], str | None]:
+    reason = plots_unavailable()
+    if reason is not None:
+        return [], reason
+    written = []
+    histories = {f"{role} ({m.name})": m.log_history for role, m in models.items() if m.log_history}
+    if histories and plot_training_curves(out / "training_curves.png", histories):
+        written.append(out / "training_curves.png")
+    if primary is not None:
+        points = [
+            (
+                role,
+                quality(primary, m.metrics[primary]) if primary in m.metrics else None,
+                m.parameter_bytes / _MB if m.parameter_bytes else None,
+                m.tokens_per_s,
+            )
+            for role, m in models.items()
+        ]
+        label = {"ce": "quality: exp(-CE)", "perplexity": "quality: 1 / perplexity"}.get(primary, primary)
+        if plot_quality_vs_cost(out / "quality_vs_cost.png", points, label):
+            written.append(out / "quality_vs_cost.png")
+    return written, None
+
+
+def summary_tables(teacher: ModelResult, student: ModelResult, baseline: ModelResult | None = None) -> str:
+    """The report's two markdown tables: cost (size, tokens/s, peak memory, $ per million tokens) and quality.
+
+    The quality table has every metric of every model, the fraction of the teacher's quality each student
+    keeps (see :func:`kept`), and, with a baseline, ``KD - baseline`` per metric.
+    """
+    models = {"teacher": teacher, "student": student, **({"baseline": baseline} if baseline else {})}
+    comparison = _comparison(student, baseline) if baseline else None
+    return _cost_table(models) + "\n\n" + _metrics_table(models, teacher, comparison)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+def write_report(
+    out_dir: str | Path,
+    teacher: ModelResult,
+    student: ModelResult,
+    baseline: ModelResult | None = None,
+    *,
+    primary_metric: str | None = None,
+    title: str = "Distillation report card",
+) -> ReportCard:
+    """Write ``report.md``, ``report.json`` and PNG plots comparing a KD student with its teacher.
+
+    The headline reads "The student keeps X% of the teacher's quality at Y% of its size, Zx faster,
+    $W per million tokens instead of $V", with X from ``primary_metric`` (see :func:`kept`), Y the
+    ratio of parameter bytes, Z the ratio of generation tokens/s, W and V each model's
+    ``price_per_hour / (tokens_per_s * 3600) * 1e6``; clauses whose inputs are missing are left out.
+    With a ``baseline`` (a student of the same size trained without KD), every shared metric gets
+    ``KD - baseline`` and which is better.
+
+    Args:
+        out_dir: created if needed.
+        teacher: the teacher's entry.
+        student: the KD student's entry.
+        baseline: optionally, a baseline student's entry.
+        primary_metric: the metric the headline's quality uses; default the first shared
+            ``.../pass@1``, else another task score, else ``ce``.
+        title: the markdown title.
+
+    Returns:
+        The :class:`ReportCard`. Without matplotlib the plots are skipped and the report says so.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = {"teacher": teacher, "student": student, **({"baseline": baseline} if baseline else {})}
+    primary = primary_metric or _primary_metric(teacher, student)
+    if primary is not None and (primary not in teacher.metrics or primary not in student.metrics):
+        raise ValueError(f"primary_metric {primary!r} is not in both the teacher's and the student's metrics.")
+    if primary in _AGAINST_TEACHER:
+        raise ValueError(f"primary_metric {primary!r} is measured against the teacher, so it has no 'kept' ratio.")
+    headline, numbers = _headline(teacher, student, primary)
+    comparison = _comparison(student, baseline) if baseline else None
+    plots, skipped = _plots(out, models, primary)
+
+    metrics = list(dict.fromkeys(metric for model in models.values() for metric in model.metrics))
+    data = {
+        "headline": headline,
+        "primary_metric": primary,
+        "quality_definition": _definition(primary) if primary else None,
+        **numbers,
+        "models": {
+            role: {
+                "name": m.name,
+                "metrics": m.metrics,
+                "parameter_bytes": m.parameter_bytes,
+                "tokens_per_s": m.tokens_per_s,
+                "peak_memory_bytes": m.peak_memory_bytes,
+                "price_per_hour": m.price_per_hour,
+                "cost_per_million_tokens": m.cost_per_million_tokens,
+                "kept": {k: kept(k, m.metrics[k], teacher.metrics[k]) for k in m.metrics if k in teacher.metrics},
+            }
+            for role, m in models.items()
+        },
+        "kd_vs_baseline": comparison,
+        "metric_definitions": {metric: _definition(metric) for metric in metrics},
+        "plots": [path.name for path in plots],
+        "plots_skipped": skipped,
+    }
+    (out / "report.json").write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+    sections = [f"# {title}", f"**{headline}**"]
+    if primary:
+        sections.append(f"Quality in this sentence is `{primary}`: {_definition(primary)}.")
+    if comparison:
+        sections.append(_comparison_line(comparison))
+    sections += ["## Cost", _cost_table(models), "## Quality", _metrics_table(models, teacher, comparison)]
+    sections.append("### What the metrics mean\n\n" + "\n".join(f"- `{m}`: {_definition(m)}." for m in metrics))
+    sections.append("## Plots")
+    if skipped:
+        sections.append(f"Plots skipped: {skipped}.")
+    else:
+        sections.append("\n\n".join(f"![{p.stem.replace('_', ' ')}]({p.name})" for p in plots) or "Nothing to plot.")
+    (out / "report.md").write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    return ReportCard(
+        headline=headline, data=data, files=[out / "report.md", out / "report.json", *plots], plots_skipped=skipped
+    )
