@@ -219,19 +219,13 @@ def test_cost_per_million_tokens_and_price_resolution():
         resolve_price(-1.0)
 
 
-def test_gpu_price_comes_from_distill_planning_when_present(monkeypatch):
-    import sys
-    import types
+def test_gpu_price_comes_from_the_planning_catalogue():
+    from distill.planning import get_gpu
 
-    planning = types.ModuleType("distill.planning")
-    planning.GPUS = {"H100": {"price_per_hour": 2.99}}
-    monkeypatch.setitem(sys.modules, "distill.planning", planning)
-    assert resolve_price(gpu="h100") == 2.99
+    assert resolve_price(gpu="h100") == get_gpu("H100-80GB").hourly_usd > 0
+    assert resolve_price(3.0, gpu="h100") == 3.0  # an explicit price wins
     with pytest.raises(ValueError, match="price"):
         resolve_price(gpu="Z9000")
-    monkeypatch.setitem(sys.modules, "distill.planning", None)  # import now fails
-    with pytest.raises(ValueError, match="price"):
-        resolve_price(gpu="H100")
 
 
 def test_measure_speed_on_a_tiny_model(tokenizer):

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Modules that provide a subcommand (``distill cache``, ``distill generate``, ...).
-SUBCOMMAND_MODULES = ("distill.cache.cli", "distill.generation.cli", "distill.evaluation.cli")
+SUBCOMMAND_MODULES = ("distill.cache.cli", "distill.generation.cli", "distill.evaluation.cli", "distill.planning.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

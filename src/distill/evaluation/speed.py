@@ -10,10 +10,9 @@ does); both include the weights. Cost per million generated tokens follows from 
 from __future__ import annotations
 
 import gc
-import importlib
 import resource
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -82,51 +81,22 @@ def cost_per_million_tokens(price_per_hour: float, tokens_per_s: float) -> float
     return price_per_hour / (tokens_per_s * 3600.0) * 1e6
 
 
-def _price_from(entry: Any) -> float | None:
-    """A price out of whatever a catalogue holds: a number, a mapping, or an object with a price field."""
-    if isinstance(entry, (int, float)):
-        return float(entry)
-    for key in ("price_per_hour", "usd_per_hour", "hourly_price", "price"):
-        value = entry.get(key) if isinstance(entry, Mapping) else getattr(entry, key, None)
-        if isinstance(value, (int, float)):
-            return float(value)
-    return None
-
-
 def gpu_price_per_hour(gpu: str) -> float:
-    """USD per hour of ``gpu`` (e.g. ``"H100"``) from ``distill.planning``'s GPU catalogue.
-
-    ``distill.planning`` is optional here: it is imported at call time, and its lookup function or
-    catalogue is found by name (``gpu_price_per_hour``/``price_per_hour``/``get_gpu``/... or a
-    ``GPUS``/``GPU_CATALOGUE``/``GPU_PRICES`` mapping, keys compared case-insensitively).
+    """USD per hour of ``gpu`` (e.g. ``"H100"``, ``"a100-80"``) from ``distill.planning``'s GPU catalogue.
 
     Raises:
-        ValueError: the module is missing, has no catalogue, or does not know ``gpu``; the message
-            says to pass a price per hour instead.
+        ValueError: the catalogue does not know ``gpu`` (or several entries match); the message lists
+            the catalogue and says to pass a price per hour instead.
     """
-    fallback = "pass the price in USD per hour instead (--price-per-hour / price_per_hour=)."
+    from distill.planning import get_gpu
+
     try:
-        planning = importlib.import_module("distill.planning")
-    except ImportError as error:
-        raise ValueError(f"Looking up {gpu!r} needs distill.planning, missing here ({error}); {fallback}") from None
-    for name in ("gpu_price_per_hour", "price_per_hour", "get_gpu", "gpu_spec", "lookup_gpu", "find_gpu"):
-        lookup = getattr(planning, name, None)
-        if callable(lookup):
-            try:
-                price = _price_from(lookup(gpu))
-            except (KeyError, ValueError, LookupError) as error:
-                raise ValueError(f"distill.planning does not know the GPU {gpu!r} ({error}); {fallback}") from None
-            if price is not None:
-                return price
-    for name in ("GPUS", "GPU_CATALOGUE", "GPU_CATALOG", "GPU_PRICES", "CATALOGUE"):
-        catalogue = getattr(planning, name, None)
-        if isinstance(catalogue, Mapping):
-            by_name = {str(key).lower(): value for key, value in catalogue.items()}
-            price = _price_from(by_name[gpu.lower()]) if gpu.lower() in by_name else None
-            if price is not None:
-                return price
-            raise ValueError(f"distill.planning knows {sorted(catalogue)}, not {gpu!r}; {fallback}")
-    raise ValueError(f"distill.planning has no GPU price catalogue this code recognises; {fallback}")
+        return float(get_gpu(gpu).hourly_usd)
+    except KeyError as error:
+        raise ValueError(
+            f"{error.args[0] if error.args else error} Pass the price in USD per hour instead "
+            "(--price-per-hour / price_per_hour=)."
+        ) from None
 
 
 def resolve_price(price_per_hour: float | None = None, gpu: str | None = None) -> float | None:
