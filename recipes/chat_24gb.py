@@ -1,0 +1,157 @@
+"""Distil a 7B chat model into a 1.5B one on multi-turn conversations, on one 24 GB GPU.
+
+Profiles (``--profile``):
+
+* ``rtx_24gb`` (default): one 24 GB GPU (RTX 4090, L4, A10G). Qwen2.5-7B-Instruct in 4-bit nf4 (~5 GB)
+  runs next to Qwen2.5-1.5B-Instruct, which trains through LoRA adapters (rank 64) on bf16 weights.
+* ``h100_80gb``: one 80 GB GPU. The teacher in bf16 (~15 GB) and a full fine-tune of the student.
+
+Data: any ``messages`` dataset (default ``HuggingFaceH4/ultrachat_200k``, split ``train_sft``); the loss
+covers every assistant turn.
+
+    python recipes/chat_24gb.py                                   # rtx_24gb, ultrachat
+    python recipes/chat_24gb.py --dataset my_chats.jsonl --student Qwen/Qwen2.5-0.5B-Instruct
+    python recipes/chat_24gb.py --profile h100_80gb --plan_only   # does it fit? (no weights loaded)
+    python recipes/chat_24gb.py --tiny                            # the same steps, tiny models, a CPU, seconds
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))  # `common` sits next to this file, also under accelerate launch
+
+from common import (  # noqa: E402
+    Profile,
+    check_plan,
+    evaluate_and_report,
+    load_rows,
+    load_student,
+    log,
+    lora_config,
+    parse,
+    split_heldout,
+    teacher_model_of,
+    tiny_models,
+)
+
+from distill import Trainer  # noqa: E402
+
+
+@dataclass
+class ChatRecipe:
+    """What this recipe distils, on what data; the training itself is ``DistillConfig``."""
+
+    profile: str = field(default="rtx_24gb", metadata={"help": "GPU target: rtx_24gb or h100_80gb."})
+    tiny: bool = field(default=False, metadata={"help": "Tiny random Qwen2 models and built-in chats on a CPU."})
+    plan_only: bool = field(default=False, metadata={"help": "Only ask the planner whether this profile fits."})
+    teacher: str = field(default="Qwen/Qwen2.5-7B-Instruct", metadata={"help": "Teacher: hub name or folder."})
+    student: str = field(default="Qwen/Qwen2.5-1.5B-Instruct", metadata={"help": "Student: hub name or folder."})
+    dataset: str = field(
+        default="HuggingFaceH4/ultrachat_200k",
+        metadata={"help": "Chats with a `messages` column: a hub dataset or a local .jsonl / .parquet file."},
+    )
+    dataset_split: str = field(default="train_sft", metadata={"help": "Split of a hub dataset."})
+    heldout_rows: int = field(default=512, metadata={"help": "Conversations set aside for the held-out metrics."})
+    max_train_rows: int | None = field(default=50_000, metadata={"help": "Train on at most this many chats."})
+
+
+BASE_TRAINING: dict[str, Any] = dict(
+    loss="jsd",
+    beta=0.5,
+    bf16=True,
+    teacher_dtype="bfloat16",
+    student_dtype="bfloat16",
+    gradient_checkpointing=True,
+    max_length=2048,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.03,
+    num_train_epochs=1,
+    logging_steps=10,
+    save_steps=500,
+    save_total_limit=2,
+    report_to="none",
+)
+
+PROFILES: dict[str, Profile] = {
+    "rtx_24gb": Profile(
+        name="rtx_24gb",
+        description="one 24 GB GPU: 4-bit teacher in-process + LoRA on the bf16 student",
+        gpu="RTX4090-24GB",
+        num_gpus=1,
+        teacher_mode="in_process",
+        student_quantization="none",
+        lora_r=64,
+        launch="accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/chat_24gb.py",
+        training=dict(
+            teacher_quantization="4bit",
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=8,
+            learning_rate=2e-4,
+        ),
+    ),
+    "h100_80gb": Profile(
+        name="h100_80gb",
+        description="one 80 GB GPU: bf16 teacher in-process + full fine-tune of the student",
+        gpu="H100-80GB",
+        num_gpus=1,
+        teacher_mode="in_process",
+        student_quantization="none",
+        lora_r=None,
+        launch="accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/chat_24gb.py "
+        "--profile h100_80gb",
+        training=dict(per_device_train_batch_size=8, gradient_accumulation_steps=4, learning_rate=1e-5),
+    ),
+}
+
+TINY_RECIPE: dict[str, Any] = dict(heldout_rows=8, max_train_rows=None)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the recipe; returns the held-out metrics (also written to ``output_dir/heldout_metrics.json``)."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from distill.testing import arithmetic_rows
+
+    recipe, config, profile = parse(ChatRecipe, PROFILES, argv, BASE_TRAINING, TINY_RECIPE)
+    log(f"profile {profile.name}: {profile.description}; output in {config.output_dir}")
+
+    teacher, student = recipe.teacher, recipe.student
+    if recipe.tiny:
+        teacher, student, _ = tiny_models(Path(config.output_dir) / "tiny_models")
+    plan = check_plan(config, profile, teacher, student)  # before any weight or data is loaded
+    if recipe.plan_only:
+        return {"plan": None if plan is None else plan.to_dict()}
+    tokenizer = AutoTokenizer.from_pretrained(student)
+
+    if recipe.tiny:
+        rows = datasets.Dataset.from_list(arithmetic_rows(48, layout="messages"))
+    else:
+        rows = load_rows(recipe.dataset, recipe.dataset_split)
+    if "messages" not in rows.column_names:
+        raise SystemExit(f"This recipe trains on chat rows with a `messages` column; got {rows.column_names}.")
+    rows = rows.select_columns(["messages"])
+    train, heldout = split_heldout(rows, recipe.heldout_rows, recipe.max_train_rows, config.seed)
+    log(f"{len(train)} training chats, {len(heldout)} held-out chats")
+
+    trainer = Trainer(
+        model=load_student(student, profile, config),
+        teacher=teacher,  # a path: loaded with teacher_dtype / teacher_quantization from the profile
+        args=config,
+        train_dataset=train,
+        eval_dataset=heldout,
+        processing_class=tokenizer,
+        peft_config=lora_config(profile),
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)  # a checkpoint folder, or None
+    trainer.save_model(config.output_dir)
+    return evaluate_and_report(trainer, heldout, tokenizer, teacher_model_of(trainer), f"chat-{profile.name}")
+
+
+if __name__ == "__main__":
+    main()
