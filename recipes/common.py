@@ -176,6 +176,12 @@ def check_plan(config: DistillConfig, profile: Profile, teacher: str, student: s
             f"nothing was loaded.\n{plan.message}\nChange the settings (flags or YAML keys) or pick another --profile."
         )
     log(f"start-up check ({profile.num_gpus} x {profile.gpu}): {plan.message}")
+    rate = plan.throughput.tokens_per_second
+    price = plan.setup.gpu.hourly_usd
+    if rate > 0:
+        hours = 50e6 / rate / 3600
+        cost = f", ${hours * profile.num_gpus * price:,.0f} at ${price:.2f}/GPU-hour"
+        log(f"predicted: {rate:,.0f} trained tokens/s; 50M tokens take {hours:.1f} h{cost} (an estimate: MFU assumed)")
     return plan
 
 
