@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     say("timing generation")
     prompts = [row["text"][:200] for row in heldout_rows[:4]]
     speeds = {
-        name: measure_speed(model, tokenizer, prompts=prompts, batch_size=4, new_tokens=budget.speed_tokens)
+        name: measure_speed(model, tokenizer, prompts=prompts, batch_size=4, new_tokens=budget.speed_tokens, repeats=2)
         for name, model in (("teacher", teacher), ("kd", kd_student))
     }
     speeds["baseline"] = speeds["kd"]  # same architecture and size: the same speed
