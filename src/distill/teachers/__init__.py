@@ -3,6 +3,7 @@
 * :class:`ModelTeacher`: a frozen in-process model (own device, dtype, quantization).
 * :class:`CachedTeacher`: top-k targets read from an offline cache (:func:`distill.cache.build_cache`);
   :class:`TopKTeacher`: the same top-k targets computed live.
+* :class:`ServerTeacher`: top-k targets from a teacher behind a vLLM (OpenAI-compatible) server.
 * :class:`DataTeacher`: the next token of the data, one-hot (plain fine-tuning through the same trainer).
 """
 
@@ -18,6 +19,7 @@ from distill.teachers.decoder import (
     output_head_of,
 )
 from distill.teachers.model import ModelTeacher
+from distill.teachers.server import ServerTeacher
 from distill.teachers.sharding import shard_teacher
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "DataTeacher",
     "TopKTeacher",
     "ModelTeacher",
+    "ServerTeacher",
     "OutputHead",
     "Teacher",
     "TeacherTargets",
