@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 # Stop strings for code completions, as HumanEval's evaluation uses.
@@ -53,17 +52,9 @@ def _load_prompts(name: str, split: str, limit: int | None) -> list[dict[str, An
 
         rows = list(read_problems().values())
     else:
-        import datasets
+        from distill.cache.cli import load_rows
 
-        path = Path(name)
-        kinds = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-        if path.is_file() and path.suffix in kinds:
-            dataset = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
-        elif path.is_dir() and (path / "dataset_info.json").exists():
-            dataset = datasets.load_from_disk(str(path))
-        else:
-            dataset = datasets.load_dataset(name, split=split)
-        rows = list(dataset)
+        rows = list(load_rows(name, split))
     return rows[:limit] if limit is not None else rows
 
 
