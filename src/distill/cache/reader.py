@@ -157,6 +157,7 @@ class CacheReader:
         self.row_group_rows = int(config["row_group_rows"])
         self._verified: set[int] = set()
         self._groups: OrderedDict[tuple[int, int], dict[str, list[Any]]] = OrderedDict()
+        self._spans: dict[tuple[int, int], list[Any]] = {}
         self.index: dict[str, tuple[int, int]] = {}
         for shard_number, shard in enumerate(manifest["shards"]):
             keys = self._read(shard_number, columns=["key"])["key"].to_pylist()
@@ -220,6 +221,34 @@ class CacheReader:
             self._groups.popitem(last=False)
         return columns
 
+    def _find(self, key: str) -> tuple[int, int]:
+        """``(shard number, row in the shard)`` of the row with ``key``; :class:`CacheMissError` if absent."""
+        found = self.index.get(key)
+        if found is None:
+            config = self.manifest["config"]
+            raise CacheMissError(
+                f"A batch row (key {key}) is not in the cache {self.path}. The rows were tokenized differently from "
+                "the cache's: compare the manifest's config.dataset (num_rows, rows_sha256), config.max_length="
+                f"{config['max_length']}, config.completion_only_loss={config['completion_only_loss']} and "
+                "config.tokenizer.fingerprint with the trainer's dataset, DistillConfig and tokenizer."
+            )
+        return found
+
+    def positions(self, key: str) -> np.ndarray:
+        """``[n]`` int64 the cached positions of the row with ``key``, reading only its spans (nothing decoded).
+
+        Raises:
+            CacheMissError: no row with this key.
+        """
+        shard_number, row = self._find(key)
+        group = row // self.row_group_rows
+        spans = self._spans.get((shard_number, group))
+        if spans is None:
+            self.verify_shard(shard_number)
+            spans = self._read(shard_number, ["spans"], row_group=group)["spans"].to_pylist()
+            self._spans = {(shard_number, group): spans}  # rows are checked in order: one group at a time
+        return spans_to_positions(spans[row % self.row_group_rows])
+
     def lookup(self, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The cached targets of the row with ``key``.
 
@@ -230,16 +259,7 @@ class CacheReader:
         Raises:
             CacheMissError: no row with this key (the message says which manifest fields to compare).
         """
-        found = self.index.get(key)
-        if found is None:
-            config = self.manifest["config"]
-            raise CacheMissError(
-                f"A batch row (key {key}) is not in the cache {self.path}. The rows were tokenized differently from "
-                "the cache's: compare the manifest's config.dataset (num_rows, rows_sha256), config.max_length="
-                f"{config['max_length']}, config.completion_only_loss={config['completion_only_loss']} and "
-                "config.tokenizer.fingerprint with the trainer's dataset, DistillConfig and tokenizer."
-            )
-        shard_number, row = found
+        shard_number, row = self._find(key)
         columns = self._group(shard_number, row // self.row_group_rows)
         offset = row % self.row_group_rows
         encoded = EncodedTokens(columns["ids"][offset], columns["logprobs"][offset], columns["mass"][offset])

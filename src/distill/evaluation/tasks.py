@@ -21,8 +21,9 @@ from distill.evaluation.passk import mean_pass_at_k
 from distill.generation.cli import CODE_STOP
 
 # The same eos set and stop-string cut as `distill generate`, so completions end the same way.
-from distill.generation.generate import _cut_at_stop, _eos_ids
+from distill.generation.generate import cut_at_stop
 from distill.generation.sampling import sample_batch, sequence_seed
+from distill.models import eos_token_ids
 from distill.sandbox import check_humaneval
 
 __all__ = [
@@ -125,7 +126,7 @@ def sample_completions(
     encoded = [list(tokenizer(prompt)["input_ids"]) for prompt in prompts]
     jobs = [(p, s) for p in range(len(prompts)) for s in range(distinct)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(tokenizer, model)
     completions: list[list[str]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
@@ -145,7 +146,7 @@ def sample_completions(
             )
             for (p, _), tokens in zip(batch, outputs, strict=True):
                 text = tokenizer.decode([t for t in tokens if t not in eos_ids], skip_special_tokens=True)
-                completions[p].append(_cut_at_stop(text, stop))
+                completions[p].append(cut_at_stop(text, stop))
     finally:
         model.train(was_training)
     return [texts * (num_samples // distinct) for texts in completions]

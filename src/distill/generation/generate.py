@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from distill.generation.sampling import sample_batch, sequence_seed
+from distill.models import eos_token_ids
 
 __all__ = ["RowFilter", "generate_dataset", "load_generated", "read_manifest"]
 
@@ -101,16 +102,10 @@ def _output_row(layout: str, prompt: Any, completion: str) -> dict[str, Any]:
     return {"messages": [*prompt, reply]}
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) the first occurrence of any stop string."""
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
     return text[:cut]
-
-
-def _eos_ids(teacher: torch.nn.Module, tokenizer: Any) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    config_eos = getattr(getattr(teacher, "generation_config", None), "eos_token_id", None)
-    ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
-    return sorted(i for i in ids if i is not None)
 
 
 def _generate_shard(
@@ -128,7 +123,7 @@ def _generate_shard(
     encoded = [_encode(tokenizer, layout, prompt) for layout, prompt in prompts]
     jobs = [(p, c) for p in range(len(rows)) for c in range(n)]  # (prompt offset, completion index)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(teacher, tokenizer)
+    eos_ids = eos_token_ids(tokenizer, teacher)
     texts: list[str] = []
     for start in range(0, len(jobs), settings["batch_size"]):
         batch = jobs[start : start + settings["batch_size"]]
@@ -148,7 +143,7 @@ def _generate_shard(
         )
         for tokens in outputs:
             tokens = [t for t in tokens if t not in eos_ids]
-            texts.append(_cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), settings["stop"]))
+            texts.append(cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), settings["stop"]))
 
     candidates = []
     for (p, c), text in zip(jobs, texts, strict=True):

@@ -11,7 +11,7 @@ from distill.models.loading import (
 )
 from distill.models.quantization import Quantization, is_quantized, make_trainable_4bit_safe, quantization_config
 from distill.models.shrink import evenly_spaced_layers, student_from_teacher
-from distill.models.vocab import VocabularyMismatchError, check_tokenizers_match, shared_vocab_size
+from distill.models.vocab import VocabularyMismatchError, check_tokenizers_match, eos_token_ids, shared_vocab_size
 
 __all__ = [
     "ModelDoesNotFitError",
@@ -21,6 +21,7 @@ __all__ = [
     "check_fits",
     "check_student_trainable",
     "check_tokenizers_match",
+    "eos_token_ids",
     "evenly_spaced_layers",
     "freeze",
     "has_trainable_adapters",

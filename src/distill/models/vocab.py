@@ -8,11 +8,11 @@ the range both can use, which the losses take as ``vocab_size``.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from distill.losses.vocab import VocabularyMismatchError
 
-__all__ = ["VocabularyMismatchError", "check_tokenizers_match", "shared_vocab_size"]
+__all__ = ["VocabularyMismatchError", "check_tokenizers_match", "eos_token_ids", "shared_vocab_size"]
 
 _EXAMPLES_SHOWN = 3
 
@@ -96,3 +96,11 @@ def shared_vocab_size(
                 "call model.resize_token_embeddings(len(tokenizer)))."
             )
     return shared
+
+
+def eos_token_ids(tokenizer: TokenizerLike, model: Any) -> list[int]:
+    """Ids that end a generated completion: the tokenizer's eos and the model's generation config's, sorted."""
+    ids = {getattr(tokenizer, "eos_token_id", None)}
+    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+    return sorted(i for i in ids if i is not None)

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from distill.losses import SparseTargets, TeacherHead
+from distill.losses import Objective, SparseTargets, TeacherHead
 
 TeacherTargets = TeacherHead | SparseTargets
 
@@ -48,6 +48,16 @@ class Teacher(ABC):
         Returns:
             Targets with leading shape ``[batch, seq]``: position ``i`` holds the teacher's
             distribution of token ``i + 1``. Never carries gradients.
+        """
+
+    def check_objective(self, objective: Objective) -> None:  # noqa: B027 - a hook: most teachers accept any loss
+        """Refuse, before training, a loss this teacher's targets cannot train (default: accept any)."""
+
+    def check_dataset(self, rows: Any) -> None:  # noqa: B027 - a hook: most teachers answer for any row
+        """Refuse, before training, prepared rows this teacher has no targets for (default: accept all).
+
+        Args:
+            rows: the output of :func:`distill.data.prepare_dataset` (``input_ids`` and ``labels``).
         """
 
     def generate(self, prompt_ids: Tensor, prompt_attention_mask: Tensor, **generation_kwargs: Any) -> Tensor:

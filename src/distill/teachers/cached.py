@@ -225,7 +225,7 @@ class CachedTeacher(Teacher):
                 built with ``completion_only_loss=True`` and training uses ``False``).
         """
         for index, (input_ids, labels) in enumerate(zip(rows["input_ids"], rows["labels"], strict=True)):
-            positions = self.reader.lookup(row_key(input_ids))[0]
+            positions = self.reader.positions(row_key(input_ids))
             spans = np.asarray(loss_spans(labels)).reshape(-1, 2)
             needed = np.concatenate([np.arange(s, e) for s, e in spans]) if len(spans) else np.zeros(0)
             if not np.isin(needed, positions).all():

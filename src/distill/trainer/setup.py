@@ -103,14 +103,6 @@ def shared_vocabulary(student: nn.Module, teacher: Teacher, tokenizer: Any, args
     return shared
 
 
-def eos_token_ids(tokenizer: Any, model: nn.Module) -> list[int]:
-    """Ids that end a generated completion: the tokenizer's eos and the generation config's."""
-    ids = {tokenizer.eos_token_id}
-    generation_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
-    return sorted(i for i in ids if i is not None)
-
-
 def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
     b_storage = {p.data_ptr() for p in b.parameters()}
     return any(p.data_ptr() in b_storage for p in a.parameters())

@@ -28,6 +28,7 @@ from distill.models import (
     apply_peft,
     check_student_trainable,
     check_tokenizers_match,
+    eos_token_ids,
     load_causal_lm,
     resolve_dtype,
 )
@@ -36,7 +37,7 @@ from distill.teachers.sharding import full_tensor, shard_teacher
 from distill.trainer.batching import completion_batch, next_token_labels
 from distill.trainer.metrics import KDMetrics
 from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
-from distill.trainer.setup import eos_token_ids, prepare_splits, resolve_teacher, shared_vocabulary
+from distill.trainer.setup import prepare_splits, resolve_teacher, shared_vocabulary
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -101,11 +102,11 @@ class Trainer(transformers.Trainer):
         if isinstance(model, str):
             model = load_causal_lm(model, dtype=resolve_dtype(args.student_dtype))
         self.teacher = resolve_teacher(teacher, model, args, teacher_processing_class)
-        if hasattr(self.teacher, "check_dataset"):  # a cached teacher: every loss position must be in the cache
-            self.teacher.check_objective(args.objective(None))
-            for split in ("train", "eval"):
-                if prepared[split] is not None:
-                    self.teacher.check_dataset(prepared[split])
+        # Teachers with limits (a cache: its rows and loss positions; sampled targets: the forward KL) refuse now.
+        self.teacher.check_objective(args.objective(None))
+        for split in ("train", "eval"):
+            if prepared[split] is not None:
+                self.teacher.check_dataset(prepared[split])
         if peft_config is not None:
             model = apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
         check_student_trainable(model, peft_config)
