@@ -157,8 +157,6 @@ def test_changed_settings_are_refused_and_finished_run_is_reused(tmp_path, token
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     with pytest.raises(ValueError, match="other settings"):
         generate_dataset(teacher, tokenizer, _prompts(3), out, max_new_tokens=7)
-    with pytest.raises(NotImplementedError, match="vLLM"):
-        generate_dataset(teacher, tokenizer, _prompts(3), tmp_path / "v", backend="vllm")
 
 
 def test_output_trains_with_the_trainer(tmp_path, tokenizer):

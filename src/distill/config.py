@@ -81,6 +81,14 @@ class DistillConfig(TrainingArguments):
             "('none'). 'auto' shards it when the student is trained with FSDP or DeepSpeed ZeRO-3."
         },
     )
+    teacher_prefetch: int = field(
+        default=2,
+        metadata={
+            "help": "Micro-batches ahead whose targets a remote teacher (ServerTeacher) is asked for while the "
+            "student trains, so its GPU does not wait on the network. 0: ask when the batch is trained. Not used on "
+            "on-policy or seq_kd steps (their completions are not known ahead)."
+        },
+    )
     student_dtype: str = field(default="auto", metadata={"help": "Student dtype when the student is given as a path."})
 
     # On-policy and sequence-level distillation.
@@ -150,6 +158,8 @@ class DistillConfig(TrainingArguments):
             )
         if self.teacher_sharding not in ("auto", "none", "fsdp"):
             raise ValueError(f"teacher_sharding must be 'auto', 'none' or 'fsdp'; got {self.teacher_sharding!r}.")
+        if self.teacher_prefetch < 0:
+            raise ValueError(f"teacher_prefetch is a number of micro-batches, >= 0; got {self.teacher_prefetch}.")
         if not 0.0 <= self.lmbda <= 1.0:
             raise ValueError(f"lmbda is the fraction of on-policy steps, in [0, 1]; got {self.lmbda}.")
         if self.max_new_tokens < 1:

@@ -25,6 +25,27 @@ def load_rows(name: str, split: str) -> Any:
     return datasets.load_dataset(name, split=split)
 
 
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a ``--server`` teacher (shared by ``distill cache`` and ``distill generate``)."""
+    group = parser.add_argument_group("teacher behind a vLLM server (--server)")
+    group.add_argument("--served-model", default="teacher", help="the server's --served-model-name (default teacher)")
+    group.add_argument("--max-concurrency", type=int, default=8, help="requests in flight (default 8)")
+    group.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    group.add_argument("--retries", type=int, default=6, help="retries after connection errors and 5xx (default 6)")
+
+
+def server_teacher(args: argparse.Namespace, tokenizer: Any, top_k: int = 1) -> Any:
+    """The :class:`~distill.teachers.ServerTeacher` of ``--server`` (its tokenizer is checked against the server)."""
+    from distill.teachers import ServerTeacher
+
+    if tokenizer is None:
+        raise SystemExit("--server needs --tokenizer (the student's tokenizer, which the server's model must share).")
+    return ServerTeacher(
+        args.server, args.served_model, top_k=top_k, tokenizer=tokenizer, max_concurrency=args.max_concurrency,
+        timeout_s=args.timeout, retries=args.retries,
+    )  # fmt: skip
+
+
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``cache`` subcommand to ``distill``'s subparsers."""
     parser = subparsers.add_parser(
@@ -33,7 +54,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         description="Run a teacher over a dataset and store, for each completion token, its top-k token ids, "
         "log-probs and tail mass in checksummed parquet shards. Rerun the same command to resume.",
     )
-    parser.add_argument("--teacher", required=True, help="teacher model folder or hub name")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--teacher", help="teacher model folder or hub name (runs in this process)")
+    source.add_argument("--server", help="URL of a vLLM server serving the teacher (needs --tokenizer)")
+    add_server_arguments(parser)
     parser.add_argument("--dataset", required=True, help="save_to_disk folder, json/jsonl/parquet/csv, or hub name")
     parser.add_argument("--out", required=True, help="cache folder (an unfinished build there is resumed)")
     parser.add_argument("--split", default="train", help="dataset split (hub / DatasetDict)")
@@ -53,9 +77,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--rows-per-shard", type=int, default=1024)
     parser.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per teacher forward")
-    parser.add_argument("--dtype", default="auto", help="teacher dtype: auto, bf16, fp16, fp32")
-    parser.add_argument("--quantization", choices=("none", "4bit", "8bit"), default="none")
-    parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CPU, or where the loader puts it)")
+    parser.add_argument("--dtype", default="auto", help="--teacher's dtype: auto, bf16, fp16, fp32")
+    parser.add_argument("--quantization", choices=("none", "4bit", "8bit"), default="none", help="for --teacher")
+    parser.add_argument("--device", default=None, help="for --teacher, e.g. cuda:0 (default: CPU, or the loader's)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
@@ -70,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    teacher = args.teacher if args.server is None else server_teacher(args, tokenizer, args.top_k)
     manifest = build_cache(
-        args.teacher,
+        teacher,
         load_rows(args.dataset, args.split),
         args.out,
         tokenizer=tokenizer,

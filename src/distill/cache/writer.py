@@ -39,9 +39,11 @@ from distill.cache.reader import (
 )
 from distill.cache.sampling import row_generator
 from distill.data import prepare_dataset
+from distill.losses import SparseTargets
 from distill.models import is_quantized, load_causal_lm, resolve_dtype
 from distill.teachers.cached import sampled_from_hidden, topk_from_hidden
 from distill.teachers.model import ModelTeacher
+from distill.teachers.server import ServerTeacher
 
 __all__ = ["SHARD_SCHEMA", "build_cache"]
 
@@ -87,8 +89,19 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 def _resolve_teacher(
     teacher: Any, tokenizer: Any, dtype: Any, quantization: str, device: Any, name: str | None
-) -> tuple[ModelTeacher, Any, dict[str, Any]]:
-    """The teacher wrapped as a frozen :class:`ModelTeacher`, its tokenizer, and its manifest record."""
+) -> tuple[ModelTeacher | ServerTeacher, Any, dict[str, Any]]:
+    """The teacher wrapped as a frozen :class:`ModelTeacher` (or a server), its tokenizer, and its manifest record."""
+    if isinstance(teacher, ServerTeacher):
+        tokenizer = tokenizer if tokenizer is not None else teacher.tokenizer
+        if tokenizer is None:
+            raise ValueError("build_cache needs tokenizer=... (the student's) to cache from a ServerTeacher.")
+        if teacher.tokenizer is not tokenizer:
+            teacher.check_tokenizer(tokenizer)  # before any row is sent: a mismatch would cache wrong ids
+            teacher.tokenizer = tokenizer
+        record = teacher.describe()
+        if name:
+            record["name"] = name
+        return teacher, tokenizer, record
     if isinstance(teacher, (str, os.PathLike)):
         name = name or str(teacher)
         if tokenizer is None:
@@ -103,7 +116,9 @@ def _resolve_teacher(
     elif isinstance(teacher, nn.Module):
         wrapped = ModelTeacher(teacher, device=device)
     else:
-        raise TypeError(f"teacher must be a path, a causal LM or a ModelTeacher; got {type(teacher).__name__}.")
+        raise TypeError(
+            f"teacher must be a path, a causal LM, a ModelTeacher or a ServerTeacher; got {type(teacher).__name__}."
+        )
     config = getattr(wrapped.model, "config", None)
     record = {
         "name": name or getattr(config, "_name_or_path", "") or type(wrapped.model).__name__,
@@ -137,7 +152,7 @@ def _batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
 
 @torch.no_grad()
 def _shard_table(
-    teacher: ModelTeacher,
+    teacher: ModelTeacher | ServerTeacher,
     rows: dict[str, list[Any]],
     spans: list[list[int]],
     encoding: Encoding,
@@ -151,7 +166,7 @@ def _shard_table(
     """The parquet table of one shard: every row's top-k (or sampled) targets at its loss positions, in row order."""
     input_ids = rows["input_ids"]
     encoded: list[Any] = [None] * len(input_ids)
-    device = teacher.device
+    device = teacher.device if isinstance(teacher, ModelTeacher) else torch.device("cpu")
     for batch in _batches([len(ids) for ids in input_ids], batch_tokens):
         length = len(input_ids[batch[0]])
         ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
@@ -161,11 +176,17 @@ def _shard_table(
             ids[b, : len(input_ids[row])] = torch.tensor(input_ids[row])
             mask[b, : len(input_ids[row])] = 1
             flat_positions.append(torch.from_numpy(spans_to_positions(spans[row])) + b * length)
-        head = teacher.targets(ids.to(device), mask.to(device))
-        hidden = head.hidden.reshape(len(batch) * length, -1)[torch.cat(flat_positions).to(device)]
-        if not encoding.sampled:
-            top = topk_from_hidden(hidden, head, encoding.k, vocab_size)
-            top_ids, top_logprobs, tail = (t.cpu().numpy() for t in top)
+        answer = teacher.targets(ids.to(device), mask.to(device))
+        positions = torch.cat(flat_positions).to(device)
+        if isinstance(answer, SparseTargets):  # a server: its top-k at every position, keep the loss positions
+            top = answer.flatten().take(positions)
+            top_ids, top_logprobs, tail = (t.cpu().numpy() for t in (top.topk_ids, top.topk_logprobs, top.tail_mass))
+        else:
+            head = answer
+            hidden = head.hidden.reshape(len(batch) * length, -1)[positions]
+            if not encoding.sampled:
+                top = topk_from_hidden(hidden, head, encoding.k, vocab_size)
+                top_ids, top_logprobs, tail = (t.cpu().numpy() for t in top)
         start = 0
         for b, row in enumerate(batch):
             count = len(flat_positions[b])
@@ -211,7 +232,7 @@ def _completed_shards(folder: Path, manifest: dict[str, Any] | None, config: dic
 
 
 def build_cache(
-    teacher: nn.Module | ModelTeacher | str | os.PathLike,
+    teacher: nn.Module | ModelTeacher | ServerTeacher | str | os.PathLike,
     dataset: Any,
     out_dir: str | os.PathLike,
     *,
@@ -239,8 +260,11 @@ def build_cache(
     every training row. Running again with the same arguments resumes an interrupted build.
 
     Args:
-        teacher: a causal LM, a :class:`~distill.teachers.ModelTeacher`, or a path / hub name (loaded
-            with ``dtype``, ``quantization``, ``device``).
+        teacher: a causal LM, a :class:`~distill.teachers.ModelTeacher`, a path / hub name (loaded
+            with ``dtype``, ``quantization``, ``device``), or a :class:`~distill.teachers.ServerTeacher`
+            (a vLLM server's top-k, ``targets="top_k"`` only; its ``top_k`` must equal ``top_k``). A server
+            that fails mid-build raises :class:`~distill.teachers.server.ServerError` after its retries;
+            the shards written so far stay, and the same call resumes after them.
         dataset: a ``datasets.Dataset`` of any layout :func:`~distill.data.prepare_dataset` accepts.
         out_dir: the cache folder (created; an unfinished build of the same cache there is resumed).
         tokenizer: the teacher's (= the student's) tokenizer; loaded from ``teacher`` when it is a path.
@@ -266,6 +290,16 @@ def build_cache(
     Raises:
         CacheMismatchError: ``out_dir`` holds a cache built with other settings.
     """
+    if targets not in ("top_k", "sampled"):
+        raise ValueError(f"targets must be 'top_k' or 'sampled'; got {targets!r}.")
+    if isinstance(teacher, ServerTeacher):
+        if targets == "sampled":
+            raise ValueError(
+                "Sampled targets need the teacher's full distribution, and a server returns only its top-k "
+                "log-probs: cache from a ServerTeacher with targets='top_k', or from the model in-process."
+            )
+        if teacher.top_k != top_k:
+            raise ValueError(f"top_k={top_k} but the ServerTeacher asks for {teacher.top_k}: make them equal.")
     model_teacher, tokenizer, teacher_record = _resolve_teacher(
         teacher, tokenizer, dtype, quantization, device, teacher_name
     )
@@ -281,8 +315,7 @@ def build_cache(
     content = hashlib.sha256()
     for ids, spans in zip(rows["input_ids"], all_spans, strict=True):
         content.update(row_key(ids).encode() + np.asarray(spans, dtype="<i8").tobytes() + b";")
-    if targets not in ("top_k", "sampled"):
-        raise ValueError(f"targets must be 'top_k' or 'sampled'; got {targets!r}.")
+
     code = Encoding(encoding, top_k, model_teacher.vocab_rows, sampled=targets == "sampled")
     config = {
         "teacher": teacher_record,

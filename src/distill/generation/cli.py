@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from distill.cache.cli import add_server_arguments, server_teacher
+
 # Stop strings for code completions, as HumanEval's evaluation uses.
 CODE_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 
@@ -18,7 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Sample N teacher completions per prompt into parquet shards + manifest.json. "
         "Rerun the same command to resume an interrupted run.",
     )
-    parser.add_argument("--teacher", required=True, help="model folder or hub name (AutoModelForCausalLM)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--teacher", help="model folder or hub name (AutoModelForCausalLM, runs in this process)")
+    source.add_argument("--server", help="URL of a vLLM server serving the teacher (needs --tokenizer)")
+    add_server_arguments(parser)
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or name (default: --teacher)")
     parser.add_argument(
         "--dataset",
@@ -40,9 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--filter", choices=("none", "humaneval"), default="none")
     parser.add_argument("--filter-workers", type=int, default=2)
     parser.add_argument("--filter-timeout", type=float, default=10.0, help="seconds per sandboxed test run")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
-    parser.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
+    parser.add_argument("--dtype", default="auto", help="--teacher's dtype: auto, float32, bfloat16 or float16")
+    parser.add_argument("--device", default="cpu", help="--teacher's device, e.g. cpu, cuda, cuda:1")
     parser.set_defaults(func=run)
 
 
@@ -66,10 +70,15 @@ def run(args: argparse.Namespace) -> int:
     from distill.generation.filters import HumanEvalFilter
     from distill.generation.generate import generate_dataset
 
+    if args.server is not None and args.tokenizer is None:
+        raise SystemExit("--server needs --tokenizer (the tokenizer the server's model uses).")
     prompts = _load_prompts(args.dataset, args.split, args.limit)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=dtype).to(args.device)
+    if args.server is not None:
+        teacher = server_teacher(args, tokenizer)
+    else:
+        dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+        teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=dtype).to(args.device)
     row_filter = HumanEvalFilter(timeout_s=args.filter_timeout) if args.filter == "humaneval" else None
     stop = args.stop if args.stop is not None else (list(CODE_STOP) if args.filter == "humaneval" else [])
     out = generate_dataset(
@@ -89,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
         filter=row_filter,
         filter_workers=args.filter_workers,
         teacher_name=args.teacher,
-        backend=args.backend,
     )
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     kept = f"{manifest['num_rows']:,} rows from {manifest['num_generated']:,} completions"

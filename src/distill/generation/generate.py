@@ -26,6 +26,7 @@ import torch
 
 from distill.generation.sampling import sample_batch, sequence_seed
 from distill.models import eos_token_ids
+from distill.teachers.server import ServerTeacher
 
 __all__ = ["RowFilter", "generate_dataset", "load_generated", "read_manifest"]
 
@@ -108,8 +109,33 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
+def _sample_jobs(
+    teacher: torch.nn.Module | ServerTeacher,
+    encoded: list[list[int]],
+    jobs: list[tuple[int, int]],
+    first_index: int,
+    settings: dict[str, Any],
+    eos_ids: list[int],
+    pad: int,
+) -> list[list[int]]:
+    """The new token ids of every (prompt offset, completion index) job, in order, each with its own seed."""
+    seeds = [sequence_seed(settings["seed"], first_index + p, c) for p, c in jobs]
+    sampling = {key: settings[key] for key in ("max_new_tokens", "temperature", "top_p", "top_k")}
+    if isinstance(teacher, ServerTeacher):  # the server batches concurrent requests itself
+        prompts = [encoded[p] for p, _ in jobs]
+        return teacher.sample(prompts, seeds, stop=settings["stop"], stop_token_ids=eos_ids, **sampling)
+    outputs: list[list[int]] = []
+    for start in range(0, len(jobs), settings["batch_size"]):
+        batch = jobs[start : start + settings["batch_size"]]
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds[start : start + len(batch)]]
+        outputs += sample_batch(
+            teacher, [encoded[p] for p, _ in batch], generators, eos_token_ids=eos_ids, pad_token_id=pad, **sampling
+        )
+    return outputs
+
+
 def _generate_shard(
-    teacher: torch.nn.Module,
+    teacher: torch.nn.Module | ServerTeacher,
     tokenizer: Any,
     rows: list[Any],
     first_index: int,
@@ -124,26 +150,10 @@ def _generate_shard(
     jobs = [(p, c) for p in range(len(rows)) for c in range(n)]  # (prompt offset, completion index)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = eos_token_ids(tokenizer, teacher)
-    texts: list[str] = []
-    for start in range(0, len(jobs), settings["batch_size"]):
-        batch = jobs[start : start + settings["batch_size"]]
-        generators = [
-            torch.Generator().manual_seed(sequence_seed(settings["seed"], first_index + p, c)) for p, c in batch
-        ]
-        outputs = sample_batch(
-            teacher,
-            [encoded[p] for p, _ in batch],
-            generators,
-            max_new_tokens=settings["max_new_tokens"],
-            eos_token_ids=eos_ids,
-            pad_token_id=pad,
-            temperature=settings["temperature"],
-            top_k=settings["top_k"],
-            top_p=settings["top_p"],
-        )
-        for tokens in outputs:
-            tokens = [t for t in tokens if t not in eos_ids]
-            texts.append(cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), settings["stop"]))
+    texts = []
+    for tokens in _sample_jobs(teacher, encoded, jobs, first_index, settings, eos_ids, pad):
+        tokens = [t for t in tokens if t not in eos_ids]
+        texts.append(cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), settings["stop"]))
 
     candidates = []
     for (p, c), text in zip(jobs, texts, strict=True):
@@ -171,7 +181,7 @@ def _settings_hash(rows: Sequence[Any]) -> str:
 
 
 def generate_dataset(
-    teacher: torch.nn.Module,
+    teacher: torch.nn.Module | ServerTeacher,
     tokenizer: Any,
     prompts: Iterable[Mapping[str, Any] | str],
     out_dir: str | os.PathLike[str],
@@ -189,12 +199,15 @@ def generate_dataset(
     filter: Callable[[dict[str, Any]], bool] | None = None,
     filter_workers: int = 1,
     teacher_name: str | None = None,
-    backend: str = "transformers",
 ) -> Path:
     """Sample ``num_completions`` teacher completions per prompt into a resumable parquet dataset.
 
     Args:
-        teacher: A causal LM, on the device it should run on (put in eval mode during the call).
+        teacher: A causal LM, on the device it should run on (put in eval mode during the call), or
+            a :class:`~distill.teachers.ServerTeacher` (a vLLM server samples; one request per
+            completion with its own seed). A server that fails mid-run raises
+            :class:`~distill.teachers.server.ServerError` after its retries; finished shards stay and
+            the same call resumes after them.
         tokenizer: Its tokenizer (a chat template for chat rows).
         prompts: Rows with ``prompt`` (a string, or a list of chat messages) or ``messages`` (the
             conversation before the last assistant turn is the prompt), or plain strings. Other
@@ -207,26 +220,19 @@ def generate_dataset(
         top_k: Keep the k most likely tokens (0: off).
         seed: Sampling seed; completion ``c`` of prompt ``i`` draws from a generator seeded from
             ``(seed, i, c)``, so it does not depend on batching.
-        batch_size: Sequences per forward pass.
+        batch_size: Sequences per forward pass (an in-process model; a server batches by itself).
         prompts_per_shard: Prompts per parquet shard (the unit of resumption).
         stop: Strings that end a completion (cut before the first one, e.g. ``"\\ndef "`` for code).
         drop_empty: Drop completions that are empty or whitespace (the trainer refuses them).
         filter: Keeps a row when it returns True; gets the source row updated with ``completion``
             (text), ``prompt_index`` and ``completion_index``. Its ``name`` and counts go in the manifest.
         filter_workers: Threads running ``filter`` (a sandboxed check spends its time in a subprocess).
-        teacher_name: Recorded in the manifest; default ``teacher.config.name_or_path``.
-        backend: ``"transformers"``; ``"vllm"`` is not implemented yet.
+        teacher_name: Recorded in the manifest; default ``teacher.config.name_or_path`` (a server: its
+            served model name).
 
     Returns:
         ``out_dir`` as a ``Path``; read it with :func:`load_generated`.
     """
-    if backend == "vllm":
-        raise NotImplementedError(
-            "The vLLM generation backend is not implemented yet; use backend='transformers'"
-            " (or serve the teacher with vLLM and generate through its OpenAI-compatible API)."
-        )
-    if backend != "transformers":
-        raise ValueError(f"backend must be 'transformers' or 'vllm'; got {backend!r}.")
     if num_completions < 1 or max_new_tokens < 1 or batch_size < 1 or prompts_per_shard < 1:
         raise ValueError("num_completions, max_new_tokens, batch_size and prompts_per_shard must be >= 1.")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
@@ -238,7 +244,11 @@ def generate_dataset(
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):
         stale.unlink()  # a file a killed run was writing; its shard is regenerated below
-    name = teacher_name or getattr(getattr(teacher, "config", None), "name_or_path", None) or type(teacher).__name__
+    server = isinstance(teacher, ServerTeacher)
+    if server and teacher.tokenizer is not tokenizer:
+        teacher.check_tokenizer(tokenizer)  # before any prompt is sent: its ids would mean other tokens
+    name = teacher_name or (teacher.model if server else None)
+    name = name or getattr(getattr(teacher, "config", None), "name_or_path", None) or type(teacher).__name__
     settings = {
         "num_completions": num_completions,
         "max_new_tokens": max_new_tokens,
@@ -250,7 +260,7 @@ def generate_dataset(
         "prompts_per_shard": prompts_per_shard,
         "stop": list(stop),
         "drop_empty": drop_empty,
-        "backend": backend,
+        "backend": "vllm-server" if server else "transformers",
     }
     run = {
         "format": FORMAT,
@@ -268,8 +278,9 @@ def generate_dataset(
     else:
         _atomic_write(out / "run.json", _json_bytes(run))
 
-    was_training = teacher.training
-    teacher.eval()
+    was_training = not server and teacher.training
+    if not server:
+        teacher.eval()
     try:
         shards = []
         for shard, first in enumerate(range(0, len(rows), prompts_per_shard)):
@@ -300,7 +311,8 @@ def generate_dataset(
                 _atomic_write(state_path, _json_bytes(state))
             shards.append(json.loads(state_path.read_text(encoding="utf-8")))
     finally:
-        teacher.train(was_training)
+        if not server:
+            teacher.train(was_training)
 
     totals = {key: sum(s[key] for s in shards) for key in ("generated", "empty", "rows")}
     manifest = {

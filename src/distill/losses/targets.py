@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 __all__ = ["SparseTargets", "TeacherHead"]
@@ -58,6 +59,15 @@ class SparseTargets:
     topk_logprobs: Tensor
     tail_mass: Tensor | None = None
     estimate: bool = False
+
+    def to(self, device: torch.device | str) -> SparseTargets:
+        """The same targets on ``device``."""
+        return SparseTargets(
+            self.topk_ids.to(device),
+            self.topk_logprobs.to(device),
+            None if self.tail_mass is None else self.tail_mass.to(device),
+            self.estimate,
+        )
 
     def flatten(self) -> SparseTargets:
         """The same targets with the leading dimensions flattened: ``[N, k]`` and ``[N]``."""

@@ -22,9 +22,13 @@ class Teacher(ABC):
 
     Attributes:
         tokenizer: the teacher's tokenizer when known (checked against the student's), else ``None``.
+        prefetchable: ``targets`` is thread-safe and may run in background threads on CPU tensors,
+            answering sparse targets, so the trainer can request the next micro-batches' targets
+            while the student trains (a remote teacher).
     """
 
     tokenizer: Any = None
+    prefetchable: bool = False
 
     @property
     @abstractmethod

@@ -73,6 +73,9 @@ class ServerTeacher(Teacher):
         backoff_s: wait before the first retry in seconds; doubles each retry.
     """
 
+    # Answers come over the network: the trainer requests the next micro-batches' targets ahead.
+    prefetchable = True
+
     def __init__(
         self,
         base_url: str,
@@ -109,6 +112,11 @@ class ServerTeacher(Teacher):
         if self.tokenizer is None:
             raise ValueError("ServerTeacher needs tokenizer=... or vocab_rows=... to know the teacher's vocabulary.")
         return len(self.tokenizer)
+
+    def describe(self) -> dict[str, Any]:
+        """The teacher as a cache manifest records it (the URL is left out: a server may move between runs)."""
+        return {"name": self.model, "revision": None, "dtype": "server", "quantization": "server",
+                "vocab_rows": self.vocab_rows, "served_by": "vllm"}  # fmt: skip
 
     def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         """The JSON answer to one POST, retried with exponential backoff on transient failures.
@@ -227,6 +235,67 @@ class ServerTeacher(Teacher):
                 ids[t, len(ranked) :] = unused[: self.top_k - len(ranked)]
         return ids, logprobs
 
+    def sample(
+        self,
+        prompts: list[list[int]],
+        seeds: list[int],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: list[str] | tuple[str, ...] = (),
+        stop_token_ids: list[int] | tuple[int, ...] = (),
+    ) -> list[list[int]]:
+        """The server's sampled continuation of each prompt: its new token ids (stop and EOS not cut here).
+
+        One request per prompt (``n=1``) with its own ``seed``, so a completion does not depend on
+        which other prompts are in flight; ``max_concurrency`` requests at once, retried as in
+        :meth:`targets`.
+
+        Args:
+            prompts: token ids of each prompt.
+            seeds: one sampling seed per prompt.
+            max_new_tokens: most tokens per completion.
+            temperature, top_p, top_k: sampling settings (``top_k=0``: off).
+            stop: strings that end a completion on the server (saves decoding; cut again by the caller).
+            stop_token_ids: token ids that end a completion besides the model's EOS.
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"Need one seed per prompt; got {len(prompts)} prompts and {len(seeds)} seeds.")
+
+        def one(prompt: list[int], seed: int) -> list[int]:
+            payload = {
+                "model": self.model,
+                "prompt": prompt,
+                "max_tokens": max_new_tokens,
+                "temperature": temperature,
+                "top_p": top_p,
+                "top_k": top_k if top_k > 0 else -1,
+                "seed": seed,
+                "n": 1,
+                "stop": list(stop),
+                "stop_token_ids": list(stop_token_ids),
+                "return_token_ids": True,
+            }
+            choice = self._post("/v1/completions", payload)["choices"][0]
+            if choice.get("token_ids") is None:
+                raise ServerError(
+                    f"The server at {self.base_url} returned no token_ids: it needs a vLLM with return_token_ids."
+                )
+            return [int(token) for token in choice["token_ids"]]
+
+        return self._map(one, prompts, seeds)
+
+    def _map(self, function: Any, *columns: list[Any]) -> list[Any]:
+        """``function`` over the columns' items, ``max_concurrency`` at a time, in order; the first error stops it."""
+        pool = ThreadPoolExecutor(max_workers=self.max_concurrency)
+        try:
+            return list(pool.map(function, *columns))
+        finally:
+            # On a failure, drop the queued items instead of retrying each of them against a dead server.
+            pool.shutdown(wait=False, cancel_futures=True)
+
     @torch.no_grad()
     def targets(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
@@ -259,20 +328,15 @@ class ServerTeacher(Teacher):
         logprobs = np.full((batch, length, self.top_k), -math.log(self.top_k))
         tail = np.zeros((batch, length))
         wanted = [b for b in range(batch) if lengths[b] > 1]  # a single token has no next-token target
-        pool = ThreadPoolExecutor(max_workers=self.max_concurrency)
-        try:
-            answers = pool.map(lambda b: self._row_targets(rows[b, : lengths[b]].tolist()), wanted)
-            for b, (row_ids, row_logprobs) in zip(wanted, answers, strict=True):
-                n = lengths[b] - 1
-                ids[b, :n] = row_ids
-                logprobs[b, :n] = row_logprobs
-                # float64 -expm1(logsumexp): no cancellation when the top-k hold almost all the mass.
-                top = row_logprobs.max(axis=1, keepdims=True)
-                logsumexp = top[:, 0] + np.log(np.exp(row_logprobs - top).sum(axis=1))
-                tail[b, :n] = np.clip(-np.expm1(logsumexp), 0.0, 1.0)
-        finally:
-            # On a failure, drop the queued rows instead of retrying each of them against a dead server.
-            pool.shutdown(wait=False, cancel_futures=True)
+        answers = self._map(lambda b: self._row_targets(rows[b, : lengths[b]].tolist()), wanted)
+        for b, (row_ids, row_logprobs) in zip(wanted, answers, strict=True):
+            n = lengths[b] - 1
+            ids[b, :n] = row_ids
+            logprobs[b, :n] = row_logprobs
+            # float64 -expm1(logsumexp): no cancellation when the top-k hold almost all the mass.
+            top = row_logprobs.max(axis=1, keepdims=True)
+            logsumexp = top[:, 0] + np.log(np.exp(row_logprobs - top).sum(axis=1))
+            tail[b, :n] = np.clip(-np.expm1(logsumexp), 0.0, 1.0)
         device = input_ids.device
         return SparseTargets(
             torch.from_numpy(ids).to(device),

@@ -9,6 +9,7 @@ logits exist at once on the default (fused) path.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import torch
@@ -33,10 +34,12 @@ from distill.models import (
     resolve_dtype,
 )
 from distill.teachers import ModelTeacher, Teacher, TeacherTargets, final_hidden_states, full_logits, output_head_of
+from distill.teachers.server import ServerError
 from distill.teachers.sharding import full_tensor, shard_teacher
 from distill.trainer.batching import completion_batch, next_token_labels
 from distill.trainer.metrics import KDMetrics
 from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
+from distill.trainer.prefetch import PREFETCHED_KEY, TargetPrefetcher
 from distill.trainer.setup import prepare_splits, resolve_teacher, shared_vocabulary
 
 
@@ -137,6 +140,7 @@ class Trainer(transformers.Trainer):
         self._train_metrics, self._eval_metrics = KDMetrics(), KDMetrics()
         self._micro_step, self._micro_step_of = 0, -1
         self._eos_token_ids = eos_token_ids(tokenizer, model)
+        self._prefetcher: TargetPrefetcher | None = None
 
     # ---- setup --------------------------------------------------------------------------------------
 
@@ -230,7 +234,7 @@ class Trainer(transformers.Trainer):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         position_ids = inputs.get("position_ids")
         targets = next_token_labels(inputs["labels"], position_ids)
-        teacher_targets = self.teacher.targets(input_ids, attention_mask, position_ids)
+        teacher_targets = self._teacher_targets(model, inputs)
         try:
             output = self._loss(model, input_ids, attention_mask, position_ids, targets, teacher_targets)
         except NonFiniteInputError as error:  # NaN hidden states / logits, caught before the loss math
@@ -240,6 +244,23 @@ class Trainer(transformers.Trainer):
         metrics = self._train_metrics if model.training else self._eval_metrics
         metrics.add(output, _input_tokens(inputs), generated=bool(inputs.get("_generated", False)))
         return (output.loss, output) if return_outputs else output.loss
+
+    def _teacher_targets(self, model: nn.Module, inputs: dict[str, Any]) -> TeacherTargets:
+        """The batch's teacher targets: prefetched (see :mod:`distill.trainer.prefetch`) or asked for now."""
+        input_ids = inputs["input_ids"]
+        prefetched = inputs.get(PREFETCHED_KEY)
+        try:
+            if prefetched is not None:
+                return prefetched.result().to(input_ids.device)
+            return self.teacher.targets(input_ids, inputs["attention_mask"], inputs.get("position_ids"))
+        except ServerError as error:
+            where = self._save_last_good(model)
+            raise ServerError(
+                f"The teacher server failed at optimizer step {self.state.global_step + 1} after its retries: {error} "
+                f"The weights before this step were saved to {where}. Restart the server (or point the "
+                "ServerTeacher at another), then resume with trainer.train(resume_from_checkpoint=True): no step "
+                "is lost or repeated."
+            ) from error
 
     def _loss(
         self,
@@ -294,16 +315,24 @@ class Trainer(transformers.Trainer):
     def _stop_on_nonfinite(self, model: nn.Module, inputs: dict[str, Any], problem: str) -> NoReturn:
         """Save the last good weights (this step has not been applied), then stop with where it happened."""
         step = self.state.global_step
-        self._save_checkpoint(model, trial=None)
+        where = self._save_last_good(model)
         rows, length = inputs["input_ids"].shape
         first_ids = inputs["input_ids"][0, :8].tolist()
         raise NonFiniteLossError(
             f"Non-finite distillation loss at optimizer step {step + 1} (micro-batch {self._micro_step + 1}, a "
             f"batch of {rows} rows x {length} tokens; first input ids {first_ids}): {problem}. "
-            f"The weights before this step were saved to {self.args.output_dir}/checkpoint-{step}. Common causes: "
+            f"The weights before this step were saved to {where}. Common causes: "
             "fp16 overflow (use bf16), a learning rate too high, a teacher giving NaN logits. Resume with "
             "trainer.train(resume_from_checkpoint=True) after fixing it."
         )
+
+    def _save_last_good(self, model: nn.Module) -> str:
+        """Checkpoint the weights before the step in flight (none of it is applied yet); returns the folder.
+
+        Resuming from it replays this optimizer step from its first micro-batch: nothing is lost or repeated.
+        """
+        self._save_checkpoint(model, trial=None)
+        return f"{self.args.output_dir}/checkpoint-{self.state.global_step}"
 
     # ---- logging and the outer loop -----------------------------------------------------------------
 
@@ -321,9 +350,30 @@ class Trainer(transformers.Trainer):
             logs.update({f"eval_{k}": v for k, v in self._eval_metrics.pop(reduce_sum).items()})
         super().log(logs, start_time)
 
+    def get_batch_samples(
+        self, epoch_iterator: Iterator[Any], num_batches: int, device: torch.device
+    ) -> tuple[list[Any], Tensor | int | None]:
+        """The next optimizer step's micro-batches; a remote teacher is asked for the following ones meanwhile."""
+        if self._prefetcher is not None:
+            epoch_iterator = self._prefetcher.wrap(epoch_iterator)
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+    def _make_prefetcher(self) -> TargetPrefetcher | None:
+        """A prefetcher when the teacher answers remotely and every batch's tokens are known before its step."""
+        args = self.args
+        if not self.teacher.prefetchable or args.teacher_prefetch == 0 or args.seq_kd or args.lmbda > 0:
+            return None
+        return TargetPrefetcher(self.teacher, args.teacher_prefetch)
+
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """``transformers.Trainer.train``; raises :class:`TrainingPreempted` after a SIGTERM checkpoint."""
-        result = super().train(*args, **kwargs)
+        self._prefetcher = self._make_prefetcher()
+        try:
+            result = super().train(*args, **kwargs)
+        finally:
+            if self._prefetcher is not None:
+                self._prefetcher.shutdown()
+                self._prefetcher = None
         if self._preemption is not None and self._preemption.stopped_at_step is not None:
             raise TrainingPreempted(
                 f"Stopped by SIGTERM after step {self._preemption.stopped_at_step}; checkpoint saved in "
