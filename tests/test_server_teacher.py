@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -332,3 +335,41 @@ def test_trainer_trains_with_a_server_teacher(server: str, smollm2: tuple[Any, A
         assert len(runs[prefetch]) == 3 and all(torch.isfinite(torch.tensor(runs[prefetch])))
         assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
     torch.testing.assert_close(runs[2], runs[0], atol=1e-4, rtol=0)
+
+
+def test_the_server_example_caches_then_trains(server: str, smollm2: tuple[Any, Any], tmp_path: Path) -> None:
+    """`examples/distill_from_server.py --cache`: a cache from the real server, then training from it."""
+    from distill.models import student_from_teacher
+    from distill.testing import arithmetic_rows
+
+    model, tokenizer = smollm2
+    student_from_teacher(model, 2).save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    Dataset.from_list(arithmetic_rows(8)).to_json(tmp_path / "rows.jsonl")
+    command = [
+        sys.executable, str(REPO / "examples" / "distill_from_server.py"), "--server", server,
+        "--student", str(tmp_path / "student"), "--dataset", str(tmp_path / "rows.jsonl"),
+        "--cache", str(tmp_path / "cache"), "--max-length", "128", "--max-steps", "2", "--cpu",
+        "--output-dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["complete"]
+    assert "train_runtime" in result.stdout + result.stderr
+    assert list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_bench_server_smoke(server: str, tmp_path: Path) -> None:
+    """`benchmarks/bench_server.py` at a tiny size against the module's server: both tables filled."""
+    out = tmp_path / "table.md"
+    sizes = "--max-length 48 --batch 2 --targets-rows 4 --concurrency 1,2 --steps 2 --student-layers 1 --k 8"
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_server.py"), *sizes.split(),
+               "--server-url", server, "--no-pin", "--out", str(out)]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO / "src"))
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = out.read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 2 + 3 + 3, table  # two headers, 3 target sources, 3 training rows
+    assert "nan" not in table and "|prefetch - live| = 0.0e+00" in table, table

