@@ -373,3 +373,43 @@ def test_bench_server_smoke(server: str, tmp_path: Path) -> None:
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 2 + 3 + 3, table  # two headers, 3 target sources, 3 training rows
     assert "nan" not in table and "|prefetch - live| = 0.0e+00" in table, table
+
+
+def test_sequence_level_kd_with_the_server_writing_the_completions(
+    server: str, smollm2: tuple[Any, Any], tmp_path: Path
+) -> None:
+    """`seq_kd=True`: the server samples each batch's completions, then scores them; the student trains on them."""
+    from trainer_helpers import arithmetic_dataset, config, logged
+
+    from distill import Trainer
+    from distill.models import student_from_teacher
+
+    model, tokenizer = smollm2
+    teacher = ServerTeacher(server, "teacher", top_k=16, tokenizer=tokenizer)
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+        for question in ("What is 2 + 2?", "Name a primary color, please.")
+    ]
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    width = max(len(prompt) for prompt in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(prompt)) + prompt for prompt in prompts])  # left-padded
+    mask = torch.tensor([[0] * (width - len(prompt)) + [1] * len(prompt) for prompt in prompts])
+    greedy = teacher.generate(ids, mask, max_new_tokens=6, do_sample=False, pad_token_id=pad)
+    assert width < greedy.shape[1] <= width + 6 and torch.equal(greedy[:, :width], ids)
+    for b, prompt in enumerate(prompts):  # the in-process model's greedy continuation
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, pad_token_id=pad)
+        new = expected[0, len(prompt) :]
+        assert torch.equal(greedy[b, width : width + len(new)], new)
+
+    args = config(tmp_path / "out", max_steps=2, per_device_train_batch_size=2, learning_rate=1e-4, loss="forward_kl",
+                  seq_kd=True, max_new_tokens=8)  # fmt: skip
+    trainer = Trainer(
+        model=student_from_teacher(model, 2), teacher=teacher, args=args, train_dataset=arithmetic_dataset(4),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    assert logged(trainer, "on_policy_fraction") == [1.0, 1.0]  # every micro-batch trained on generated text
+    assert all(torch.isfinite(torch.tensor(logged(trainer, "loss"))))

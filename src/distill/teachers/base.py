@@ -73,5 +73,6 @@ class Teacher(ABC):
             generation_kwargs: passed to ``transformers`` ``generate`` (``max_new_tokens``, ...).
         """
         raise NotImplementedError(
-            f"{type(self).__name__} cannot generate text; seq_kd needs an in-process model teacher (ModelTeacher)."
+            f"{type(self).__name__} cannot generate text; seq_kd needs a teacher that can: ModelTeacher (in-process) "
+            "or ServerTeacher (a vLLM server)."
         )

@@ -287,6 +287,42 @@ class ServerTeacher(Teacher):
 
         return self._map(one, prompts, seeds)
 
+    def generate(self, prompt_ids: Tensor, prompt_attention_mask: Tensor, **generation_kwargs: Any) -> Tensor:
+        """``[batch, prompt + new]`` the left-padded prompts continued by the server (the trainer's ``seq_kd``).
+
+        Reads the ``model.generate``-style settings the trainer passes (``max_new_tokens``,
+        ``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``pad_token_id``, ``eos_token_id``;
+        others are ignored). Each row is sampled with a seed drawn from torch's global generator,
+        which the trainer seeds, so a run repeats. New tokens are right-padded with ``pad_token_id``.
+
+        Args:
+            prompt_ids: ``[batch, prompt]`` left-padded prompt ids.
+            prompt_attention_mask: ``[batch, prompt]`` 1 for real tokens.
+        """
+        settings = generation_kwargs
+        sample = bool(settings.get("do_sample", False))
+        eos = settings.get("eos_token_id")
+        pad = settings.get("pad_token_id")
+        pad = pad if pad is not None else (eos[0] if isinstance(eos, list) else eos) or 0
+        rows, masks = prompt_ids.cpu(), prompt_attention_mask.cpu().bool()
+        prompts = [row[mask].tolist() for row, mask in zip(rows, masks, strict=True)]
+        seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()
+        new = self.sample(
+            prompts,
+            seeds,
+            max_new_tokens=int(settings["max_new_tokens"]),
+            temperature=float(settings.get("temperature") or 1.0) if sample else 0.0,
+            top_p=float(settings.get("top_p") or 1.0) if sample else 1.0,
+            top_k=int(settings.get("top_k") or 0) if sample else 0,
+            stop_token_ids=[] if eos is None else (list(eos) if isinstance(eos, list) else [eos]),
+        )
+        width = max([1, *(len(tokens) for tokens in new)])
+        sequences = torch.full((len(prompts), rows.shape[1] + width), int(pad), dtype=rows.dtype)
+        sequences[:, : rows.shape[1]] = rows
+        for b, tokens in enumerate(new):
+            sequences[b, rows.shape[1] : rows.shape[1] + len(tokens)] = torch.tensor(tokens, dtype=rows.dtype)
+        return sequences.to(prompt_ids.device)
+
     def _map(self, function: Any, *columns: list[Any]) -> list[Any]:
         """``function`` over the columns' items, ``max_concurrency`` at a time, in order; the first error stops it."""
         pool = ThreadPoolExecutor(max_workers=self.max_concurrency)
