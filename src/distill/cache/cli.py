@@ -34,12 +34,16 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--retries", type=int, default=6, help="retries after connection errors and 5xx (default 6)")
 
 
+def check_server_arguments(args: argparse.Namespace) -> None:
+    """Refuse ``--server`` without ``--tokenizer`` before anything is loaded."""
+    if args.server is not None and args.tokenizer is None:
+        raise SystemExit("--server needs --tokenizer (the student's tokenizer, which the server's model must share).")
+
+
 def server_teacher(args: argparse.Namespace, tokenizer: Any, top_k: int = 1) -> Any:
     """The :class:`~distill.teachers.ServerTeacher` of ``--server`` (its tokenizer is checked against the server)."""
     from distill.teachers import ServerTeacher
 
-    if tokenizer is None:
-        raise SystemExit("--server needs --tokenizer (the student's tokenizer, which the server's model must share).")
     return ServerTeacher(
         args.server, args.served_model, top_k=top_k, tokenizer=tokenizer, max_concurrency=args.max_concurrency,
         timeout_s=args.timeout, retries=args.retries,
@@ -89,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     """Build (or resume) the cache; print its totals as JSON."""
     from distill.cache.writer import build_cache
 
+    check_server_arguments(args)
     tokenizer = None
     if args.tokenizer is not None:
         from transformers import AutoTokenizer

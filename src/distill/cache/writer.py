@@ -95,9 +95,7 @@ def _resolve_teacher(
         tokenizer = tokenizer if tokenizer is not None else teacher.tokenizer
         if tokenizer is None:
             raise ValueError("build_cache needs tokenizer=... (the student's) to cache from a ServerTeacher.")
-        if teacher.tokenizer is not tokenizer:
-            teacher.check_tokenizer(tokenizer)  # before any row is sent: a mismatch would cache wrong ids
-            teacher.tokenizer = tokenizer
+        teacher.use_tokenizer(tokenizer)  # before any row is sent: a mismatch would cache wrong ids
         record = teacher.describe()
         if name:
             record["name"] = name

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from distill.cache.cli import add_server_arguments, server_teacher
+from distill.cache.cli import add_server_arguments, check_server_arguments, server_teacher
 
 # Stop strings for code completions, as HumanEval's evaluation uses.
 CODE_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
@@ -70,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from distill.generation.filters import HumanEvalFilter
     from distill.generation.generate import generate_dataset
 
-    if args.server is not None and args.tokenizer is None:
-        raise SystemExit("--server needs --tokenizer (the tokenizer the server's model uses).")
+    check_server_arguments(args)
     prompts = _load_prompts(args.dataset, args.split, args.limit)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
     if args.server is not None:

@@ -245,8 +245,8 @@ def generate_dataset(
     for stale in out.glob(".*.tmp"):
         stale.unlink()  # a file a killed run was writing; its shard is regenerated below
     server = isinstance(teacher, ServerTeacher)
-    if server and teacher.tokenizer is not tokenizer:
-        teacher.check_tokenizer(tokenizer)  # before any prompt is sent: its ids would mean other tokens
+    if server:
+        teacher.use_tokenizer(tokenizer)  # before any prompt is sent: its ids would mean other tokens
     name = teacher_name or (teacher.model if server else None)
     name = name or getattr(getattr(teacher, "config", None), "name_or_path", None) or type(teacher).__name__
     settings = {

@@ -170,6 +170,12 @@ class ServerTeacher(Teacher):
         }
         return self._post("/v1/completions", payload)["choices"][0]
 
+    def use_tokenizer(self, tokenizer: Any) -> None:
+        """Check ``tokenizer`` against the server (unless it is the one already checked), then keep it."""
+        if tokenizer is not self.tokenizer:
+            self.check_tokenizer(tokenizer)
+            self.tokenizer = tokenizer
+
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a tokenizer other than the server model's.
 
