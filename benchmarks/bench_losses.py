@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peak_memory import GIB, PeakMemory, status_bytes
 from torch import Tensor
+
+from distill.evaluation.memory import GIB, PeakMemory, status_bytes
 
 IGNORE_INDEX = -100
 MASK_FRACTION = 0.1  # share of positions labelled IGNORE_INDEX (e.g. prompt tokens)

@@ -458,7 +458,7 @@ def run_child(args: argparse.Namespace) -> CaseResult:
         result.extra["gpu"] = torch.cuda.get_device_name()
     counter = TokenCounter(student.model)
     recorder = make_callback(counter, args.warmup_steps, args.device)
-    from peak_memory import PeakMemory  # imports torch: only in the case's own process
+    from distill.evaluation.memory import PeakMemory  # imports torch: only in the case's own process
 
     meter = PeakMemory(args.device)
     meter.start()  # models and data exist; the trainer, optimizer state, activations and logits are measured

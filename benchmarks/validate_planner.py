@@ -94,15 +94,6 @@ class Measured:
     seconds: float
 
 
-def status_bytes(key: str) -> int:
-    """A ``VmRSS``/``VmHWM`` field of ``/proc/self/status``, in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def run_child(name: str, threads: int) -> Measured:
     """Build the case's models and data, train, and measure peak RSS above the pre-model baseline."""
     import gc
@@ -112,6 +103,7 @@ def run_child(name: str, threads: int) -> Measured:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from distill import DistillConfig, Trainer
+    from distill.evaluation.memory import status_bytes
     from distill.testing import train_tiny_tokenizer
 
     torch.set_num_threads(threads)

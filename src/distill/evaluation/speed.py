@@ -3,14 +3,12 @@
 Tokens/s is measured on a batch of prompts continued greedily by exactly ``new_tokens`` tokens each
 (no early stop, so every model does the same work), after warm-up runs that are not timed. Peak
 memory is the caching allocator's ``max_memory_allocated`` on CUDA, and the process's peak resident
-set size on a CPU (``VmHWM``, reset through ``/proc/self/clear_refs``, as ``benchmarks/peak_memory.py``
-does); both include the weights. Cost per million generated tokens follows from a GPU's hourly price.
+set size on a CPU (:class:`distill.evaluation.memory.PeakMemory`, shared with the benchmarks); both
+include the weights. Cost per million generated tokens follows from a GPU's hourly price.
 """
 
 from __future__ import annotations
 
-import gc
-import resource
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill.evaluation.memory import PeakMemory
 from distill.generation.sampling import sample_batch
 from distill.models.loading import parameter_bytes
 
@@ -108,45 +107,6 @@ def resolve_price(price_per_hour: float | None = None, gpu: str | None = None) -
     return gpu_price_per_hour(gpu) if gpu else None
 
 
-def _status_bytes(key: str) -> int:
-    """A ``VmRSS``/``VmHWM`` field of ``/proc/self/status``, in bytes."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-class _PeakMemory:
-    """Peak memory since :meth:`start`: CUDA allocated bytes, or peak RSS on a CPU (Linux; else None)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def start(self) -> None:
-        """Free garbage and reset the peak to the current usage."""
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as clear_refs:
-                clear_refs.write("5")  # resets VmHWM (peak RSS) to the current RSS
-        except OSError:
-            pass  # then the peak is the whole process's so far, which can only overstate
-
-    def peak(self) -> int | None:
-        """Peak bytes since :meth:`start` (absolute, weights included), or None when unreadable."""
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device)
-        try:
-            return _status_bytes("VmHWM")
-        except (OSError, KeyError):
-            peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-            return peak_kib * 1024 if peak_kib else None
-
-
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -201,7 +161,7 @@ def measure_speed(
     try:
         for _ in range(warmup):
             generate()
-        memory = _PeakMemory(device)
+        memory = PeakMemory(device)
         memory.start()
         _synchronize(device)
         start = time.perf_counter()
