@@ -27,19 +27,14 @@ sys.path.insert(0, str(Path(__file__).parent))  # `common` sits next to this fil
 
 from common import (  # noqa: E402
     Profile,
-    check_plan,
+    begin,
     evaluate_and_report,
     load_rows,
-    load_student,
     log,
-    lora_config,
-    parse,
     split_heldout,
     teacher_model_of,
-    tiny_models,
+    train_student,
 )
-
-from distill import Trainer  # noqa: E402
 
 
 @dataclass
@@ -63,18 +58,8 @@ class ChatRecipe:
 BASE_TRAINING: dict[str, Any] = dict(
     loss="jsd",
     beta=0.5,
-    bf16=True,
-    teacher_dtype="bfloat16",
-    student_dtype="bfloat16",
-    gradient_checkpointing=True,
     max_length=2048,
-    lr_scheduler_type="cosine",
-    warmup_steps=0.03,
     num_train_epochs=1,
-    logging_steps=10,
-    save_steps=500,
-    save_total_limit=2,
-    report_to="none",
 )
 
 PROFILES: dict[str, Profile] = {
@@ -118,16 +103,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     from distill.testing import arithmetic_rows
 
-    recipe, config, profile = parse(ChatRecipe, PROFILES, argv, BASE_TRAINING, TINY_RECIPE)
-    log(f"profile {profile.name}: {profile.description}; output in {config.output_dir}")
-
-    teacher, student = recipe.teacher, recipe.student
-    if recipe.tiny:
-        teacher, student, _ = tiny_models(Path(config.output_dir) / "tiny_models")
-    plan = check_plan(config, profile, teacher, student)  # before any weight or data is loaded
+    start = begin(ChatRecipe, PROFILES, argv, BASE_TRAINING, TINY_RECIPE)  # checks the plan before any load
+    recipe, config, profile = start.recipe, start.config, start.profile
     if recipe.plan_only:
-        return {"plan": None if plan is None else plan.to_dict()}
-    tokenizer = AutoTokenizer.from_pretrained(student)
+        return start.plan_summary()
+    tokenizer = AutoTokenizer.from_pretrained(start.student)
 
     if recipe.tiny:
         rows = datasets.Dataset.from_list(arithmetic_rows(48, layout="messages"))
@@ -139,17 +119,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train, heldout = split_heldout(rows, recipe.heldout_rows, recipe.max_train_rows, config.seed)
     log(f"{len(train)} training chats, {len(heldout)} held-out chats")
 
-    trainer = Trainer(
-        model=load_student(student, profile, config),
-        teacher=teacher,  # a path: loaded with teacher_dtype / teacher_quantization from the profile
-        args=config,
-        train_dataset=train,
-        eval_dataset=heldout,
-        processing_class=tokenizer,
-        peft_config=lora_config(profile),
-    )
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)  # a checkpoint folder, or None
-    trainer.save_model(config.output_dir)
+    # The teacher as a path: loaded with teacher_dtype / teacher_quantization from the profile.
+    trainer = train_student(start, start.teacher, train, heldout, tokenizer)
     return evaluate_and_report(trainer, heldout, tokenizer, teacher_model_of(trainer), f"chat-{profile.name}")
 
 

@@ -34,20 +34,15 @@ sys.path.insert(0, str(Path(__file__).parent))  # `common` sits next to this fil
 
 from common import (  # noqa: E402
     Profile,
+    begin,
     cached_teacher,
-    check_plan,
     evaluate_and_report,
     load_rows,
-    load_student,
     log,
-    lora_config,
-    parse,
     split_heldout,
     teacher_model_of,
-    tiny_models,
+    train_student,
 )
-
-from distill import Trainer  # noqa: E402
 
 
 @dataclass
@@ -86,18 +81,8 @@ class CodeRecipe:
 BASE_TRAINING: dict[str, Any] = dict(
     loss="jsd",
     beta=0.5,
-    bf16=True,
-    teacher_dtype="bfloat16",
-    student_dtype="bfloat16",
-    gradient_checkpointing=True,  # activations of 14B at 2-4k tokens dwarf everything else
-    lr_scheduler_type="cosine",
-    warmup_steps=0.03,  # a fraction of the run's steps
     num_train_epochs=1,
-    logging_steps=10,
-    save_steps=500,
-    save_total_limit=2,
     eval_strategy="no",  # evaluated once at the end (evaluate_and_report)
-    report_to="none",
 )
 
 PROFILES: dict[str, Profile] = {
@@ -211,18 +196,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import datasets
     from transformers import AutoTokenizer
 
-    recipe, config, profile = parse(CodeRecipe, PROFILES, argv, BASE_TRAINING, TINY_RECIPE)
-    log(f"profile {profile.name}: {profile.description}; output in {config.output_dir}")
-
-    # 1. Models: real checkpoints, or tiny random ones of the same class (Qwen2) saved as folders.
-    teacher, student = recipe.teacher, recipe.student
-    if recipe.tiny:
-        teacher, student, _ = tiny_models(Path(config.output_dir) / "tiny_models")
-    # 2. Does it fit? Asked before any weight or data is loaded, so a bad profile costs seconds.
-    plan = check_plan(config, profile, teacher, student)
+    # 1-2. Models (real checkpoints, or tiny random ones with --tiny) and the planner's check that they fit,
+    # before any weight or data is loaded, so a bad profile costs seconds.
+    start = begin(CodeRecipe, PROFILES, argv, BASE_TRAINING, TINY_RECIPE)
+    recipe, config, profile = start.recipe, start.config, start.profile
     if recipe.plan_only:
-        return {"plan": None if plan is None else plan.to_dict()}
-    tokenizer = AutoTokenizer.from_pretrained(student)
+        return start.plan_summary()
+    tokenizer = AutoTokenizer.from_pretrained(start.student)
+    teacher = start.teacher
 
     # 3. Data: chat rows, a held-out split for the metrics at the end.
     rows = (
@@ -240,17 +221,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         teacher = cached_teacher(cache_dir, teacher, tokenizer, all_rows, config, profile, recipe.cache_top_k)
 
     # 5. Train.
-    trainer = Trainer(
-        model=load_student(student, profile, config),
-        teacher=teacher,
-        args=config,
-        train_dataset=train,
-        eval_dataset=heldout,
-        processing_class=tokenizer,
-        peft_config=lora_config(profile),
-    )
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)  # a checkpoint folder, or None
-    trainer.save_model(config.output_dir)
+    trainer = train_student(start, teacher, train, heldout, tokenizer)
 
     # 6. Held-out KD metrics and the report card.
     return evaluate_and_report(trainer, heldout, tokenizer, teacher_model_of(trainer), f"code_14b-{profile.name}")

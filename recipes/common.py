@@ -56,6 +56,20 @@ class Profile:
     training: dict[str, Any] = field(default_factory=dict)
 
 
+# What every recipe trains with on a GPU unless it (or its profile, or the user) says otherwise.
+COMMON_TRAINING: dict[str, Any] = dict(
+    bf16=True,
+    teacher_dtype="bfloat16",
+    student_dtype="bfloat16",
+    gradient_checkpointing=True,  # at 1-4k tokens the activations of a 1.5-14B student dwarf everything else
+    lr_scheduler_type="cosine",
+    warmup_steps=0.03,  # a fraction of the run's steps
+    logging_steps=10,
+    save_steps=500,
+    save_total_limit=2,
+    report_to="none",
+)
+
 # What --tiny changes on top of a profile: sizes and the device only, never the structure (teacher mode,
 # quantization, LoRA, sharding stay the profile's).
 TINY_TRAINING: dict[str, Any] = dict(
@@ -86,8 +100,8 @@ def parse(
 ) -> tuple[Any, DistillConfig, Profile]:
     """Parse the recipe dataclass and ``DistillConfig`` from flags or one YAML file, with the profile's defaults.
 
-    Precedence, lowest first: ``base_training`` (the recipe's), the profile's ``training``, ``TINY_TRAINING``
-    (with ``--tiny``), then what the user wrote (flags, or the YAML file's keys).
+    Precedence, lowest first: :data:`COMMON_TRAINING`, ``base_training`` (the recipe's), the profile's
+    ``training``, ``TINY_TRAINING`` (with ``--tiny``), then what the user wrote (flags, or the YAML file's keys).
 
     Args:
         recipe_type: the recipe's ``@dataclass`` (with ``profile``, ``tiny`` and ``plan_only`` fields).
@@ -118,7 +132,8 @@ def parse(
     if name not in profiles:
         raise SystemExit(f"--profile {name!r} is not one of {sorted(profiles)}.")
     profile = profiles[name]
-    defaults = {**base_training, **profile.training, **({**TINY_TRAINING, **(tiny_recipe or {})} if tiny else {})}
+    tiny_defaults = {**TINY_TRAINING, **(tiny_recipe or {})} if tiny else {}
+    defaults = {**COMMON_TRAINING, **base_training, **profile.training, **tiny_defaults}
     known_fields = {f.name for t in (recipe_type, DistillConfig) for f in dataclasses.fields(t)}
     unknown = sorted(set(defaults) - known_fields)
     if unknown:  # a typo (or a field transformers renamed) would otherwise be dropped silently
@@ -133,6 +148,41 @@ def parse(
         parser.set_defaults(**defaults)
         recipe, config = parser.parse_args_into_dataclasses(argv)
     return recipe, config, profile
+
+
+@dataclass
+class Start:
+    """A parsed recipe run whose plan was checked: what :func:`begin` returns."""
+
+    recipe: Any
+    config: DistillConfig
+    profile: Profile
+    teacher: str  # the teacher's path or hub name (a tiny model's folder with --tiny)
+    student: str
+    plan: Any  # the planner's Plan, or None when the planner is unavailable
+
+    def plan_summary(self) -> dict[str, Any]:
+        """What ``main`` returns for ``--plan_only``."""
+        return {"plan": None if self.plan is None else self.plan.to_dict()}
+
+
+def begin(
+    recipe_type: type,
+    profiles: dict[str, Profile],
+    argv: Sequence[str] | None,
+    base_training: dict[str, Any],
+    tiny_recipe: dict[str, Any] | None = None,
+) -> Start:
+    """Parse (:func:`parse`), log the profile, swap in tiny models with ``--tiny``, and check the plan.
+
+    The plan is checked before any weight or data is loaded, so a profile that does not fit costs seconds.
+    """
+    recipe, config, profile = parse(recipe_type, profiles, argv, base_training, tiny_recipe)
+    log(f"profile {profile.name}: {profile.description}; output in {config.output_dir}")
+    teacher, student = recipe.teacher, recipe.student
+    if recipe.tiny:  # tiny random models of the same class (Qwen2), saved as folders
+        teacher, student, _ = tiny_models(Path(config.output_dir) / "tiny_models")
+    return Start(recipe, config, profile, teacher, student, check_plan(config, profile, teacher, student))
 
 
 def log(message: str) -> None:
@@ -332,6 +382,26 @@ def cached_teacher(
 
 
 # ---- after training ---------------------------------------------------------------------------------------
+
+
+def train_student(start: Start, teacher: Any, train: Any, heldout: Any, tokenizer: Any) -> Trainer:
+    """Train the profile's student (full, LoRA or QLoRA) from ``teacher`` on ``train``, then save it.
+
+    Resumes from ``config.resume_from_checkpoint`` (a checkpoint folder) when set.
+    """
+    config, profile = start.config, start.profile
+    trainer = Trainer(
+        model=load_student(start.student, profile, config),
+        teacher=teacher,
+        args=config,
+        train_dataset=train,
+        eval_dataset=heldout,
+        processing_class=tokenizer,
+        peft_config=lora_config(profile),
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
+    return trainer
 
 
 def evaluate_and_report(

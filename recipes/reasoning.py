@@ -29,19 +29,14 @@ sys.path.insert(0, str(Path(__file__).parent))  # `common` sits next to this fil
 
 from common import (  # noqa: E402
     Profile,
-    check_plan,
+    begin,
     device_for_this_process,
     evaluate_and_report,
     load_rows,
-    load_student,
     log,
-    lora_config,
-    parse,
     split_heldout,
-    tiny_models,
+    train_student,
 )
-
-from distill import Trainer  # noqa: E402
 
 INSTRUCTION = "Solve the problem step by step. End with 'The answer is N.' where N is the final number."
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -76,18 +71,8 @@ class ReasoningRecipe:
 
 BASE_TRAINING: dict[str, Any] = dict(
     loss="forward_kl",  # the traces are the teacher's own samples: mode-covering KL on them
-    bf16=True,
-    teacher_dtype="bfloat16",
-    student_dtype="bfloat16",
-    gradient_checkpointing=True,
     max_length=1024,
-    lr_scheduler_type="cosine",
-    warmup_steps=0.03,
     num_train_epochs=2,
-    logging_steps=10,
-    save_steps=500,
-    save_total_limit=2,
-    report_to="none",
 )
 
 PROFILES: dict[str, Profile] = {
@@ -181,16 +166,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from distill.generation import generate_dataset
     from distill.models import load_causal_lm
 
-    recipe, config, profile = parse(ReasoningRecipe, PROFILES, argv, BASE_TRAINING, TINY_RECIPE)
-    log(f"profile {profile.name}: {profile.description}; output in {config.output_dir}")
-
-    teacher_path, student_path = recipe.teacher, recipe.student
-    if recipe.tiny:
-        teacher_path, student_path, _ = tiny_models(Path(config.output_dir) / "tiny_models")
-    plan = check_plan(config, profile, teacher_path, student_path)  # before any weight or data is loaded
+    start = begin(ReasoningRecipe, PROFILES, argv, BASE_TRAINING, TINY_RECIPE)  # checks the plan before any load
+    recipe, config, profile = start.recipe, start.config, start.profile
     if recipe.plan_only:
-        return {"plan": None if plan is None else plan.to_dict()}
-    tokenizer = AutoTokenizer.from_pretrained(student_path)
+        return start.plan_summary()
+    tokenizer = AutoTokenizer.from_pretrained(start.student)
 
     if recipe.tiny:
         source = datasets.Dataset.from_list(tiny_problems(48))
@@ -203,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # Stage 1: the teacher's traces, filtered for a correct final answer.
     teacher = load_causal_lm(
-        teacher_path,
+        start.teacher,
         dtype=config.teacher_dtype,
         quantization=config.teacher_quantization,
         device=None if config.use_cpu else device_for_this_process(),
@@ -231,17 +211,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     heldout = datasets.Dataset.from_list(
         [{"messages": [*p["messages"], {"role": "assistant", "content": p["solution"]}]} for p in heldout_problems]
     )
-    trainer = Trainer(
-        model=load_student(student_path, profile, config),
-        teacher=teacher,
-        args=config,
-        train_dataset=datasets.Dataset.from_list(rows),
-        eval_dataset=heldout,
-        processing_class=tokenizer,
-        peft_config=lora_config(profile),
-    )
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)  # a checkpoint folder, or None
-    trainer.save_model(config.output_dir)
+    trainer = train_student(start, teacher, datasets.Dataset.from_list(rows), heldout, tokenizer)
     metrics = evaluate_and_report(trainer, heldout, tokenizer, teacher, f"reasoning-{profile.name}")
     return {**metrics, "traces": counts}
 
