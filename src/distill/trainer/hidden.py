@@ -120,6 +120,7 @@ class HiddenDistillation(nn.Module):
         mode: ``"identity"``, ``"select"`` (teacher channels ``channels``) or ``"learned"``.
         student_width, teacher_width: hidden sizes ``H_s`` and ``H_t``.
         channels: the teacher's hidden channels the student keeps (``mode="select"``).
+        seed: seeds the learned maps' initialisation (the same maps whatever ran before).
     """
 
     def __init__(
@@ -130,6 +131,7 @@ class HiddenDistillation(nn.Module):
         student_width: int,
         teacher_width: int,
         channels: Sequence[int] | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.pairs = [(int(s), int(t)) for s, t in pairs]
@@ -140,10 +142,11 @@ class HiddenDistillation(nn.Module):
         self.projections: nn.ModuleList | None = None
         if mode == "learned":
             self.projections = nn.ModuleList(nn.Linear(student_width, teacher_width, bias=False) for _ in self.pairs)
+            generator = torch.Generator().manual_seed(seed)
             for projection in self.projections:
                 # Semi-orthogonal: preserves the student's norms (H_t >= H_s) or projects them onto a subspace, so
                 # the relative MSE starts near the value of the unprojected states and the cosine is well defined.
-                nn.init.orthogonal_(projection.weight)
+                nn.init.orthogonal_(projection.weight, generator=generator)
         if mode == "select":
             self.register_buffer("channels", torch.tensor(list(channels or ()), dtype=torch.long), persistent=False)
 
@@ -227,6 +230,6 @@ def build_hidden_distillation(student: nn.Module, teacher: Teacher, args: Distil
     channels = _record_channels(record, student_width, teacher_width)
     mode, channels = _projection_mode(args.hidden_projection, channels, student_width, teacher_width)
     teacher.request_hidden_states(tuple(t for _, t in pairs))
-    hidden = HiddenDistillation(pairs, args.hidden_loss, mode, student_width, teacher_width, channels)
+    hidden = HiddenDistillation(pairs, args.hidden_loss, mode, student_width, teacher_width, channels, args.seed)
     logger.info("%s", hidden.describe())
     return hidden

@@ -374,6 +374,8 @@ class Trainer(transformers.Trainer):
                     # They live outside the wrapped (DDP/FSDP) student, so nothing averages their gradients: do it
                     # once per optimizer step, before it.
                     optimizer.register_step_pre_hook(lambda *_: self._average_projection_gradients())
+                # The engine zeroes the model's gradients only (model.zero_grad()): clear the maps' after each step.
+                optimizer.register_step_post_hook(lambda *_: projections.zero_grad(set_to_none=True))
         return optimizer
 
     def _average_projection_gradients(self) -> None:
