@@ -474,3 +474,38 @@ def test_bad_setups_are_refused_before_training(tmp_path, tokenizer, taught_pair
         student.config.distill_pruning = record
     with pytest.raises(ValueError, match=message):
         _trainer(tmp_path, tokenizer, (teacher, student), **overrides)
+
+
+@pytest.mark.slow
+def test_two_processes_with_hidden_loss_and_a_sharded_teacher(tmp_path) -> None:
+    """2 processes (gloo): the learned maps' gradients are averaged (ranks stay equal), and an FSDP2-sharded
+    teacher's hooked layer outputs give the same training as a replicated teacher's."""
+    from test_trainer_resume import TOL as RESUME_TOL
+    from test_trainer_resume import _accelerate_launch
+
+    for sharding in ("none", "fsdp"):
+        _accelerate_launch(tmp_path / sharding, "--hidden-loss-weight", "1.0", "--teacher-sharding", sharding)
+    weights = {
+        (run, rank): torch.load(tmp_path / run / f"final-rank{rank}.pt") for run in ("none", "fsdp") for rank in (0, 1)
+    }
+    assert torch.equal(weights["none", 0], weights["none", 1])
+    assert torch.equal(weights["fsdp", 0], weights["fsdp", 1])
+    assert torch.allclose(weights["fsdp", 0], weights["none", 0], atol=RESUME_TOL, rtol=0)
+
+
+def test_planner_counts_the_hidden_state_loss() -> None:
+    from distill.planning import plan_from_config, plan_run
+
+    common = dict(gpu="H100", seq_len=2048, per_device_batch=2, lora_rank=16, suggest=False)
+    pair = ("Qwen/Qwen2.5-Coder-7B", "Qwen/Qwen2.5-Coder-14B")
+    off = plan_run(*pair, **common)
+    learned = plan_run(*pair, hidden_layers=28, **common)
+    selected = plan_run(*pair, hidden_layers=28, hidden_projection="select", **common)
+    names = {item.name: item.bytes for item in learned.memory.items}
+    assert names["hidden-state projections"] == 28 * 3584 * 5120 * 16  # fp32 weight, grad and two AdamW states
+    assert names["hidden-state targets"] == 28 * 4096 * 5120 * 2  # bf16 teacher outputs of every mapped layer
+    assert "hidden-state projections" not in {item.name for item in selected.memory.items}
+    assert off.memory.total_bytes < selected.memory.total_bytes < learned.memory.total_bytes
+    cfg = config("/tmp/unused", hidden_loss_weight=1.0, hidden_layer_map="0:3,27:47", max_length=2048)
+    from_config = plan_from_config(cfg, *pair, per_device_batch=2, lora_rank=16, suggest=False)
+    assert from_config.setup.hidden_layers == 2
