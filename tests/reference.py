@@ -26,6 +26,7 @@ __all__ = [
     "dense_loss_ref",
     "divergence_ref",
     "head_logits_ref",
+    "hidden_loss_ref",
     "softmax_ref",
     "sparse_loss_ref",
 ]
@@ -246,6 +247,42 @@ def sparse_loss_ref(
     agree = (s.argmax(-1) == teacher_top1).double()
     gap = _min_gap(p, q, valid)
     return _reduce(kd, ce, agree, valid, labels is not None, kd_weight, ce_weight, reduction, gap)
+
+
+def hidden_loss_ref(
+    student_states: Sequence[Tensor],
+    teacher_states: Sequence[Tensor],
+    mask: Tensor | None,
+    kind: str,
+    layer_weights: Sequence[float] | None = None,
+) -> Tensor:
+    """The hidden-state loss in float64, token by token through a 0/1 weight (no row gathering).
+
+    ``cosine``: mean over kept tokens of ``1 - <s, t> / (|s| |t|)``. ``mse``: mean over kept tokens of
+    ``|s - t|^2``, divided by the mean over kept tokens of ``|t|^2``. Then the weighted mean over layers;
+    0 when no token is kept.
+    """
+    per_layer = []
+    for student, teacher in zip(student_states, teacher_states, strict=True):
+        s, t = student.double(), teacher.detach().double()
+        keep = torch.ones(s.shape[:-1], dtype=torch.float64) if mask is None else mask.double()
+        count = keep.sum()
+        if count == 0:
+            per_layer.append((s * 0.0).sum())
+            continue
+        if kind == "cosine":
+            cos = (s * t).sum(-1) / (torch.sqrt((s * s).sum(-1)) * torch.sqrt((t * t).sum(-1)))
+            per_layer.append(((1.0 - cos) * keep).sum() / count)
+        elif kind == "mse":
+            error = (((s - t) ** 2).sum(-1) * keep).sum() / count
+            scale = (((t * t).sum(-1)) * keep).sum() / count
+            per_layer.append(error / scale)
+        else:
+            raise ValueError(kind)
+    weights = torch.ones(len(per_layer), dtype=torch.float64)
+    if layer_weights is not None:
+        weights = torch.tensor(list(layer_weights), dtype=torch.float64)
+    return sum(w * loss for w, loss in zip(weights, per_layer, strict=True)) / weights.sum()
 
 
 # ---------------------------------------------------------------------------------------------

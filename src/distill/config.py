@@ -7,12 +7,13 @@ logging and distributed settings are the ones users already know.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from transformers import TrainingArguments
 
-from distill.losses import DIVERGENCE_NAMES, Divergence, Objective
+from distill.losses import DIVERGENCE_NAMES, HIDDEN_LOSSES, Divergence, Objective
 
 _DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
@@ -60,6 +61,46 @@ class DistillConfig(TrainingArguments):
         metadata={
             "help": "Shared vocabulary rows of both heads; default: the ids both tokenizers share (the rest of a "
             "padded head is ignored)."
+        },
+    )
+
+    # Intermediate-layer (hidden-state) distillation; see docs/trainer.md.
+    hidden_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the intermediate-layer loss added to the logit loss: mapped student layers' outputs "
+            "(residual stream) matched to the teacher's. 0 turns it off (default). Needs an in-process teacher."
+        },
+    )
+    hidden_loss: str = field(
+        default="cosine",
+        metadata={
+            "help": "Per-token hidden-state loss: 'cosine' (1 - cos) or 'mse' (squared error relative to the "
+            "teacher's mean squared norm at that layer, so 1 = predicting zeros at any width or depth)."
+        },
+    )
+    hidden_layer_map: str = field(
+        default="auto",
+        metadata={
+            "help": "Which student layer's output is matched to which teacher layer's: 'auto' (from the pruning "
+            "record in the student's config.distill_pruning if it has one, else every student layer to the teacher "
+            "layer at the same relative depth, last to last), or explicit 'student:teacher' pairs, e.g. '0:1,1:3' "
+            "(0-based; a list ['0:1', '1:3'] or [(0, 1), (1, 3)] is accepted too)."
+        },
+    )
+    hidden_projection: Literal["auto", "learned", "none"] = field(
+        default="auto",
+        metadata={
+            "help": "How student states reach the teacher's width: 'auto' (the exact channel selection of a "
+            "width-pruning record; identity at equal widths; else a learned linear map per layer, trained with the "
+            "student, not saved in it), 'learned' (always the learned map), 'none' (identity; widths must match)."
+        },
+    )
+    hidden_loss_tokens: Literal["completion", "all"] = field(
+        default="completion",
+        metadata={
+            "help": "Tokens the hidden-state loss counts: 'completion' (those the logit loss counts) or 'all' (every "
+            "non-padding token, prompts included; not with packing)."
         },
     )
 
@@ -135,6 +176,7 @@ class DistillConfig(TrainingArguments):
         self.remove_unused_columns = False
         super().__post_init__()
         self._check()
+        self._check_hidden()
 
     def _check(self) -> None:
         if self.loss not in DIVERGENCE_NAMES:
@@ -178,6 +220,28 @@ class DistillConfig(TrainingArguments):
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"vocab_size must be a positive number of rows; got {self.vocab_size}.")
 
+    def _check_hidden(self) -> None:
+        if not math.isfinite(self.hidden_loss_weight) or self.hidden_loss_weight < 0:
+            raise ValueError(
+                f"hidden_loss_weight must be a finite number >= 0 (0 turns the hidden-state loss off); got "
+                f"{self.hidden_loss_weight}."
+            )
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(f"hidden_loss={self.hidden_loss!r}; choose one of {HIDDEN_LOSSES}.")
+        if self.hidden_projection not in ("auto", "learned", "none"):
+            raise ValueError(f"hidden_projection must be 'auto', 'learned' or 'none'; got {self.hidden_projection!r}.")
+        if self.hidden_loss_tokens not in ("completion", "all"):
+            raise ValueError(f"hidden_loss_tokens must be 'completion' or 'all'; got {self.hidden_loss_tokens!r}.")
+        if self.hidden_loss_tokens == "all" and self.packing and self.hidden_loss_weight > 0:
+            raise ValueError(
+                "hidden_loss_tokens='all' needs each row's padding mask, which packed batches do not carry. Use "
+                "hidden_loss_tokens='completion' (the logit loss's tokens) or packing=False."
+            )
+        if self.hidden_layer_map != "auto":
+            # Canonical string form, so it round-trips through JSON / the command line.
+            pairs = parse_layer_map(self.hidden_layer_map)
+            self.hidden_layer_map = ",".join(f"{student}:{teacher}" for student, teacher in pairs)
+
     @property
     def uses_generation(self) -> bool:
         """Whether some steps train on generated completions (on-policy or sequence-level KD)."""
@@ -209,3 +273,29 @@ class DistillConfig(TrainingArguments):
                 temperature=self.generation_temperature, top_p=self.generation_top_p, top_k=self.generation_top_k
             )
         return kwargs
+
+
+def parse_layer_map(spec: object) -> list[tuple[int, int]]:
+    """``[(student layer, teacher layer), ...]`` from ``'0:1,1:3'``, ``['0:1', '1:3']`` or ``[(0, 1), (1, 3)]``.
+
+    Raises:
+        ValueError: a malformed pair, a negative index, or a student layer mapped twice.
+    """
+    items = spec.replace(" ", "").split(",") if isinstance(spec, str) else list(spec)  # type: ignore[call-overload]
+    pairs: list[tuple[int, int]] = []
+    for item in items:
+        parts = item.split(":") if isinstance(item, str) else list(item)
+        try:
+            student, teacher = (int(part) for part in parts)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"hidden_layer_map: {item!r} is not a 'student:teacher' pair of layer indices; write e.g. "
+                "'0:1,1:3' (or 'auto')."
+            ) from None
+        if student < 0 or teacher < 0:
+            raise ValueError(f"hidden_layer_map: layer indices are 0-based and >= 0; got {item!r}.")
+        pairs.append((student, teacher))
+    students = [student for student, _ in pairs]
+    if not pairs or len(set(students)) != len(students):
+        raise ValueError(f"hidden_layer_map must map each student layer at most once, and at least one; got {spec!r}.")
+    return pairs

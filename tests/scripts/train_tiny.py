@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--teacher-sharding", default="auto")
     parser.add_argument("--seq-kd", action="store_true")
+    parser.add_argument("--hidden-loss-weight", type=float, default=0.0)
     cli = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -57,6 +58,7 @@ def main() -> None:
         lmbda=cli.lmbda,
         teacher_sharding=cli.teacher_sharding,
         seq_kd=cli.seq_kd,
+        hidden_loss_weight=cli.hidden_loss_weight,
         **saving,
     )
     trainer = Trainer(
@@ -68,11 +70,14 @@ def main() -> None:
         callbacks=[Progress(out / "progress.txt", cli.step_sleep)],
     )
     trainer.train(resume_from_checkpoint=True if cli.resume else None)
+    weights = state_vector(trainer.model)
+    if trainer.hidden is not None and trainer.hidden.projections is not None:
+        weights = torch.cat([weights, state_vector(trainer.hidden)])  # the learned hidden-state maps train too
     if trainer.accelerator.is_main_process:
-        torch.save(state_vector(trainer.model), out / "final.pt")
+        torch.save(weights, out / "final.pt")
     # Every rank reports its own weights, so a multi-process test can check they agree.
     rank = trainer.accelerator.process_index
-    torch.save(state_vector(trainer.model), out / f"final-rank{rank}.pt")
+    torch.save(weights, out / f"final-rank{rank}.pt")
     # What this rank holds of the teacher: "DTensor <local elements>" when sharded.
     weight = next(trainer.teacher.model.parameters())
     local = weight.to_local() if hasattr(weight, "to_local") else weight

@@ -6,6 +6,8 @@
 * Fused (:func:`fused_distillation_loss`, :class:`FusedDistillationLoss`): the student's hidden
   states and head, the teacher as a :class:`TeacherHead` or :class:`SparseTargets`; chunked so the
   ``[tokens x vocab]`` logits never exist.
+* Hidden states (:func:`hidden_state_loss`): intermediate-layer distillation, the student's mapped
+  layer outputs matched to the teacher's (cosine or relative squared error).
 
 Pure torch: nothing here imports transformers.
 """
@@ -22,6 +24,7 @@ from distill.losses.dense import (
 )
 from distill.losses.divergences import DIVERGENCE_NAMES, Divergence
 from distill.losses.fused import FusedDistillationLoss, default_chunk_size, fused_distillation_loss
+from distill.losses.hidden import HIDDEN_LOSSES, HiddenStateOutput, hidden_state_loss
 from distill.losses.objective import DistillationOutput, NonFiniteInputError, Objective
 from distill.losses.sparse import sparse_distillation_loss
 from distill.losses.targets import SparseTargets, TeacherHead
@@ -30,6 +33,8 @@ from distill.losses.vocab import VocabularyMismatchError
 __all__ = [
     "DIVERGENCE_NAMES",
     "DistillationOutput",
+    "HIDDEN_LOSSES",
+    "HiddenStateOutput",
     "Divergence",
     "FusedDistillationLoss",
     "NonFiniteInputError",
@@ -43,6 +48,7 @@ __all__ = [
     "forward_kl",
     "fused_distillation_loss",
     "generalized_jsd",
+    "hidden_state_loss",
     "reverse_kl",
     "skew_kl",
     "skew_reverse_kl",

@@ -28,12 +28,16 @@ class TeacherHead:
         bias: optional ``[V_t]`` head bias.
         softcap: final-logit soft-capping value (``logits = softcap * tanh(logits / softcap)``, as in
             Gemma 2), or ``None``.
+        layer_states: for intermediate-layer distillation, the ``[..., H_t]`` outputs of the decoder
+            layers the trainer asked for, in the order asked, from the same forward; else ``None``.
+            The logit losses ignore them.
     """
 
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None = None
     softcap: float | None = None
+    layer_states: tuple[Tensor, ...] | None = None
 
 
 @dataclass

@@ -18,6 +18,8 @@ __all__ = [
     "LOSS_BUFFERS",
     "SPARSE_LOSS_BUFFERS",
     "backward_working_bytes",
+    "hidden_loss_bytes",
+    "hidden_projection_params",
     "layer_saved_bytes",
     "loss_buffer_bytes",
     "residual_bytes",
@@ -234,3 +236,33 @@ def teacher_forward_bytes(setup: RunSetup) -> float:
     if setup.teacher_mode in ("4bit", "8bit"):
         total += 2 * max(fan_in * fan_out for fan_in, fan_out in spec.linear_shapes())
     return float(total)
+
+
+def hidden_projection_params(setup: RunSetup) -> int:
+    """Parameters of the learned hidden-state maps: ``H_s x H_t`` per mapped layer (0 when none is learned)."""
+    if not setup.learned_hidden_projection:
+        return 0
+    assert setup.teacher is not None
+    return setup.hidden_layers * setup.student.hidden_size * setup.teacher.hidden_size
+
+
+def hidden_loss_bytes(setup: RunSetup) -> tuple[float, float]:
+    """Bytes of the intermediate-layer loss for one micro-batch: ``(teacher states, loss buffers)``.
+
+    The teacher's outputs of the mapped layers, ``[tokens, H_t]`` each in its compute dtype, stay alive
+    from its forward to the loss. Autograd keeps, per mapped layer until the backward, float32
+    ``[tokens, H]`` tensors (``H`` the compared width): the difference for ``mse``, the student's and
+    the teacher's rows for ``cosine``; two are counted. A learned map adds its float32 copy of a
+    16-bit input ``[tokens, H_s]``. The student's layer outputs are activations already counted.
+    Estimated from what the loss's autograd graph saves (every token assumed to count), not measured.
+    """
+    if setup.hidden_layers == 0 or not setup.teacher_in_process:
+        return 0.0, 0.0
+    assert setup.teacher is not None
+    tokens, layers = setup.tokens_per_micro_batch, setup.hidden_layers
+    compared = setup.teacher.hidden_size if setup.hidden_projection != "select" else setup.student.hidden_size
+    teacher_states = layers * tokens * setup.teacher.hidden_size * _teacher_element_bytes(setup)
+    per_layer = 2 * 4 * compared
+    if setup.learned_hidden_projection and residual_bytes(setup) == 2:
+        per_layer += 4 * setup.student.hidden_size
+    return float(teacher_states), float(layers * tokens * per_layer)

@@ -146,6 +146,11 @@ def _training_state(setup: RunSetup, accumulating: bool) -> list[MemoryItem]:
     )
     name = "optimizer states (8-bit AdamW)" if setup.optimizer == "adamw_8bit" else "optimizer states (AdamW)"
     items.append(MemoryItem(name, trainable * optimizer_bytes / shards, f"{optimizer_bytes:g} B/param{per}"))
+    projection_params = activations.hidden_projection_params(setup)
+    if projection_params:
+        # fp32 weights, gradients and two AdamW states, replicated on every GPU (outside the sharded student).
+        detail = f"{projection_params / 1e6:.1f}M params x 16 B (fp32 weight, grad, AdamW)"
+        items.append(MemoryItem("hidden-state projections", projection_params * 16, detail))
     if setup.sharding == "ddp" and setup.num_gpus > 1:
         # DDP copies gradients into flat all-reduce buckets (gradient_as_bucket_view=False by default).
         items.append(MemoryItem("DDP gradient buckets", trainable * grad_bytes, "one more copy of the gradients"))
@@ -202,6 +207,12 @@ def _forward_backward(setup: RunSetup) -> list[MemoryItem]:
     items.append(MemoryItem(f"loss buffers ({setup.loss_impl})", loss_bytes, loss_detail, phase))
     target_detail = "final hidden states" if setup.teacher_in_process else f"top-{setup.cache_top_k} ids + log-probs"
     items.append(MemoryItem("teacher targets", activations.teacher_output_bytes(setup), target_detail, phase))
+    if setup.hidden_layers:
+        states, buffers = activations.hidden_loss_bytes(setup)
+        what = f"{setup.hidden_layers} mapped layers"
+        items.append(MemoryItem("hidden-state targets", states, f"teacher outputs of {what}", phase))
+        detail = f"~2 fp32 [tokens x H] per layer, {what}"
+        items.append(MemoryItem("hidden-state loss buffers", buffers, detail, phase))
     if setup.training == "full" and setup.precision == "mixed" and not setup.student_sharded:
         # Autocast casts each fp32 projection weight to bf16 once per forward; autograd keeps the copies.
         copies = setup.student.linear_params * 2

@@ -143,6 +143,8 @@ def plan_run(
     on_policy_fraction: float = 0.0,
     max_new_tokens: int = 128,
     padded: bool | None = None,
+    hidden_layers: int = 0,
+    hidden_projection: str = "auto",
     catalogue: Mapping[str, GPU] | None = None,
     suggest: bool = True,
 ) -> Plan:
@@ -168,6 +170,8 @@ def plan_run(
         mfu: one utilisation for every part, overriding the defaults.
         on_policy_fraction, max_new_tokens: on-policy steps (distill's ``lmbda``) and their completion length.
         padded: whether batches are padded (default: when ``per_device_batch > 1``).
+        hidden_layers, hidden_projection: the intermediate-layer loss's mapped layer pairs (0: off) and
+            projection (see :class:`RunSetup`).
         catalogue: GPUs to look ``gpu`` up in (e.g. from :func:`distill.planning.with_prices`).
         suggest: plan the changes that would make a run that does not fit fit.
 
@@ -200,6 +204,8 @@ def plan_run(
         epochs=epochs,
         on_policy_fraction=on_policy_fraction,
         max_new_tokens=max_new_tokens,
+        hidden_layers=hidden_layers,
+        hidden_projection=hidden_projection,
     )
     return plan(setup, suggest=suggest)
 
@@ -243,6 +249,18 @@ def _sharding_of(config: DistillConfig, num_gpus: int) -> str:
     return "ddp"
 
 
+def _hidden_settings(config: DistillConfig, student: ModelSource) -> dict[str, Any]:
+    """``hidden_layers`` / ``hidden_projection`` of :func:`plan_run` from the config's hidden-state fields."""
+    from distill.config import parse_layer_map
+
+    if config.hidden_layer_map == "auto":
+        layers = model_spec(student).num_layers  # auto maps every student layer (record or evenly spaced)
+    else:
+        layers = len(parse_layer_map(config.hidden_layer_map))
+    projection = {"none": "identity"}.get(config.hidden_projection, config.hidden_projection)
+    return {"hidden_layers": layers, "hidden_projection": projection}
+
+
 def plan_from_config(
     config: DistillConfig,
     student: ModelSource,
@@ -259,7 +277,10 @@ def plan_from_config(
     ``loss_implementation``, ``loss`` (divergence), ``teacher_quantization`` / ``teacher_dtype``
     (teacher mode), ``student_dtype`` with ``bf16``/``fp16`` (precision), ``optim`` (8-bit AdamW
     variants), ``lmbda`` and ``max_new_tokens`` (on-policy), ``num_train_epochs``, ``teacher_sharding``
-    and ``fsdp``/``deepspeed`` (sharding, when ``num_gpus > 1``). The LoRA config is not part of a
+    and ``fsdp``/``deepspeed`` (sharding, when ``num_gpus > 1``), ``hidden_loss_weight`` /
+    ``hidden_layer_map`` / ``hidden_projection`` (the intermediate-layer loss; ``auto`` maps every student
+    layer; a pruned student's channel selection is not seen here: pass ``hidden_projection="select"``).
+    The LoRA config is not part of a
     DistillConfig: pass ``lora_rank=`` / ``qlora=`` (and ``tokens=`` for a cost) in ``overrides``,
     which also override anything read from ``config``.
 
@@ -284,5 +305,7 @@ def plan_from_config(
         "sharding": _sharding_of(config, num_gpus),
         "shard_teacher": teacher_sharding,
     }
+    if config.hidden_loss_weight > 0:
+        settings.update(_hidden_settings(config, student))
     settings.update(overrides)
     return plan_run(student, teacher, gpu=gpu, num_gpus=num_gpus, **settings)

@@ -73,6 +73,10 @@ class RunSetup:
         epochs: passes over ``tokens``.
         on_policy_fraction: share of steps whose completions the student generates (distill's ``lmbda``).
         max_new_tokens: tokens generated per completion on those steps.
+        hidden_layers: mapped layer pairs of the intermediate-layer (hidden-state) loss; 0: off.
+        hidden_projection: how student states meet the teacher's width: ``learned`` (a linear map
+            per pair, trained), ``select`` (a pruned student's kept channels; no parameters),
+            ``identity``, or ``auto`` (learned when the widths differ, else identity).
     """
 
     student: ModelSpec
@@ -100,6 +104,8 @@ class RunSetup:
     epochs: float = 1.0
     on_policy_fraction: float = 0.0
     max_new_tokens: int = 128
+    hidden_layers: int = 0
+    hidden_projection: str = "auto"
 
     def __post_init__(self) -> None:
         self._check_choices()
@@ -140,6 +146,12 @@ class RunSetup:
             raise ValueError(f"tokens must be > 0; got {self.tokens}.")
         if self.epochs <= 0:
             raise ValueError(f"epochs must be > 0; got {self.epochs}.")
+        if self.hidden_layers < 0:
+            raise ValueError(f"hidden_layers is a number of mapped layer pairs, >= 0; got {self.hidden_layers}.")
+        if self.hidden_projection not in ("auto", "learned", "select", "identity"):
+            raise ValueError(
+                f"hidden_projection must be auto, learned, select or identity; got {self.hidden_projection!r}."
+            )
         if not 0 <= self.on_policy_fraction <= 1:
             raise ValueError(f"on_policy_fraction must be in [0, 1]; got {self.on_policy_fraction}.")
 
@@ -187,6 +199,15 @@ class RunSetup:
     def is_padded(self) -> bool:
         """Whether attention gets a padding mask (see ``padded``)."""
         return self.per_device_batch > 1 if self.padded is None else self.padded
+
+    @property
+    def learned_hidden_projection(self) -> bool:
+        """Whether the hidden-state loss trains a linear map per mapped layer (student width -> teacher's)."""
+        if self.hidden_layers == 0 or self.teacher is None:
+            return False
+        if self.hidden_projection == "auto":
+            return self.student.hidden_size != self.teacher.hidden_size
+        return self.hidden_projection == "learned"
 
     @property
     def teacher_in_process(self) -> bool:

@@ -18,6 +18,7 @@ from distill.teachers.decoder import (
     full_logits,
     output_head_of,
 )
+from distill.teachers.hidden import catch_layer_outputs, decoder_layers
 from distill.teachers.model import ModelTeacher
 from distill.teachers.server import ServerTeacher
 from distill.teachers.sharding import shard_teacher
@@ -32,6 +33,8 @@ __all__ = [
     "Teacher",
     "TeacherTargets",
     "UnsupportedModelError",
+    "catch_layer_outputs",
+    "decoder_layers",
     "decoder_of",
     "final_hidden_states",
     "full_logits",

@@ -64,6 +64,26 @@ class Teacher(ABC):
             rows: the output of :func:`distill.data.prepare_dataset` (``input_ids`` and ``labels``).
         """
 
+    def hidden_state_shape(self) -> tuple[int, int]:
+        """``(decoder layers, hidden size)`` of the teacher, for intermediate-layer distillation.
+
+        Only in-process model teachers have hidden states; the default refuses, before training.
+        """
+        raise ValueError(
+            f"{type(self).__name__} gives no hidden states, so intermediate-layer distillation "
+            "(hidden_loss_weight > 0) cannot run with it: a cache, a server or the data hold only output "
+            "distributions. Set hidden_loss_weight=0, or use an in-process teacher (a model or a path: ModelTeacher)."
+        )
+
+    def request_hidden_states(self, layers: tuple[int, ...]) -> None:
+        """From now on, :meth:`targets` also returns the outputs of these decoder layers (``layer_states``).
+
+        Args:
+            layers: decoder layer indices (0-based), in the order the targets should carry them.
+        """
+        self.hidden_state_shape()  # the refusal, for teachers without hidden states
+        raise NotImplementedError(f"{type(self).__name__} has hidden states but cannot return them.")
+
     def generate(self, prompt_ids: Tensor, prompt_attention_mask: Tensor, **generation_kwargs: Any) -> Tensor:
         """``[batch, prompt + new]`` the prompts continued by the teacher (sequence-level KD).
 

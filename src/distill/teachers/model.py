@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from distill.losses import TeacherHead
 from distill.teachers.base import Teacher
 from distill.teachers.decoder import OutputHead, final_hidden_states, output_head_of
+from distill.teachers.hidden import catch_layer_outputs, decoder_layers
 from distill.teachers.sharding import full_tensor, is_sharded
 
 
@@ -55,6 +56,7 @@ class ModelTeacher(Teacher):
         self.model = model
         self.tokenizer = tokenizer
         self._heads: dict[torch.device, OutputHead] = {}
+        self._hidden_layers: tuple[int, ...] = ()
 
     @property
     def device(self) -> torch.device:
@@ -64,6 +66,15 @@ class ModelTeacher(Teacher):
     @property
     def vocab_rows(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def hidden_state_shape(self) -> tuple[int, int]:
+        return len(decoder_layers(self.model)), int(self.model.config.get_text_config().hidden_size)
+
+    def request_hidden_states(self, layers: tuple[int, ...]) -> None:
+        num_layers, _ = self.hidden_state_shape()
+        if any(not 0 <= index < num_layers for index in layers):
+            raise ValueError(f"Teacher layer indices must be in [0, {num_layers}); got {list(layers)}.")
+        self._hidden_layers = tuple(layers)
 
     def head_on(self, device: torch.device) -> OutputHead:
         """The teacher's head with its tensors on ``device``.
@@ -88,20 +99,28 @@ class ModelTeacher(Teacher):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
     ) -> TeacherHead:
-        """The teacher's final hidden states ``[batch, seq, H_t]`` and head, on ``input_ids``' device."""
+        """The teacher's final hidden states ``[batch, seq, H_t]`` and head, on ``input_ids``' device.
+
+        After :meth:`request_hidden_states`, also the outputs of those decoder layers, caught in the same
+        forward (``layer_states``, each ``[batch, seq, H_t]`` in the teacher's compute dtype).
+        """
         out_device = input_ids.device
         here = self.device
 
         def to_teacher(tensor: Tensor | None) -> Tensor | None:
             return None if tensor is None else tensor.to(here, non_blocking=True)
 
-        hidden = final_hidden_states(
-            self.model, to_teacher(input_ids), to_teacher(attention_mask), to_teacher(position_ids)
-        )
+        with catch_layer_outputs(self.model, self._hidden_layers) as caught:
+            hidden = final_hidden_states(
+                self.model, to_teacher(input_ids), to_teacher(attention_mask), to_teacher(position_ids)
+            )
         head = self.head_on(out_device)
         # The head matmul runs in the head's dtype (a 4-bit teacher's head is kept in its compute dtype).
         hidden = hidden.to(out_device, dtype=head.weight.dtype, non_blocking=True)
-        return TeacherHead(hidden, head.weight, head.bias, head.softcap)
+        layer_states = None
+        if self._hidden_layers:
+            layer_states = tuple(caught[index].to(out_device, non_blocking=True) for index in self._hidden_layers)
+        return TeacherHead(hidden, head.weight, head.bias, head.softcap, layer_states=layer_states)
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_attention_mask: Tensor, **generation_kwargs: Any) -> Tensor:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distill.losses import DistillationOutput
+from distill.losses import DistillationOutput, HiddenStateOutput
 
 
 @dataclass
@@ -20,6 +20,8 @@ class KDMetrics:
     that carry loss; ``tokens_per_second`` counts every non-padding input token the student
     processed (prompts and completions, generated ones included) per second of wall time since the
     previous log; ``on_policy_fraction`` is the fraction of micro-batches trained on generated text.
+    ``hidden_loss`` and ``hidden_loss/layer_<i>`` (intermediate-layer distillation; ``i`` the student
+    layer) are means over the tokens that loss counts.
     """
 
     sums: dict[str, float] = field(default_factory=dict)
@@ -28,6 +30,8 @@ class KDMetrics:
     micro_batches: int = 0
     generated_batches: int = 0
     started: float = field(default_factory=time.perf_counter)
+    hidden_sums: dict[str, float] = field(default_factory=dict)
+    hidden_tokens: int = 0
 
     def add(self, output: DistillationOutput, input_tokens: int, generated: bool) -> None:
         """Record one micro-batch's :class:`DistillationOutput` and its non-padding input tokens."""
@@ -45,20 +49,33 @@ class KDMetrics:
         self.micro_batches += 1
         self.generated_batches += int(generated)
 
+    def add_hidden(self, output: HiddenStateOutput, layer_names: list[str]) -> None:
+        """Record one micro-batch's hidden-state loss: the total and one value per mapped layer."""
+        n = output.num_tokens
+        values = dict(zip(layer_names, output.layer_losses.tolist(), strict=True))
+        values["hidden_loss"] = float(output.loss.detach())
+        for name, value in values.items():
+            self.hidden_sums[name] = self.hidden_sums.get(name, 0.0) + value * n
+        self.hidden_tokens += n
+
     def pop(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
         """The metrics since the last call (summed over processes by ``reduce_sum``), then reset."""
         names = sorted(self.sums)
-        totals = [self.sums[name] for name in names] + [
-            self.loss_tokens,
-            self.input_tokens,
-            self.micro_batches,
-            self.generated_batches,
-        ]
+        hidden_names = sorted(self.hidden_sums)  # the same on every process: one layer map per run
+        totals = (
+            [self.sums[name] for name in names]
+            + [self.hidden_sums[name] for name in hidden_names]
+            + [self.hidden_tokens, self.loss_tokens, self.input_tokens, self.micro_batches, self.generated_batches]
+        )
         if reduce_sum is not None:
             totals = reduce_sum(torch.tensor(totals, dtype=torch.float64)).tolist()
-        *sums, loss_tokens, input_tokens, micro_batches, generated_batches = totals
+        *sums, hidden_tokens, loss_tokens, input_tokens, micro_batches, generated_batches = totals
+        sums, hidden_sums = sums[: len(names)], sums[len(names) :]
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         logs = {name: value / max(loss_tokens, 1) for name, value in zip(names, sums, strict=True)}
+        logs.update(
+            {name: value / max(hidden_tokens, 1) for name, value in zip(hidden_names, hidden_sums, strict=True)}
+        )
         if micro_batches:
             logs["tokens_per_second"] = input_tokens / elapsed
             logs["loss_tokens"] = loss_tokens
@@ -69,5 +86,7 @@ class KDMetrics:
     def reset(self) -> None:
         """Forget everything recorded and restart the clock."""
         self.sums.clear()
+        self.hidden_sums.clear()
+        self.hidden_tokens = 0
         self.loss_tokens = self.input_tokens = self.micro_batches = self.generated_batches = 0
         self.started = time.perf_counter()

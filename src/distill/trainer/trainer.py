@@ -8,6 +8,7 @@ logits exist at once on the default (fused) path.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 from typing import Any, NoReturn
@@ -33,10 +34,19 @@ from distill.models import (
     load_causal_lm,
     resolve_dtype,
 )
-from distill.teachers import ModelTeacher, Teacher, TeacherTargets, final_hidden_states, full_logits, output_head_of
+from distill.teachers import (
+    ModelTeacher,
+    Teacher,
+    TeacherTargets,
+    catch_layer_outputs,
+    final_hidden_states,
+    full_logits,
+    output_head_of,
+)
 from distill.teachers.server import ServerError
 from distill.teachers.sharding import full_tensor, shard_teacher
 from distill.trainer.batching import completion_batch, next_token_labels
+from distill.trainer.hidden import PROJECTIONS_FILE, HiddenDistillation, build_hidden_distillation, hidden_token_mask
 from distill.trainer.metrics import KDMetrics
 from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
 from distill.trainer.prefetch import PREFETCHED_KEY, TargetPrefetcher
@@ -113,6 +123,8 @@ class Trainer(transformers.Trainer):
         if peft_config is not None:
             model = apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
         check_student_trainable(model, peft_config)
+        # Intermediate-layer distillation: layer map and projections now (a teacher without hidden states refuses).
+        self.hidden: HiddenDistillation | None = build_hidden_distillation(model, self.teacher, args)
         self.vocab_size = shared_vocabulary(model, self.teacher, tokenizer, args)
         self.objective = args.objective(self.vocab_size)
         if args.loss_implementation == "fused":
@@ -137,6 +149,8 @@ class Trainer(transformers.Trainer):
         # Our loss is a mean over each micro-batch's loss tokens; let the engine average micro-batches.
         self.model_accepts_loss_kwargs = False
         self._place_teacher(args)
+        if self.hidden is not None:
+            self.hidden.to(args.device)
         self._train_metrics, self._eval_metrics = KDMetrics(), KDMetrics()
         self._micro_step, self._micro_step_of = 0, -1
         self._eos_token_ids = eos_token_ids(tokenizer, model)
@@ -235,15 +249,25 @@ class Trainer(transformers.Trainer):
         position_ids = inputs.get("position_ids")
         targets = next_token_labels(inputs["labels"], position_ids)
         teacher_targets = self._teacher_targets(model, inputs)
+        hidden = self.hidden
         try:
-            output = self._loss(model, input_ids, attention_mask, position_ids, targets, teacher_targets)
+            # The student's mapped layer outputs are caught in the same (outer) forward that gives its logits.
+            with catch_layer_outputs(model, hidden.student_layers if hidden else ()) as student_states:
+                output = self._loss(model, input_ids, attention_mask, position_ids, targets, teacher_targets)
+            loss = output.loss
+            if hidden is not None:
+                mask = hidden_token_mask(self.args.hidden_loss_tokens, attention_mask, targets)
+                hidden_output = hidden(student_states, getattr(teacher_targets, "layer_states", None) or (), mask)
+                loss = loss + self.args.hidden_loss_weight * hidden_output.loss
         except NonFiniteInputError as error:  # NaN hidden states / logits, caught before the loss math
             self._stop_on_nonfinite(model, inputs, str(error))
-        if not torch.isfinite(output.loss.detach()).item():
-            self._stop_on_nonfinite(model, inputs, f"the loss is {float(output.loss)}")
+        if not torch.isfinite(loss.detach()).item():
+            self._stop_on_nonfinite(model, inputs, f"the loss is {float(loss)}")
         metrics = self._train_metrics if model.training else self._eval_metrics
         metrics.add(output, _input_tokens(inputs), generated=bool(inputs.get("_generated", False)))
-        return (output.loss, output) if return_outputs else output.loss
+        if hidden is not None:
+            metrics.add_hidden(hidden_output, hidden.names)
+        return (loss, output) if return_outputs else loss
 
     def _teacher_targets(self, model: nn.Module, inputs: dict[str, Any]) -> TeacherTargets:
         """The batch's teacher targets: prefetched (see :mod:`distill.trainer.prefetch`) or asked for now."""
@@ -333,6 +357,48 @@ class Trainer(transformers.Trainer):
         """
         self._save_checkpoint(model, trial=None)
         return f"{self.args.output_dir}/checkpoint-{self.state.global_step}"
+
+    # ---- the learned hidden-state projections: optimised with the student, kept in checkpoints ------
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The engine's optimizer, plus a parameter group for the learned hidden-state projections (if any)."""
+        optimizer = super().create_optimizer(model)
+        projections = self.hidden.projections if self.hidden is not None else None
+        if projections is not None:
+            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            params = [p for p in projections.parameters() if id(p) not in known]
+            if params:
+                # No weight decay: the maps only translate between widths; decaying them shrinks the student's target.
+                optimizer.add_param_group({"params": params, "weight_decay": 0.0})
+                if self.accelerator.num_processes > 1:
+                    # They live outside the wrapped (DDP/FSDP) student, so nothing averages their gradients: do it
+                    # once per optimizer step, before it.
+                    optimizer.register_step_pre_hook(lambda *_: self._average_projection_gradients())
+                # The engine zeroes the model's gradients only (model.zero_grad()): clear the maps' after each step.
+                optimizer.register_step_post_hook(lambda *_: projections.zero_grad(set_to_none=True))
+        return optimizer
+
+    def _average_projection_gradients(self) -> None:
+        for param in self.hidden.projections.parameters():  # type: ignore[union-attr]
+            if param.grad is not None:
+                param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.hidden is not None and self.hidden.projections is not None and self.args.should_save:
+            torch.save(self.hidden.projections.state_dict(), os.path.join(output_dir, PROJECTIONS_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is not None and self.hidden is not None and self.hidden.projections is not None:
+            path = os.path.join(checkpoint, PROJECTIONS_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{checkpoint} has no {PROJECTIONS_FILE}: it was saved without learned hidden-state projections "
+                    "(another hidden_loss_weight / hidden_projection / layer map?). Resume with the settings it was "
+                    "trained with, or start a new run."
+                )
+            self.hidden.projections.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+        super()._load_optimizer_and_scheduler(checkpoint)
 
     # ---- logging and the outer loop -----------------------------------------------------------------
 
