@@ -14,7 +14,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-__all__ = ["evenly_spaced_layers", "student_from_teacher"]
+__all__ = ["PRUNING_RECORD_KEY", "evenly_spaced_layers", "student_from_teacher"]
+
+# ``config.json`` key of the record of which teacher units a student kept (written here and by
+# distill.pruning; read by intermediate-layer distillation).
+PRUNING_RECORD_KEY = "distill_pruning"
 
 
 def evenly_spaced_layers(num_layers: int, keep: int) -> list[int]:
@@ -79,6 +83,9 @@ def student_from_teacher(
         if isinstance(value, list) and len(value) == total and name != "architectures":
             setattr(config, name, [value[i] for i in keep])
     config.num_hidden_layers = len(keep)
+    # The record intermediate-layer distillation maps student layers to teacher layers with.
+    setattr(config, PRUNING_RECORD_KEY, {"teacher_num_hidden_layers": total, "teacher_hidden_size": config.hidden_size,
+                                         "layers": keep, "hidden_channels": None})  # fmt: skip
     if dtype is not None:
         student = student.to(dtype)
     for parameter in student.parameters():

@@ -237,18 +237,26 @@ def prune(
             a fraction in (0, 1) of the teacher's parameters, or a parameter count.
         budget_of: which parameters a budget counts: ``"non_embedding"`` or ``"total"``.
         candidates: shapes to try for a budget (default :func:`candidate_shapes`).
-        score_batches: calibration batches each candidate is scored on (the last ones).
+        score_batches: calibration batches each candidate is scored on (the last ones, held out of the
+            importance statistics when there are more batches than this).
         skip_loss_batches: also rank blocks by the loss with the block skipped, on this many batches.
         refit: least-squares re-fit of kept weights (see :mod:`distill.pruning.surgery`).
         progress: progress bars.
     """
     check_prunable(model)
     shape, budget = _resolve_target(model.config, target, budget_of)  # bad targets fail before any work
+    if score_batches < 1:
+        raise ValueError(f"score_batches must be at least 1; got {score_batches}.")
+    if not calibration:
+        raise ValueError("No calibration batches: pass calibration_batches(rows, tokenizer) with at least one row.")
+    # Candidates are scored on batches the re-fit never saw (when there are enough): an in-sample score
+    # would favour the shapes that over-fit the calibration statistics.
+    scoring = calibration[-score_batches:]
+    fitting = calibration[:-score_batches] if len(calibration) > score_batches else calibration
     started = time.perf_counter()
-    importance = measure_importance(model, calibration, grams=refit, skip_loss_batches=skip_loss_batches,
+    importance = measure_importance(model, fitting, grams=refit, skip_loss_batches=skip_loss_batches,
                                     progress=progress)  # fmt: skip
     importance_seconds = time.perf_counter() - started
-    scoring = calibration[-score_batches:]
     teacher_loss = calibration_loss(model, scoring)
     if shape is not None:
         tried = [shape]

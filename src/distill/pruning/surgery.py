@@ -26,12 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distill.models.shrink import PRUNING_RECORD_KEY
 from distill.pruning.architecture import PruneShape, check_prunable, decoder_layers, shape_of
 from distill.pruning.importance import Importance
 
 __all__ = ["PrunedModel", "kept_units", "prune_to_shape"]
 
-RECORD_KEY = "distill_pruning"  # config.json key of the record hidden-state distillation reads
+RECORD_KEY = PRUNING_RECORD_KEY  # config.json key of the record hidden-state distillation reads
 
 
 @dataclass

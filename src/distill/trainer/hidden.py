@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from distill.config import DistillConfig, parse_layer_map
 from distill.losses import HiddenStateOutput, hidden_state_loss
+from distill.models.shrink import PRUNING_RECORD_KEY
 from distill.teachers import Teacher, decoder_layers, decoder_of
 from distill.trainer.batching import IGNORE_INDEX
 
@@ -40,7 +41,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PRUNING_RECORD_KEY = "distill_pruning"
 PROJECTIONS_FILE = "hidden_projections.pt"
 
 
