@@ -20,6 +20,8 @@ generating, and written up as a report card (``report.md``, ``report.json``, plo
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import os
 import sys
 import sysconfig
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 # Module files of the standard library: training text, and held-out text from other modules.
 TRAIN_MODULES = (
@@ -42,22 +45,32 @@ HELDOUT_MODULES = ("fnmatch.py", "glob.py", "pprint.py", "queue.py", "sched.py",
 
 @dataclass(frozen=True)
 class Budget:
-    """How much work one run does."""
+    """How much work one run does (rows are ``max_length`` tokens of code; steps are optimizer steps)."""
 
     train_rows: int
     heldout_rows: int
+    curve_rows: int
+    calibration_rows: int
     max_length: int
-    epochs: int
+    heldout_length: int
     batch_size: int
-    student_layers: int
+    steps: int
+    curve_points: int
     learning_rate: float
+    prune_target: float
     speed_tokens: int
 
 
-FULL = Budget(train_rows=192, heldout_rows=48, max_length=256, epochs=1, batch_size=8, student_layers=6,
-              learning_rate=3e-4, speed_tokens=32)  # fmt: skip
-QUICK = Budget(train_rows=16, heldout_rows=8, max_length=64, epochs=1, batch_size=4, student_layers=4,
-               learning_rate=3e-4, speed_tokens=8)  # fmt: skip
+FULL = Budget(train_rows=256, heldout_rows=48, curve_rows=16, calibration_rows=24, max_length=128,
+              heldout_length=256, batch_size=4, steps=40, curve_points=4, learning_rate=2e-4, prune_target=0.5,
+              speed_tokens=32)  # fmt: skip
+# --long: the same runs to about 60 CPU-minutes in all, for the curve in docs/pruning.md.
+LONG = Budget(train_rows=2400, heldout_rows=48, curve_rows=16, calibration_rows=24, max_length=128,
+              heldout_length=256, batch_size=4, steps=400, curve_points=10, learning_rate=2e-4, prune_target=0.5,
+              speed_tokens=32)  # fmt: skip
+QUICK = Budget(train_rows=16, heldout_rows=8, curve_rows=4, calibration_rows=8, max_length=64, heldout_length=64,
+               batch_size=4, steps=3, curve_points=1, learning_rate=3e-4, prune_target=0.5,
+               speed_tokens=8)  # fmt: skip
 
 
 def say(message: str) -> None:
@@ -83,37 +96,127 @@ def code_rows(tokenizer: Any, modules: tuple[str, ...], rows: int, max_length: i
     return out
 
 
+@torch.no_grad()
+def heldout_ce(model: torch.nn.Module, blocks: list[torch.Tensor]) -> float:
+    """Mean next-token cross-entropy (nats/token) of ``model`` over token blocks (the curve's cheap probe)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for ids in blocks:
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
+        count += ids[:, 1:].numel()
+    model.train(was_training)
+    return total / count
+
+
+class QualityCurve(TrainerCallback):
+    """Held-out CE every few optimizer steps, against training seconds (the probe's own time excluded)."""
+
+    def __init__(self, model: torch.nn.Module, blocks: list[torch.Tensor], every: int) -> None:
+        self.model, self.blocks, self.every = model, blocks, every
+        self.points: list[tuple[int, float, float]] = []  # (step, training seconds, held-out CE)
+        self.started = self.probing = 0.0
+
+    def _probe(self, step: int) -> None:
+        began = time.perf_counter()
+        ce = heldout_ce(self.model, self.blocks)
+        self.points.append((step, began - self.started - self.probing, ce))
+        self.probing += time.perf_counter() - began
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.started = time.perf_counter()
+        self._probe(0)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self._probe(state.global_step)
+
+
+@dataclass
+class Run:
+    """One student's training: its start, its teacher kind, its curve and its log."""
+
+    start: str
+    method: str
+    seed: int
+    model: torch.nn.Module
+    curve: list[tuple[int, float, float]]
+    log_history: list[dict[str, Any]]
+
+    @property
+    def label(self) -> str:
+        return f"{self.start} + {self.method}"
+
+
 def train(
-    name: str, student: torch.nn.Module, teacher: Any, tokenizer: Any, rows: list[dict[str, str]], budget: Budget,
-    out: Path,
-) -> list[dict[str, Any]]:  # fmt: skip
-    """Train one student; return its log history."""
+    start: str, method: str, student: torch.nn.Module, teacher: Any, tokenizer: Any, rows: list[dict[str, str]],
+    blocks: list[torch.Tensor], budget: Budget, out: Path, seed: int = 0,
+) -> Run:  # fmt: skip
+    """Train one student for ``budget.steps`` steps; KD also matches the teacher's hidden states through the record."""
     import datasets
 
     from distill import DistillConfig, Trainer
 
+    kd = method == "KD"
+    name = f"{start}-{method}-seed{seed}".replace(" ", "_")
     args = DistillConfig(
-        output_dir=str(out / name), loss="forward_kl", num_train_epochs=budget.epochs,
-        per_device_train_batch_size=budget.batch_size, learning_rate=budget.learning_rate, warmup_steps=0.1,
+        output_dir=str(out / "runs" / name), loss="forward_kl", max_steps=budget.steps,
+        per_device_train_batch_size=budget.batch_size, learning_rate=budget.learning_rate, warmup_steps=0.05,
         lr_scheduler_type="cosine", max_length=budget.max_length, logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, seed=0, data_seed=0, disable_tqdm=False,
+        use_cpu=True, seed=seed, data_seed=seed, disable_tqdm=True,
+        hidden_loss_weight=HIDDEN_LOSS_WEIGHT if kd else 0.0, hidden_loss="cosine",
     )  # fmt: skip
+    curve = QualityCurve(student, blocks, every=max(1, budget.steps // budget.curve_points))
     trainer = Trainer(
         model=student, teacher=teacher, args=args, train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=tokenizer,
+        processing_class=tokenizer, callbacks=[curve],
     )  # fmt: skip
-    started = time.perf_counter()
     trainer.train()
-    say(f"{name}: {trainer.state.global_step} steps in {time.perf_counter() - started:.0f} s")
-    return trainer.state.log_history
+    step, seconds, ce = curve.points[-1]
+    say(f"{start} + {method} (seed {seed}): {step} steps in {seconds:.0f} s, held-out CE probe {ce:.3f}")
+    return Run(start, method, seed, student, curve.points, trainer.state.log_history)
+
+
+# KD's hidden-state term (cosine, over the layer map the pruning record gives); 0 turns it off.
+HIDDEN_LOSS_WEIGHT = 1.0
+
+
+def token_blocks(tokenizer: Any, rows: list[dict[str, str]], rows_per_block: int) -> list[torch.Tensor]:
+    """The rows tokenized as training tokenizes them, stacked ``rows_per_block`` at a time (equal lengths)."""
+    ids = [tokenizer(row["text"])["input_ids"] for row in rows]
+    length = min(len(x) for x in ids)
+    return [
+        torch.tensor([x[:length] for x in ids[i : i + rows_per_block]]) for i in range(0, len(ids), rows_per_block)
+    ]
+
+
+def make_students(teacher: Any, tokenizer: Any, rows: list[dict[str, str]], budget: Budget) -> dict[str, Any]:
+    """The two starts at the same budget: the pruned teacher, and a subset of its layers (round 1's start)."""
+    from distill.models import student_from_teacher
+    from distill.pruning import calibration_batches, count_parameters, prune
+
+    batches = calibration_batches(rows[: budget.calibration_rows], tokenizer, max_length=budget.max_length)
+    say(f"pruning the teacher to {budget.prune_target:.0%} of its non-embedding parameters ({len(batches)} batches)")
+    pruned = prune(teacher, batches, budget.prune_target, progress=False)
+    print(pruned.table())
+    # The layer-copy start at the same budget: as many evenly spaced layers as fit.
+    per_layer = count_parameters(teacher.config)["non_embedding"] / teacher.config.num_hidden_layers
+    layers = max(1, int(pruned.student_parameters["non_embedding"] / per_layer))
+    return {"pruned": pruned, "layers": layers, "make_subset": lambda: student_from_teacher(teacher, layers)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the same path at a tiny budget (about a minute)")
-    parser.add_argument("--out", default="demo-output", help="folder for the report card")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the same path at a tiny budget (about a minute)")
+    mode.add_argument("--long", action="store_true", help="the curve to ~60 CPU-minutes (docs/pruning.md's table)")
+    parser.add_argument("--seeds", type=int, default=1, help="train the pruned student's KD and baseline N times")
+    parser.add_argument("--out", default="demo-output", help="folder for the report card and the students")
     args = parser.parse_args(argv)
-    budget = QUICK if args.quick else FULL
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1; got {args.seeds}")
+    budget = QUICK if args.quick else LONG if args.long else FULL
     out = Path(args.out)
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -121,7 +224,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     from distill.evaluation import ModelResult, heldout_metrics, measure_speed, summary_tables, write_report
-    from distill.models import student_from_teacher
     from distill.teachers import DataTeacher
     from distill.testing import smollm2_135m_instruct
 
@@ -129,62 +231,130 @@ def main(argv: list[str] | None = None) -> int:
     teacher, tokenizer = smollm2_135m_instruct()
     teacher.eval().requires_grad_(False)
     train_rows = code_rows(tokenizer, TRAIN_MODULES, budget.train_rows, budget.max_length)
-    heldout_rows = code_rows(tokenizer, HELDOUT_MODULES, budget.heldout_rows, budget.max_length)
+    heldout_rows = code_rows(tokenizer, HELDOUT_MODULES, budget.heldout_rows, budget.heldout_length)
+    blocks = token_blocks(tokenizer, heldout_rows[: budget.curve_rows], rows_per_block=4)
     say(
         f"task: complete Python code. train: {len(train_rows)} rows x {budget.max_length} tokens from "
-        f"{len(TRAIN_MODULES)} stdlib modules; held out: {len(heldout_rows)} rows from {', '.join(HELDOUT_MODULES)}"
+        f"{len(TRAIN_MODULES)} stdlib modules; held out: {len(heldout_rows)} rows x {budget.heldout_length} tokens "
+        f"from {', '.join(HELDOUT_MODULES)}"
     )
+    starts = make_students(teacher, tokenizer, train_rows, budget)
+    pruned = starts["pruned"]
+    say(f"the same budget by copying layers: {starts['layers']} evenly spaced layers of "
+        f"{teacher.config.num_hidden_layers}")  # fmt: skip
 
-    initial = student_from_teacher(teacher, budget.student_layers)
-    n_teacher = sum(p.numel() for p in teacher.parameters())
-    n_student = sum(p.numel() for p in initial.parameters())
-    say(
-        f"student: {budget.student_layers} of the teacher's {teacher.config.num_hidden_layers} layers, "
-        f"{n_student / 1e6:.1f}M parameters vs {n_teacher / 1e6:.1f}M (embeddings and head shared in shape)"
-    )
-    kd_student = student_from_teacher(teacher, budget.student_layers)
-    baseline = student_from_teacher(teacher, budget.student_layers)
-    histories = {
-        "kd": train("kd", kd_student, teacher, tokenizer, train_rows, budget, out),
-        "baseline": train("baseline", baseline, DataTeacher(teacher.config.vocab_size), tokenizer, train_rows,
-                          budget, out),
-    }  # fmt: skip
+    data_teacher = DataTeacher(teacher.config.vocab_size)
+    runs: list[Run] = []
+    for seed in range(args.seeds):
+        for method, kind in (("KD", teacher), ("fine-tuning", data_teacher)):
+            student = copy.deepcopy(pruned.pruned.model)
+            runs.append(train("pruned", method, student, kind, tokenizer, train_rows, blocks, budget, out, seed))
+    for method, kind in (("KD", teacher), ("fine-tuning", data_teacher)):
+        runs.append(train("layer copy", method, starts["make_subset"](), kind, tokenizer, train_rows, blocks, budget,
+                          out, 0))  # fmt: skip
 
-    say("scoring on the held-out modules (KL to the teacher, top-1 agreement, perplexity)")
+    say("scoring on the held-out modules (KL to the teacher, top-1 agreement, cross-entropy)")
+    first = {run.label: run for run in runs if run.seed == 0}
     scores = {
-        name: heldout_metrics(model, teacher, tokenizer, heldout_rows, max_length=budget.max_length, batch_size=8)
-        for name, model in (("kd", kd_student), ("baseline", baseline), ("initial", initial))
-    }
+        label: heldout_metrics(run.model, teacher, tokenizer, heldout_rows, max_length=budget.heldout_length,
+                               batch_size=8)
+        for label, run in first.items()
+    }  # fmt: skip
+    best = min(("pruned + KD", "layer copy + KD"), key=lambda label: scores[label].student_ce)
+    baseline_label = best.replace("KD", "fine-tuning")
     say("timing generation")
     prompts = [row["text"][:200] for row in heldout_rows[:4]]
     speeds = {
         name: measure_speed(model, tokenizer, prompts=prompts, batch_size=4, new_tokens=budget.speed_tokens, repeats=2)
-        for name, model in (("teacher", teacher), ("kd", kd_student))
+        for name, model in (("teacher", teacher), ("student", first[best].model))
     }
-    speeds["baseline"] = speeds["kd"]  # same architecture and size: the same speed
     teacher_result = ModelResult.from_results(
-        "teacher (SmolLM2-135M-Instruct)", scores["kd"].teacher_metrics(), speed=speeds["teacher"]
+        "teacher (SmolLM2-135M-Instruct)", scores[best].teacher_metrics(), speed=speeds["teacher"]
     )
-    kd_result = ModelResult.from_results(
-        f"KD student ({budget.student_layers} layers)", scores["kd"].student_metrics(), speed=speeds["kd"],
-        log_history=histories["kd"],
+    student_result = ModelResult.from_results(
+        f"{best} student ({pruned.pruned.shape})" if best.startswith("pruned") else f"{best} student",
+        scores[best].student_metrics(), speed=speeds["student"], log_history=first[best].log_history,
     )  # fmt: skip
     baseline_result = ModelResult.from_results(
-        f"baseline (same student, fine-tuned, {budget.student_layers} layers)", scores["baseline"].student_metrics(),
-        speed=speeds["baseline"], log_history=histories["baseline"],
+        f"{baseline_label} (same start, same budget, no teacher)", scores[baseline_label].student_metrics(),
+        speed=speeds["student"], log_history=first[baseline_label].log_history,
     )  # fmt: skip
     card = write_report(
-        out, teacher=teacher_result, student=kd_result, baseline=baseline_result, primary_metric="ce",
-        title="make demo: SmolLM2-135M-Instruct distilled on Python code (CPU)",
+        out, teacher=teacher_result, student=student_result, baseline=baseline_result, primary_metric="ce",
+        title="make demo: SmolLM2-135M-Instruct pruned and distilled on Python code (CPU)",
     )  # fmt: skip
+    curve_md = write_curve(out, runs, scores, teacher_ce=scores[best].teacher_ce, budget=budget)
+    save_students(out, first, tokenizer)
     print()
-    print(summary_tables(teacher_result, kd_result, baseline_result))
+    print(summary_tables(teacher_result, student_result, baseline_result))
     print()
-    untrained = scores["initial"].student_metrics()
-    say(f"before training the student had held-out CE {untrained['ce']:.3f}, KL {untrained['kl']:.3f}")
+    print(curve_md)
+    print()
     say(card.headline)
-    say(f"report card: {out / 'report.md'} (+ report.json, plots); total {time.perf_counter() - started:.0f} s")
+    say(f"report card: {out / 'report.md'} (+ report.json, plots); students in {out / 'students'}; "
+        f"total {time.perf_counter() - started:.0f} s")  # fmt: skip
     return 0
+
+
+def write_curve(
+    out: Path, runs: list[Run], scores: dict[str, Any], *, teacher_ce: float, budget: Budget
+) -> str:  # fmt: skip
+    """Append the quality-vs-training-time table (and plot) of every run to ``report.md``; return the table."""
+    from distill.evaluation.plots import plot_quality_vs_time
+
+    lines = [
+        "## Quality vs training time: the start and the teacher both matter",
+        "",
+        f"Held-out CE (nats/token) on {budget.heldout_rows} rows of {budget.heldout_length} tokens; "
+        f"teacher {teacher_ce:.3f}. Kept = exp(-(CE_student - CE_teacher)). Every run: {budget.steps} steps of "
+        f"{budget.batch_size} x {budget.max_length} tokens, lr {budget.learning_rate}.",
+        "",
+        "| start + training | held-out CE | kept | probe CE at step 0 -> end | training s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, metrics in scores.items():
+        run = next(r for r in runs if r.label == label and r.seed == 0)
+        kept = math.exp(-(metrics.student_ce - teacher_ce))
+        lines.append(
+            f"| {label} | {metrics.student_ce:.3f} | {kept:.1%} | {run.curve[0][2]:.3f} -> {run.curve[-1][2]:.3f} | "
+            f"{run.curve[-1][1]:.0f} |"
+        )
+    seeds = sorted({r.seed for r in runs})
+    if len(seeds) > 1:
+        lines += ["", seed_spread(runs)]
+    table = "\n".join(lines)
+    curves = {
+        r.label + (f" (seed {r.seed})" if len(seeds) > 1 else ""): [(s, ce) for _, s, ce in r.curve] for r in runs
+    }
+    drawn = plot_quality_vs_time(out / "quality_vs_time.png", curves, teacher_ce=teacher_ce)
+    with (out / "report.md").open("a", encoding="utf-8") as report:
+        report.write("\n" + table + "\n")
+        if drawn:
+            report.write("\n![quality vs training time](quality_vs_time.png)\n")
+    return table
+
+
+def seed_spread(runs: list[Run]) -> str:
+    """Pruned KD vs fine-tuning over seeds: mean, spread (max - min) and whether KD wins by more than the spread."""
+    final = {m: [r.curve[-1][2] for r in runs if r.start == "pruned" and r.method == m] for m in ("KD", "fine-tuning")}
+    mean = {m: sum(v) / len(v) for m, v in final.items()}
+    spread = max(max(v) - min(v) for v in final.values())
+    gap = mean["fine-tuning"] - mean["KD"]
+    verdict = "more" if gap > spread else "less"
+    return (
+        f"Over {len(final['KD'])} seeds (probe CE at the end): KD {mean['KD']:.3f} (range "
+        f"{min(final['KD']):.3f}-{max(final['KD']):.3f}), fine-tuning {mean['fine-tuning']:.3f} (range "
+        f"{min(final['fine-tuning']):.3f}-{max(final['fine-tuning']):.3f}): KD is better by {gap:.3f} nats/token, "
+        f"{verdict} than the largest spread ({spread:.3f})."
+    )
+
+
+def save_students(out: Path, runs: dict[str, Run], tokenizer: Any) -> None:
+    """Keep every trained student (seed 0) under ``out/students/<start>-<method>/``."""
+    for label, run in runs.items():
+        folder = out / "students" / label.replace(" + ", "-").replace(" ", "_")
+        run.model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
 
 if __name__ == "__main__":

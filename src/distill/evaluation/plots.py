@@ -11,7 +11,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TRAINING_SERIES", "plot_quality_vs_cost", "plot_training_curves", "plots_unavailable"]
+__all__ = [
+    "TRAINING_SERIES",
+    "plot_quality_vs_cost",
+    "plot_quality_vs_time",
+    "plot_training_curves",
+    "plots_unavailable",
+]
 
 # Trainer log keys drawn against the optimizer step: total loss, its KD term, its cross-entropy term.
 TRAINING_SERIES = ("loss", "kd_loss", "ce_loss")
@@ -116,5 +122,35 @@ def plot_quality_vs_cost(
         ax.set_ylabel(quality_label)
         ax.grid(alpha=0.3, which="both")
         ax.margins(0.25)
+    figure.savefig(path, dpi=120)
+    return True
+
+
+def plot_quality_vs_time(
+    path: str | Path, curves: Mapping[str, Sequence[tuple[float, float]]], *, teacher_ce: float | None = None
+) -> bool:
+    """Held-out cross-entropy (nats/token) against training seconds, one line per run.
+
+    Args:
+        path: the PNG to write.
+        curves: per run name, ``(training seconds, held-out CE)`` points in order.
+        teacher_ce: drawn as a dashed line (the floor a student approaches), when given.
+
+    Returns:
+        False (and nothing written) when no curve has a point.
+    """
+    curves = {name: points for name, points in curves.items() if points}
+    if not curves:
+        return False
+    figure, (ax,) = _figure(6.4, 4.0, 1)
+    for name, points in curves.items():
+        seconds, values = zip(*points, strict=True)
+        ax.plot(seconds, values, marker="o", markersize=3, label=name)
+    if teacher_ce is not None:
+        ax.axhline(teacher_ce, color="black", linestyle="--", linewidth=1, label="teacher")
+    ax.set_xlabel("training time (s, evaluation excluded)")
+    ax.set_ylabel("held-out cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     figure.savefig(path, dpi=120)
     return True
