@@ -106,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
 
     # Arguments, the output folder and the model names are checked before anything is loaded.
     check_server_arguments(args)
-    check_cache_folder(args.out, "--out")
     if args.teacher is not None:
         check_model_source(args.teacher, "--teacher")
+    check_cache_folder(args.out, "--out")
     tokenizer = None
     if args.tokenizer is not None:
         tokenizer = load_tokenizer(args.tokenizer, "--tokenizer")

@@ -265,6 +265,7 @@ def _check_early_settings(folder: Path, manifest: dict[str, Any] | None, setting
     differing = [key for key in _EARLY_SETTINGS if manifest["config"].get(key) != settings[key]]
     if manifest["config"].get("encoding", {}).get("name") != settings["encoding"]:
         differing.append("encoding")
+    differing.sort()
     if differing:
         found = ", ".join(f"{key}: {manifest['config'].get(key)!r} there, {settings.get(key)!r} now"
                           for key in differing if key != "encoding")  # fmt: skip

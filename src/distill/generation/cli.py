@@ -74,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
     # Arguments (numbers: while parsing), the device, the output folder and the model names are checked
     # before anything is loaded.
     check_server_arguments(args)
-    check_generation_folder(args.out, "--out")
     if args.teacher is not None:
         check_model_source(args.teacher, "--teacher")
+    check_generation_folder(args.out, "--out")
     prompts = _load_prompts(args.dataset, args.split, args.limit)
     tokenizer = load_tokenizer(args.tokenizer or args.teacher, "--tokenizer" if args.tokenizer else "--teacher")
     if args.server is not None:
