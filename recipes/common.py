@@ -278,12 +278,15 @@ def check_plan(config: DistillConfig, profile: Profile, teacher: str, student: s
 
 def _model_source(name: str) -> Any:
     """What the planner reads a model's shape from: a local folder, a catalogue name, or the hub's config.json."""
+    from distill.models.loading import check_model_source
     from distill.planning import model_spec
 
     try:
         return model_spec(name)
     except KeyError:  # not in the planner's catalogue: its config.json (a few KB) has the shape
         from transformers import AutoConfig
+
+        check_model_source(name)  # a missing local folder is named, not looked up on the hub
 
         return AutoConfig.from_pretrained(name).to_dict()
 
