@@ -287,7 +287,6 @@ def _model_source(name: str) -> Any:
         from transformers import AutoConfig
 
         check_model_source(name)  # a missing local folder is named, not looked up on the hub
-
         return AutoConfig.from_pretrained(name).to_dict()
 
 

@@ -179,6 +179,12 @@ class DistillConfig(TrainingArguments):
         if not 0.0 < self.generation_top_p <= 1.0:
             raise ValueError(f"generation_top_p must be in (0, 1]; got {self.generation_top_p}.")
         check_int(self.generation_top_k, "generation_top_k (0: off)", minimum=0)
+        # TrainingArguments takes these as given; a zero batch or a negative rate would fail (or do nothing) late.
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            check_int(getattr(self, name), name)
+        for name in ("learning_rate", "weight_decay", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0; got {getattr(self, name)}.")
         if self.dataset_num_proc is not None:
             check_int(self.dataset_num_proc, "dataset_num_proc")
         if self.max_length < 2:

@@ -144,6 +144,13 @@ def _resolve_teacher(
     return wrapped, tokenizer, record
 
 
+def _codec_available(name: Any) -> bool:
+    try:
+        return isinstance(name, str) and pa.Codec.is_available(name)
+    except ValueError:  # a name pyarrow does not know at all
+        return False
+
+
 def _quantization_of(model: nn.Module, requested: str) -> str:
     """``"none"``, ``"4bit"`` or ``"8bit"``: what was asked for, or what a model passed in already holds."""
     if requested != "none" or not is_quantized(model):
@@ -366,6 +373,8 @@ def build_cache(
     seed = check_int(seed, "seed", minimum=None)
     if vocab_size is not None:
         vocab_size = check_int(vocab_size, "vocab_size")
+    if compression != "none" and not _codec_available(compression):
+        raise InputError(f"compression={compression!r} is not a parquet codec here; use 'zstd', 'snappy' or 'none'.")
     if isinstance(teacher, (str, os.PathLike)):
         resolve_dtype(dtype)  # an unknown name fails here, not after the teacher's tokenizer loads
         check_model_source(teacher, "teacher")

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from distill.checks import InputError
+from distill.checks import InputError, check_float
 
 __all__ = ["CPU", "GPU", "GPUS", "get_gpu", "load_prices", "with_prices"]
 
@@ -134,10 +134,9 @@ def with_prices(prices: Mapping[str, float], catalogue: Mapping[str, GPU] | None
     """
     updated = dict(GPUS if catalogue is None else catalogue)
     for name, price in prices.items():
-        if isinstance(price, bool) or not isinstance(price, (int, float)) or not math.isfinite(price) or price < 0:
-            raise InputError(f"The price of {name} must be a finite number >= 0 US dollars per hour; got {price!r}.")
+        price = check_float(price, f"The price of {name} (US dollars per hour)", minimum=0)
         gpu = get_gpu(name, updated)
-        updated[gpu.name] = replace(gpu, hourly_usd=float(price))
+        updated[gpu.name] = replace(gpu, hourly_usd=price)
     return updated
 
 
