@@ -171,14 +171,12 @@ def is_path_like(name: str) -> bool:
     """Whether a model name can only mean a local folder (so "not found" must not become a hub lookup).
 
     True for names starting with ``/``, ``./``, ``../``, ``~`` or ``.``, with more than one ``/`` (hub ids
-    are ``name`` or ``org/name``), ending in ``/``, holding a backslash, or whose parent folder exists here
-    (``out/student`` next to an ``out/`` folder).
+    are ``name`` or ``org/name``), ending in ``/``, or holding a backslash. (``out/student`` next to an
+    ``out/`` folder may still be a hub id: a local mirror of the hub's layout; see
+    :func:`distill.models.loading.check_model_source`.)
     """
     text = os.fspath(name)
-    if text.startswith(("/", "~", ".")) or text.endswith("/") or "\\" in text or text.count("/") > 1:
-        return True
-    parent = Path(text).parent
-    return str(parent) not in ("", ".") and parent.is_dir()
+    return text.startswith(("/", "~", ".")) or text.endswith("/") or "\\" in text or text.count("/") > 1
 
 
 def check_writable_folder(path: str | os.PathLike, name: str = "--out") -> Path:

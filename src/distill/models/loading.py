@@ -96,10 +96,11 @@ def _hub_offline() -> bool:
 def check_model_source(name_or_path: str | os.PathLike, what: str = "model") -> None:
     """Fail fast, naming it, on a model that is neither a local folder nor reachable on the hub.
 
-    A name that can only be a path (``./x``, ``/x``, ``~/x``, ``a/b/c``, or ``out/x`` beside an ``out/``
-    folder; see :func:`distill.checks.is_path_like`) must be an existing folder: transformers would
-    otherwise answer "Repo id must be in the form 'repo_name'". A hub id is checked against the local
-    cache when ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``) forbids downloading it.
+    A name that can only be a path (``./x``, ``/x``, ``~/x``, ``a/b/c``; see
+    :func:`distill.checks.is_path_like`) must be an existing folder: transformers would otherwise answer
+    "Repo id must be in the form 'repo_name'". A hub id is checked against the local cache when
+    ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``) forbids downloading it; one that is also a
+    missing path beside an existing folder (``out/student``) is then reported as "no such folder".
 
     Args:
         name_or_path: a folder or a hub id.
@@ -126,6 +127,11 @@ def check_model_source(name_or_path: str | os.PathLike, what: str = "model") -> 
 
     if isinstance(try_to_load_from_cache(text, "config.json"), str):
         return
+    if Path(text).parent.is_dir() and str(Path(text).parent) != ".":  # "out/student" beside an out/ folder
+        raise FileNotFoundError(
+            f"no model folder at {text!r} ({what}): no such folder (resolved to {path.resolve()}), and no hub model "
+            "of that name is cached while this machine is offline (HF_HUB_OFFLINE=1)."
+        )
     raise FileNotFoundError(
         f"{what} {text!r} is neither a local model folder nor in the Hugging Face cache, and this machine is offline "
         "(HF_HUB_OFFLINE=1) so it cannot be downloaded. Pass the path of a folder written by save_pretrained(), "
