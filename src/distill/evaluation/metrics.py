@@ -218,6 +218,7 @@ def heldout_metrics(
         distill.data.DataError: rows the Trainer would refuse.
         VocabularyMismatchError: the tokenizers differ, or a tokenizer is larger than a head.
     """
+    batch_size = check_int(batch_size, "batch_size")
     rows = load_rows(dataset, max_rows)
     prepared, report = prepare_dataset(rows, tokenizer, max_length=max_length)
     student_head, student_rows = _split_head(student)
