@@ -240,6 +240,8 @@ def test_library_numbers_are_checked_before_any_load(tmp_path: Path, tokenizer, 
         with pytest.raises(InputError, match=next(iter(bad))):
             generate_dataset(teacher, tokenizer, ["x"], tmp_path / "g", **bad)
     assert not (tmp_path / "c").exists() and not (tmp_path / "g").exists()
+    with pytest.raises(InputError, match="a int"):  # a prompt that is not text is named, not crashed on
+        generate_dataset(teacher, tokenizer, [{"prompt": 5}], tmp_path / "g")
 
 
 @pytest.mark.parametrize(

@@ -86,12 +86,22 @@ def _prompt_of(row: Mapping[str, Any] | str) -> tuple[str, Any]:
     if isinstance(row, str):
         return "text", row
     if isinstance(row, Mapping) and "messages" in row:
-        messages = list(row["messages"])
+        messages = row["messages"]
+        if not isinstance(messages, (list, tuple)) or not all(
+            isinstance(m, Mapping) and "role" in m for m in messages
+        ):
+            raise InputError(
+                f"A prompt row's 'messages' must be a list of {{'role', 'content'}} dicts; got {messages!r:.80}."
+            )
+        messages = list(messages)
         # The conversation before its last assistant turn is the prompt (a reference answer is replaced).
         last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         return "messages", messages[:last_assistant] if last_assistant is not None else messages
     if isinstance(row, Mapping) and "prompt" in row:
-        return ("text" if isinstance(row["prompt"], str) else "chat_prompt"), row["prompt"]
+        prompt = row["prompt"]
+        if not isinstance(prompt, (str, list, tuple)):
+            raise InputError(f"A prompt must be a string or a list of chat messages; got a {type(prompt).__name__}.")
+        return ("text" if isinstance(prompt, str) else "chat_prompt"), prompt
     if not isinstance(row, Mapping):
         raise InputError(f"A prompt row must be a string or a mapping; got {type(row).__name__}.")
     raise InputError(f"A prompt row needs a 'prompt' or a 'messages' column; got columns {sorted(row)}.")
