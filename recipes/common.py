@@ -17,11 +17,13 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
+from transformers.hf_argparser import string_to_bool
 
 from distill import DistillConfig, Trainer
+from distill.checks import InputError, arg_bool, check_bool, check_float, check_int
 
 # ---- profiles -------------------------------------------------------------------------------------------
 
@@ -114,23 +116,30 @@ def parse(
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((recipe_type, DistillConfig), allow_abbrev=False)
+    for action in parser._actions:  # one bool parser for every flag, the same as the pre-parser's below
+        if action.type is string_to_bool:
+            action.type = arg_bool
     from_yaml = len(argv) == 1 and argv[0].endswith((".yaml", ".yml"))
-    if from_yaml:
-        import yaml
+    try:
+        if from_yaml:
+            import yaml
 
-        user = yaml.safe_load(Path(argv[0]).read_text(encoding="utf-8")) or {}
-        name, tiny = str(user.get("profile", recipe_type.profile)), bool(user.get("tiny", False))
-        plan_only = bool(user.get("plan_only", False))
-    else:
-        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-        pre.add_argument("--profile", default=recipe_type.profile)
-        pre.add_argument("--tiny", nargs="?", const="true", default="false")
-        pre.add_argument("--plan_only", "--plan-only", dest="plan_only", nargs="?", const="true", default="false")
-        known, _ = pre.parse_known_args(argv)
-        name = known.profile
-        tiny, plan_only = (value.lower() in ("true", "1", "yes") for value in (known.tiny, known.plan_only))
+            user = yaml.safe_load(Path(argv[0]).read_text(encoding="utf-8")) or {}
+            user = _yaml_bools(user, recipe_type)
+            name = str(user.get("profile", recipe_type.profile))
+            tiny, plan_only = bool(user.get("tiny", False)), bool(user.get("plan_only", False))
+        else:
+            pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+            pre.add_argument("--profile", default=recipe_type.profile)
+            pre.add_argument("--tiny", nargs="?", const="true", default="false")
+            pre.add_argument("--plan_only", "--plan-only", dest="plan_only", nargs="?", const="true", default="false")
+            known, _ = pre.parse_known_args(argv)
+            name = known.profile
+            tiny, plan_only = check_bool(known.tiny, "--tiny"), check_bool(known.plan_only, "--plan_only")
+    except InputError as error:
+        refuse(str(error))
     if name not in profiles:
-        raise SystemExit(f"--profile {name!r} is not one of {sorted(profiles)}.")
+        refuse(f"--profile {name!r} is not one of {sorted(profiles)}.")
     profile = profiles[name]
     tiny_defaults = {**TINY_TRAINING, **(tiny_recipe or {})} if tiny else {}
     defaults = {**COMMON_TRAINING, **base_training, **profile.training, **tiny_defaults}
@@ -142,12 +151,44 @@ def parse(
         # Only so that TrainingArguments accepts bf16 on a laptop: the plan is for the profile's GPU either way.
         defaults["use_cpu"] = True
     defaults.setdefault("output_dir", tempfile.mkdtemp(prefix=f"distill-{name}-") if tiny else f"out/{name}")
-    if from_yaml:
-        recipe, config = parser.parse_dict({**defaults, **user})
-    else:
-        parser.set_defaults(**defaults)
-        recipe, config = parser.parse_args_into_dataclasses(argv)
+    try:  # DistillConfig checks its fields while it is built: a bad value is one line, before any model loads
+        if from_yaml:
+            recipe, config = parser.parse_dict({**defaults, **user})
+        else:
+            parser.set_defaults(**defaults)
+            recipe, config = parser.parse_args_into_dataclasses(argv)
+        check_recipe_numbers(recipe)
+    except ValueError as error:
+        refuse(str(error))
     return recipe, config, profile
+
+
+def refuse(message: str) -> NoReturn:
+    """End a recipe over bad input: one line on stderr, exit code 2 (as argparse and ``distill`` do)."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _yaml_bools(user: dict[str, Any], recipe_type: type) -> dict[str, Any]:
+    """A YAML file's values of boolean fields through the one bool parser (``tiny: "no"`` is False, not truthy)."""
+    boolean = {f.name for t in (recipe_type, DistillConfig) for f in dataclasses.fields(t) if f.type in (bool, "bool")}
+    return {key: check_bool(value, key) if key in boolean else value for key, value in user.items()}
+
+
+def check_recipe_numbers(recipe: Any) -> None:
+    """The recipe's own numbers, before anything loads: every count (int) >= 1, every float finite and >= 0.
+
+    Raises:
+        InputError: naming the field (e.g. ``cache_top_k=-4``).
+    """
+    for spec in dataclasses.fields(recipe):
+        value = getattr(recipe, spec.name)
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int):
+            check_int(value, spec.name)
+        elif isinstance(value, float):
+            check_float(value, spec.name, minimum=0)
 
 
 @dataclass
@@ -237,6 +278,7 @@ def check_plan(config: DistillConfig, profile: Profile, teacher: str, student: s
 
 def _model_source(name: str) -> Any:
     """What the planner reads a model's shape from: a local folder, a catalogue name, or the hub's config.json."""
+    from distill.models.loading import check_model_source
     from distill.planning import model_spec
 
     try:
@@ -244,6 +286,7 @@ def _model_source(name: str) -> Any:
     except KeyError:  # not in the planner's catalogue: its config.json (a few KB) has the shape
         from transformers import AutoConfig
 
+        check_model_source(name)  # a missing local folder is named, not looked up on the hub
         return AutoConfig.from_pretrained(name).to_dict()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -211,8 +212,20 @@ def test_prune_cli(tokenizer, rows, tmp_path, capsys) -> None:  # noqa: ANN001
     assert "| teacher |" in printed and "Explicit shape: 2 layers" in printed
     student = AutoModelForCausalLM.from_pretrained(out)
     assert student.config.num_hidden_layers == 2 and student.config.intermediate_size == 48
-    for bad, message in (("layers=two", "not an integer"), ("depth=3", "unknown shape field"), ("-1", "positive")):
-        with pytest.raises(SystemExit, match=message):
-            main([*args[:-3], "--out", str(tmp_path / "other"), "--target", bad])
-    with pytest.raises(SystemExit, match="not an empty folder"):
-        main([*args, "--target", "0.5"])
+    bad_cases = {
+        "--target layers=two": "not an integer",
+        "--target depth=3": "unknown shape field",
+        "--target -1": "positive",
+        "--target 0.5 --batch-size 0": "--batch-size",
+        "--target 0.5 --dtype float8": "dtype",
+        "--target heads=3": "multiple of num_key_value_heads",
+        "--target 0.001": "No shape fits",
+    }
+    for bad, message in bad_cases.items():
+        other = ["--out", str(tmp_path / "other")]
+        with pytest.raises(SystemExit) if "--batch-size" in bad or "--dtype" in bad else contextlib.nullcontext():
+            assert main([*args[:-3], *other, *bad.split()]) == 2
+        assert message in capsys.readouterr().err
+    assert main([*args, "--target", "0.5"]) == 2  # --out is the student written above
+    assert "not an empty folder" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

@@ -8,11 +8,12 @@ logging and distributed settings are the ones users already know.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from transformers import TrainingArguments
 
+from distill.checks import InputError, check_int
 from distill.losses import DIVERGENCE_NAMES, HIDDEN_LOSSES, Divergence, Objective
 
 _DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
@@ -170,6 +171,13 @@ class DistillConfig(TrainingArguments):
         default=True,
         metadata={"help": "On SIGTERM (spot preemption, scancel), finish the step, save a checkpoint, stop."},
     )
+    allow_resume_changes: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint saved with other training settings (loss, beta, temperature, learning "
+            "rate, ...). Off: such a resume is refused with the list of what changed."
+        },
+    )
 
     def __post_init__(self) -> None:
         # The collator needs the raw columns, and our batches carry keys the model's forward does not take.
@@ -179,6 +187,7 @@ class DistillConfig(TrainingArguments):
         self._check_hidden()
 
     def _check(self) -> None:
+        self._check_finite()
         if self.loss not in DIVERGENCE_NAMES:
             raise ValueError(f"loss={self.loss!r} is not a distillation loss; choose one of {DIVERGENCE_NAMES}.")
         # Objective / Divergence validate beta, alpha, temperature and the weights with their own messages.
@@ -210,6 +219,15 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"generation_temperature must be >= 0 (0 is greedy); got {self.generation_temperature}.")
         if not 0.0 < self.generation_top_p <= 1.0:
             raise ValueError(f"generation_top_p must be in (0, 1]; got {self.generation_top_p}.")
+        check_int(self.generation_top_k, "generation_top_k (0: off)", minimum=0)
+        # TrainingArguments takes these as given; a zero batch or a negative rate would fail (or do nothing) late.
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            check_int(getattr(self, name), name)
+        for name in ("learning_rate", "weight_decay", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0; got {getattr(self, name)}.")
+        if self.dataset_num_proc is not None:
+            check_int(self.dataset_num_proc, "dataset_num_proc")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 tokens; got {self.max_length}.")
         if self.uses_generation and self.packing:
@@ -241,6 +259,17 @@ class DistillConfig(TrainingArguments):
             # Canonical string form, so it round-trips through JSON / the command line.
             pairs = parse_layer_map(self.hidden_layer_map)
             self.hidden_layer_map = ",".join(f"{student}:{teacher}" for student, teacher in pairs)
+
+    def _check_finite(self) -> None:
+        """Refuse NaN and infinite numbers anywhere: ``temperature=inf`` or ``kd_weight=nan`` would train nothing."""
+        for spec in fields(self):
+            value = getattr(self, spec.name, None)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(f"{spec.name}={value} is not a finite number; set a finite value.")
+        if not self.temperature > 0:
+            raise InputError(
+                f"temperature must be a finite number > 0 (1: the models' own softmax); got {self.temperature}."
+            )
 
     @property
     def uses_generation(self) -> bool:

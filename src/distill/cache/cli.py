@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.cache.encoding import ENCODINGS
+from distill.checks import InputError, arg_dtype, arg_float, arg_int, check_device, is_path_like
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -16,7 +17,11 @@ def load_rows(name: str, split: str) -> Any:
     """A ``datasets.Dataset`` from a ``save_to_disk`` folder, a json/jsonl/parquet/csv file, or a hub name."""
     import datasets
 
-    path = Path(name)
+    path = Path(name).expanduser()
+    if not path.exists() and (is_path_like(name) or path.suffix in _FILE_BUILDERS):
+        raise InputError(f"--dataset {name!r}: no such file or folder (resolved to {path.resolve()}).")
+    if path.is_file() and path.suffix not in _FILE_BUILDERS:
+        raise InputError(f"--dataset {name!r}: unknown file type; give a {'/'.join(_FILE_BUILDERS)} file.")
     if path.is_dir() and (path / "dataset_info.json").exists():
         loaded = datasets.load_from_disk(str(path))
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
@@ -29,15 +34,20 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a ``--server`` teacher (shared by ``distill cache`` and ``distill generate``)."""
     group = parser.add_argument_group("teacher behind a vLLM server (--server)")
     group.add_argument("--served-model", default="teacher", help="the server's --served-model-name (default teacher)")
-    group.add_argument("--max-concurrency", type=int, default=8, help="requests in flight (default 8)")
-    group.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
-    group.add_argument("--retries", type=int, default=6, help="retries after connection errors and 5xx (default 6)")
+    group.add_argument("--max-concurrency", type=arg_int(1), default=8, help="requests in flight (default 8)")
+    group.add_argument(
+        "--timeout", type=arg_float(0, exclusive_minimum=True), default=120.0, help="seconds per request (default 120)"
+    )
+    group.add_argument(
+        "--retries", type=arg_int(0), default=6, help="retries after connection errors and 5xx (default 6)"
+    )
 
 
 def check_server_arguments(args: argparse.Namespace) -> None:
-    """Refuse ``--server`` without ``--tokenizer`` before anything is loaded."""
+    """Refuse ``--server`` without ``--tokenizer``, and a ``--device`` this machine lacks, before anything loads."""
     if args.server is not None and args.tokenizer is None:
-        raise SystemExit("--server needs --tokenizer (the student's tokenizer, which the server's model must share).")
+        raise InputError("--server needs --tokenizer (the student's tokenizer, which the server's model must share).")
+    check_device(getattr(args, "device", None))
 
 
 def server_teacher(args: argparse.Namespace, tokenizer: Any, top_k: int = 1) -> Any:
@@ -66,22 +76,22 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="cache folder (an unfinished build there is resumed)")
     parser.add_argument("--split", default="train", help="dataset split (hub / DatasetDict)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or name (default: the teacher's)")
-    parser.add_argument("--top-k", type=int, default=64, help="entries per token (default 64)")
+    parser.add_argument("--top-k", type=arg_int(1), default=64, help="entries per token (default 64)")
     parser.add_argument("--encoding", choices=ENCODINGS, default="compact", help="byte encoding (default compact)")
     parser.add_argument(
         "--targets", choices=("top_k", "sampled"), default="top_k",
         help="top_k: the k most likely tokens + tail mass; sampled: k tokens priority-sampled with unbiased weights "
         "(forward KL only)",
     )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled targets")
-    parser.add_argument("--max-length", type=int, default=1024, help="as the training run's max_length")
+    parser.add_argument("--seed", type=arg_int(None), default=0, help="seed of the sampled targets")
+    parser.add_argument("--max-length", type=arg_int(2), default=1024, help="as the training run's max_length")
     parser.add_argument(
         "--no-completion-only-loss", dest="completion_only_loss", action="store_false",
         help="cache every token, not only completions (as completion_only_loss=False)",
     )  # fmt: skip
-    parser.add_argument("--rows-per-shard", type=int, default=1024)
-    parser.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per teacher forward")
-    parser.add_argument("--dtype", default="auto", help="--teacher's dtype: auto, bf16, fp16, fp32")
+    parser.add_argument("--rows-per-shard", type=arg_int(1), default=1024)
+    parser.add_argument("--batch-tokens", type=arg_int(1), default=16384, help="padded tokens per teacher forward")
+    parser.add_argument("--dtype", type=arg_dtype, default="auto", help="--teacher's dtype: auto, bf16, fp16, fp32")
     parser.add_argument("--quantization", choices=("none", "4bit", "8bit"), default="none", help="for --teacher")
     parser.add_argument("--device", default=None, help="for --teacher, e.g. cuda:0 (default: CPU, or the loader's)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -91,14 +101,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Build (or resume) the cache; print its totals as JSON."""
-    from distill.cache.writer import build_cache
+    from distill.cache.writer import build_cache, check_cache_folder
+    from distill.models.loading import check_model_source, load_tokenizer
 
+    # Arguments, the output folder and the model names are checked before anything is loaded.
     check_server_arguments(args)
+    if args.teacher is not None:
+        check_model_source(args.teacher, "--teacher")
+    check_cache_folder(args.out, "--out")
     tokenizer = None
     if args.tokenizer is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer, "--tokenizer")
     teacher = args.teacher if args.server is None else server_teacher(args, tokenizer, args.top_k)
     manifest = build_cache(
         teacher,

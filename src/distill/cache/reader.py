@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from distill.cache.encoding import EncodedTokens, Encoding
+from distill.checks import InputError
 
 __all__ = [
     "FORMAT",
@@ -28,6 +29,7 @@ __all__ = [
     "CacheMismatchError",
     "CacheMissError",
     "CacheReader",
+    "config_checksums",
     "file_sha256",
     "loss_spans",
     "row_key",
@@ -43,7 +45,7 @@ IGNORE_INDEX = -100
 _OPEN_GROUPS = 16
 
 
-class CacheError(ValueError):
+class CacheError(InputError):
     """A top-k cache cannot be used as asked."""
 
 
@@ -113,12 +115,45 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_checksums(config: dict[str, Any]) -> dict[str, str]:
+    """``{dotted field: sha256 (first 16 hex) of its JSON}`` for every leaf of a manifest's ``config``.
+
+    Stored beside the config by the writer, so a reader names exactly which field was edited by hand.
+    """
+    return {
+        key: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+        for key, value in sorted(_flatten(config).items())
+    }
+
+
 def read_manifest(folder: Path | str) -> dict[str, Any] | None:
-    """The parsed ``manifest.json`` of ``folder``, or ``None`` if there is none."""
+    """The parsed ``manifest.json`` of ``folder``, or ``None`` if there is none.
+
+    Raises:
+        CacheCorruptError: the file is not JSON, or not a JSON object (the message names the file).
+        CacheError: it is the manifest of another format or version.
+    """
     path = Path(folder) / MANIFEST_NAME
     if not path.exists():
         return None
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError) as error:
+        raise CacheCorruptError(
+            f"{path} is not valid JSON ({error}): the cache's manifest was damaged or edited. Rebuild the cache "
+            "into an empty folder (or restore the file)."
+        ) from None
+    if not isinstance(manifest, dict):
+        raise CacheCorruptError(f"{path} holds a JSON {type(manifest).__name__}, not a cache manifest (an object).")
     if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
         raise CacheError(
             f"{path} is not a {FORMAT} manifest of version {FORMAT_VERSION} "
@@ -151,9 +186,7 @@ class CacheReader:
         self.manifest = manifest
         config = manifest["config"]
         self.sampled = config.get("targets", "top_k") == "sampled"
-        self.encoding = Encoding(
-            config["encoding"]["name"], config["k"], config["teacher"]["vocab_rows"], sampled=self.sampled
-        )
+        self.encoding = self._encoding_of(config)
         self.row_group_rows = int(config["row_group_rows"])
         self._verified: set[int] = set()
         self._groups: OrderedDict[tuple[int, int], dict[str, list[Any]]] = OrderedDict()
@@ -165,6 +198,64 @@ class CacheReader:
                 self._raise_corrupt(shard_number, f"it holds {len(keys)} rows, the manifest says {shard['rows']}")
             for row, key in enumerate(keys):
                 self.index.setdefault(key, (shard_number, row))
+        self._check_first_row()
+
+    def _manifest_problem(self, problem: str) -> NoReturn:
+        raise CacheCorruptError(
+            f"{self.path / MANIFEST_NAME}: {problem}. The manifest no longer describes its shards (edited by hand?): "
+            "restore it or rebuild the cache."
+        )
+
+    def _encoding_of(self, config: dict[str, Any]) -> Encoding:
+        """The encoding the manifest describes, after checking its fields against their checksums and each other."""
+        checksums = self.manifest.get("config_checksums")
+        if isinstance(checksums, dict):  # written since checksums exist; older caches get the checks below only
+            found = config_checksums(config)
+            edited = sorted(key for key in checksums.keys() | found.keys() if checksums.get(key) != found.get(key))
+            if edited:
+                self._manifest_problem(f"field(s) {', '.join('config.' + key for key in edited)} differ from the "
+                                       "values the cache was built with (their checksums do not match)")  # fmt: skip
+        try:
+            name, k, vocab_rows = config["encoding"]["name"], config["k"], config["teacher"]["vocab_rows"]
+        except (KeyError, TypeError) as error:
+            self._manifest_problem(f"config lacks {error}")
+        for field, value in (("config.k", k), ("config.teacher.vocab_rows", vocab_rows)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                self._manifest_problem(f"{field} must be a positive whole number; got {value!r}")
+        if config["encoding"].get("k", k) != k:
+            self._manifest_problem(f"config.k={k} but config.encoding.k={config['encoding'].get('k')}")
+        try:
+            encoding = Encoding(name, k, vocab_rows, sampled=self.sampled)
+        except ValueError as error:
+            self._manifest_problem(str(error))
+        recorded_bits = config["encoding"].get("id_bits", encoding.id_bits)
+        if recorded_bits != encoding.id_bits:
+            self._manifest_problem(
+                f"config.teacher.vocab_rows={vocab_rows} means {encoding.id_bits}-bit ids but the shards were "
+                f"written with {recorded_bits}-bit ids (config.encoding.id_bits)"
+            )
+        return encoding
+
+    def _check_first_row(self) -> None:
+        """Decode the first cached row: a manifest whose ``k`` or id width disagrees with the shards fails here."""
+        for shard_number, shard in enumerate(self.manifest["shards"]):
+            if not shard["rows"]:
+                continue
+            columns = self._group(shard_number, 0)
+            positions = spans_to_positions(columns["spans"][0])
+            encoded = EncodedTokens(columns["ids"][0], columns["logprobs"][0], columns["mass"][0])
+            try:
+                self.encoding.decode(encoded)
+                whole = len(encoded.mass) == len(positions) * self.encoding.mass_bytes_per_token
+            except ValueError:
+                whole = False
+            if not whole:
+                self._manifest_problem(
+                    f"row 0 of {shard['file']} does not decode with config.k={self.encoding.k} and "
+                    f"config.teacher.vocab_rows={self.encoding.vocab_rows} ({len(positions)} positions, "
+                    f"{len(encoded.ids)} id bytes)"
+                )
+            return
 
     def __len__(self) -> int:
         return sum(shard["rows"] for shard in self.manifest["shards"])

@@ -7,6 +7,10 @@ over its final name with ``os.replace`` (atomic on POSIX), and the folder is fsy
 instant, even after SIGKILL or a power cut, each shard is either absent or whole, and the manifest
 lists only whole shards with their sha256. Nothing in the files depends on time or on how often
 the build was interrupted, so a resumed cache is byte-identical to an uninterrupted one.
+
+Nothing else is touched: the temporary files carry a suffix of their own (``.distill-partial``) and only
+those of this cache's own file names are removed, and a folder holding anything but a cache (or an
+unfinished one, to resume) is refused before any model is loaded.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +29,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill.cache.encoding import Encoding
+from distill.cache.encoding import ENCODINGS, Encoding
 from distill.cache.reader import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
     CacheMismatchError,
+    config_checksums,
     file_sha256,
     loss_spans,
     read_manifest,
@@ -38,16 +44,26 @@ from distill.cache.reader import (
     tokenizer_fingerprint,
 )
 from distill.cache.sampling import row_generator
+from distill.checks import InputError, check_int, check_writable_folder
 from distill.data import prepare_dataset
 from distill.losses import SparseTargets
 from distill.models import is_quantized, load_causal_lm, resolve_dtype
+from distill.models.loading import check_model_source, load_tokenizer
 from distill.teachers.cached import sampled_from_hidden, topk_from_hidden
 from distill.teachers.model import ModelTeacher
 from distill.teachers.server import ServerTeacher
 
-__all__ = ["SHARD_SCHEMA", "build_cache"]
+__all__ = ["SHARD_SCHEMA", "build_cache", "check_cache_folder"]
 
-TEMP_SUFFIX = ".tmp"
+TEMP_SUFFIX = ".distill-partial"
+# The only names a cache folder holds: the manifest, the shards, and their temporary files (this
+# version's suffix, and the ".tmp" of earlier versions, removed when a build resumes).
+_FINAL_NAME = r"(manifest\.json|shard-\d{5}\.parquet)"
+_TEMP_FILE = re.compile(_FINAL_NAME + r"(\.distill-partial|\.tmp)")
+_CACHE_FILE = re.compile(_FINAL_NAME + r"(\.distill-partial|\.tmp)?")
+# Settings compared with an existing manifest before the teacher is loaded (the rest need the teacher and data).
+_EARLY_SETTINGS = ("k", "targets", "seed", "max_length", "completion_only_loss", "rows_per_shard", "batch_tokens",
+                   "compression")  # fmt: skip
 ROW_GROUP_ROWS = 64
 SHARD_SCHEMA = pa.schema(
     [
@@ -82,6 +98,8 @@ def _replace_atomically(temp: Path, final: Path) -> None:
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    # Per-field checksums of the settings: a reader names any field edited by hand (k, vocab_rows, ...).
+    manifest["config_checksums"] = config_checksums(manifest["config"])
     temp = folder / (MANIFEST_NAME + TEMP_SUFFIX)
     temp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     _replace_atomically(temp, folder / MANIFEST_NAME)
@@ -103,9 +121,7 @@ def _resolve_teacher(
     if isinstance(teacher, (str, os.PathLike)):
         name = name or str(teacher)
         if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(teacher))
+            tokenizer = load_tokenizer(str(teacher))
         teacher = load_causal_lm(str(teacher), dtype=resolve_dtype(dtype), quantization=quantization, device=device)
     if tokenizer is None:
         raise ValueError("build_cache needs the teacher's tokenizer when the teacher is given as a model object.")
@@ -126,6 +142,13 @@ def _resolve_teacher(
         "vocab_rows": wrapped.vocab_rows,
     }
     return wrapped, tokenizer, record
+
+
+def _codec_available(name: Any) -> bool:
+    try:
+        return isinstance(name, str) and pa.Codec.is_available(name)
+    except ValueError:  # a name pyarrow does not know at all
+        return False
 
 
 def _quantization_of(model: nn.Module, requested: str) -> str:
@@ -209,6 +232,56 @@ def _shard_table(
     return pa.table(columns, schema=SHARD_SCHEMA)
 
 
+def check_cache_folder(out_dir: str | os.PathLike, name: str = "out_dir") -> dict[str, Any] | None:
+    """Check, before any work, that ``out_dir`` can hold a cache: writable, and empty or a cache already.
+
+    Args:
+        out_dir: the cache folder (created if missing).
+        name: the argument's name, for messages (``"--out"`` on the command line).
+
+    Returns:
+        The manifest of the (finished or unfinished) cache already there, or ``None``.
+
+    Raises:
+        InputError: the folder cannot be written, or holds other files (listed; nothing is deleted).
+        CacheError: its ``manifest.json`` is not a cache manifest (not JSON, another format).
+    """
+    folder = check_writable_folder(out_dir, name)
+    manifest = read_manifest(folder)
+    foreign = sorted(
+        entry.name + ("/" if entry.is_dir() else "")
+        for entry in folder.iterdir()
+        if entry.is_dir()
+        or not _CACHE_FILE.fullmatch(entry.name)
+        # Without a manifest only temporary files can be ours: a build writes the manifest before any shard.
+        or (manifest is None and not _TEMP_FILE.fullmatch(entry.name))
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise InputError(
+            f"{name} {os.fspath(out_dir)!r} is not empty and is not a top-k cache: it holds {shown}. Nothing was "
+            "written or deleted. Give an empty or new folder, or the folder of a cache to resume."
+        )
+    return manifest
+
+
+def _check_early_settings(folder: Path, manifest: dict[str, Any] | None, settings: dict[str, Any]) -> None:
+    """Refuse, before the teacher loads, a cache folder built with other settings than the ones known already."""
+    if manifest is None:
+        return
+    differing = [key for key in _EARLY_SETTINGS if manifest["config"].get(key) != settings[key]]
+    if manifest["config"].get("encoding", {}).get("name") != settings["encoding"]:
+        differing.append("encoding")
+    differing.sort()
+    if differing:
+        found = ", ".join(f"{key}: {manifest['config'].get(key)!r} there, {settings.get(key)!r} now"
+                          for key in differing if key != "encoding")  # fmt: skip
+        raise CacheMismatchError(
+            f"{folder} already holds a cache built with other settings (differing: {', '.join(differing)}; "
+            f"{found}). Write to another folder, or delete this one to rebuild."
+        )
+
+
 def _completed_shards(folder: Path, manifest: dict[str, Any] | None, config: dict[str, Any]) -> list[dict[str, Any]]:
     """The shards a previous (interrupted) build of the same cache finished, checked against their sha256."""
     if manifest is None:
@@ -288,8 +361,29 @@ def build_cache(
     Raises:
         CacheMismatchError: ``out_dir`` holds a cache built with other settings.
     """
+    # Every argument is checked, and the folder too, before a teacher is loaded or anything is written.
     if targets not in ("top_k", "sampled"):
-        raise ValueError(f"targets must be 'top_k' or 'sampled'; got {targets!r}.")
+        raise InputError(f"targets must be 'top_k' or 'sampled'; got {targets!r}.")
+    if encoding not in ENCODINGS:
+        raise InputError(f"encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}.")
+    top_k = check_int(top_k, "top_k")
+    max_length = check_int(max_length, "max_length", minimum=2)
+    rows_per_shard = check_int(rows_per_shard, "rows_per_shard")
+    batch_tokens = check_int(batch_tokens, "batch_tokens")
+    seed = check_int(seed, "seed", minimum=None)
+    if vocab_size is not None:
+        vocab_size = check_int(vocab_size, "vocab_size")
+    if compression != "none" and not _codec_available(compression):
+        raise InputError(f"compression={compression!r} is not a parquet codec here; use 'zstd', 'snappy' or 'none'.")
+    if isinstance(teacher, (str, os.PathLike)):
+        resolve_dtype(dtype)  # an unknown name fails here, not after the teacher's tokenizer loads
+        check_model_source(teacher, "teacher")
+    folder = Path(out_dir)
+    existing = check_cache_folder(folder)
+    early = {"k": top_k, "targets": targets, "seed": seed if targets == "sampled" else None, "max_length": max_length,
+             "completion_only_loss": completion_only_loss, "rows_per_shard": rows_per_shard,
+             "batch_tokens": batch_tokens, "compression": compression, "encoding": encoding}  # fmt: skip
+    _check_early_settings(folder, existing, early)
     if isinstance(teacher, ServerTeacher):
         if targets == "sampled":
             raise ValueError(
@@ -302,10 +396,6 @@ def build_cache(
         teacher, tokenizer, dtype, quantization, device, teacher_name
     )
     vocab_size = vocab_size or min(len(tokenizer), model_teacher.vocab_rows)
-    if isinstance(dataset, list):
-        import datasets
-
-        dataset = datasets.Dataset.from_list(dataset)
     rows, report = prepare_dataset(
         dataset, tokenizer, max_length=max_length, completion_only_loss=completion_only_loss
     )
@@ -336,10 +426,9 @@ def build_cache(
         "batch_tokens": batch_tokens,
         "compression": compression,
     }
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    for leftover in folder.glob("*" + TEMP_SUFFIX):  # from a build killed mid-write
-        leftover.unlink()
+    for leftover in folder.iterdir():  # this cache's own temporary files, from a build killed mid-write
+        if _TEMP_FILE.fullmatch(leftover.name):
+            leftover.unlink()
     num_shards = -(-len(rows) // rows_per_shard)
     shards = _completed_shards(folder, read_manifest(folder), config)
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "complete": False, "num_shards": num_shards,

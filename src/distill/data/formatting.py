@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from distill.checks import InputError
+
 __all__ = ["FORMATS", "DataError", "FormattedRow", "RowError", "detect_format", "format_row"]
 
 FORMATS = ("messages", "prompt_completion", "text", "tokenized")
@@ -24,7 +26,7 @@ _LAYOUTS = (
 )
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A dataset the distillation trainer cannot use; the message says what, which rows and how to fix it."""
 
 
@@ -55,6 +57,17 @@ EMPTY_COMPLETION = "the completion is empty or whitespace-only; drop these rows 
 EMPTY_PROMPT = "the prompt is an empty list of messages; give every row at least one prompt message"
 MIXED_PROMPT_COMPLETION = "`prompt` and `completion` must both be strings or both be lists of chat messages"
 EMPTY_TEXT = "the text is empty or whitespace-only; drop these rows"
+
+
+def not_text(column: str, value: Any) -> str:
+    """The problem of a ``column`` value that is not a string (same message for every row of that type)."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return f"`{column}` is bytes that are not valid UTF-8, not text; decode it with its real encoding first"
+        return f"`{column}` is bytes, not text; decode it first (value.decode('utf-8'))"
+    return f"`{column}` is a {type(value).__name__}, not text; convert these rows to strings or drop them"
 
 
 def detect_format(column_names: Sequence[str]) -> str:
@@ -182,10 +195,15 @@ def format_row(row: dict[str, Any], fmt: str, tokenizer: Any) -> FormattedRow:
         return _format_chat(tokenizer, _clean_messages(row["messages"]), first_completion_turn=0)
     if fmt == "text":
         text = row["text"]
+        if text is not None and not isinstance(text, str):
+            raise RowError(not_text("text", text))
         if not isinstance(text, str) or not text.strip():
             raise RowError(EMPTY_TEXT)
         return FormattedRow(text=text, completion_spans=[(0, len(text))], prompt_text=None, plain=True)
     prompt, completion = row["prompt"], row["completion"]
+    for column, value in (("prompt", prompt), ("completion", completion)):
+        if value is not None and not isinstance(value, (str, list)):
+            raise RowError(not_text(column, value))
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion.strip():
             raise RowError(EMPTY_COMPLETION)

@@ -12,7 +12,7 @@ from distill.data.formatting import DataError, detect_format
 from distill.data.packing import pack_dataset
 from distill.data.tokenization import bos_prefix, tokenize_batch
 
-__all__ = ["DataReport", "prepare_dataset"]
+__all__ = ["DataReport", "as_dataset", "prepare_dataset"]
 
 _ROWS_SHOWN = 5
 _BOOKKEEPING = ("_error", "_prompt_length", "_truncated", "_num_loss_tokens")
@@ -123,8 +123,34 @@ def _check_rows(dataset: datasets.Dataset, max_length: int, need_prompts: bool) 
         raise DataError("The dataset has rows the trainer cannot use:\n- " + "\n- ".join(problems))
 
 
+def as_dataset(rows: Any) -> datasets.Dataset:
+    """A ``datasets.Dataset`` from a Dataset (returned as is) or a list / tuple of row dicts.
+
+    Raises:
+        DataError: anything else (a ``DatasetDict``: pick a split; a list of non-dicts; ...).
+    """
+    if isinstance(rows, datasets.Dataset):
+        return rows
+    if isinstance(rows, datasets.DatasetDict):
+        raise DataError(f"Got a DatasetDict with splits {sorted(rows)}: pass one split, e.g. dataset['train'].")
+    if isinstance(rows, (list, tuple)):
+        bad = [i for i, row in enumerate(rows) if not isinstance(row, dict)]
+        if bad:
+            raise DataError(
+                f"The rows must be dicts (e.g. {{'messages': [...]}} or {{'text': '...'}}); row {bad[0]} is a "
+                f"{type(rows[bad[0]]).__name__}."
+            )
+        if not rows:
+            raise DataError("The dataset is empty: there is nothing to train on.")
+        try:
+            return datasets.Dataset.from_list(list(rows))
+        except (TypeError, ValueError) as error:  # pyarrow cannot type a column (e.g. mixed types)
+            raise DataError(f"The rows cannot be made into a dataset (a column mixes types?): {error}") from None
+    raise DataError(f"A dataset must be a datasets.Dataset or a list of row dicts; got {type(rows).__name__}.")
+
+
 def prepare_dataset(
-    dataset: datasets.Dataset,
+    dataset: datasets.Dataset | list[dict[str, Any]],
     tokenizer: Any,
     *,
     max_length: int,
@@ -138,7 +164,7 @@ def prepare_dataset(
     Accepts the layouts of :func:`detect_format` (see ``docs/data.md``); extra columns are dropped.
 
     Args:
-        dataset: the rows.
+        dataset: the rows: a ``datasets.Dataset`` or a list of row dicts.
         tokenizer: the student's tokenizer (fast, with a ``chat_template`` for chat rows).
         max_length: longest row in tokens; longer rows are cut at the right and counted in the report.
         completion_only_loss: loss on the completion (assistant turns, or the ``completion`` string) only;
@@ -159,6 +185,7 @@ def prepare_dataset(
     """
     if max_length < 2:
         raise DataError(f"max_length={max_length} is too small: a row needs at least 2 tokens to carry loss.")
+    dataset = as_dataset(dataset)
     fmt = detect_format(dataset.column_names)
     has_prompts = _check_columns(dataset, fmt, tokenizer, packing, need_prompts)
     tokenize = functools.partial(

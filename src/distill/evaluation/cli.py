@@ -9,6 +9,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from distill.checks import InputError, arg_dtype, arg_float, arg_int, check_device, check_int
+
+
+def _k_list(text: str) -> list[int]:
+    """``--k``: comma-separated whole numbers >= 1, e.g. ``1,10``."""
+    try:
+        ks = [check_int(part, "each k", minimum=1) for part in text.split(",") if part.strip()]
+    except InputError as error:
+        raise argparse.ArgumentTypeError(f"{error} Give comma-separated whole numbers, e.g. 1,10.") from None
+    if not ks:
+        raise argparse.ArgumentTypeError("give at least one k, e.g. 1 or 1,10.")
+    return ks
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``eval`` subcommand to ``subparsers``."""
@@ -25,26 +38,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dataset", required=True, help="held-out rows: .json/.jsonl/.parquet/.csv or a save_to_disk folder"
     )
     parser.add_argument("--tokenizer", default=None, help="the students' tokenizer (default: --student)")
-    parser.add_argument("--max-rows", type=int, default=None, help="evaluate only the first R rows")
-    parser.add_argument("--max-length", type=int, default=1024, help="tokens per row (longer rows are cut)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
-    parser.add_argument("--humaneval", type=int, default=0, metavar="N", help="pass@k on the first N problems")
-    parser.add_argument("--samples", type=int, default=1, help="completions per HumanEval problem (n)")
-    parser.add_argument("--k", default="1", help="comma-separated k for pass@k (only k <= --samples)")
+    parser.add_argument("--max-rows", type=arg_int(1), default=None, help="evaluate only the first R rows")
+    parser.add_argument("--max-length", type=arg_int(2), default=1024, help="tokens per row (longer rows are cut)")
+    parser.add_argument("--batch-size", type=arg_int(1), default=8, help="rows per forward pass")
+    parser.add_argument("--humaneval", type=arg_int(0), default=0, metavar="N", help="pass@k on the first N problems")
+    parser.add_argument("--samples", type=arg_int(1), default=1, help="completions per HumanEval problem (n)")
+    parser.add_argument("--k", type=_k_list, default=[1], help="comma-separated k for pass@k (only k <= --samples)")
     parser.add_argument(
-        "--temperature", type=float, default=None, help="sampling temperature (default: 0 for n=1, else 0.8)"
+        "--temperature", type=arg_float(0), default=None, help="sampling temperature (default: 0 for n=1, else 0.8)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per HumanEval completion")
-    parser.add_argument("--sandbox-workers", type=int, default=2, help="tests run in parallel")
+    parser.add_argument("--max-new-tokens", type=arg_int(1), default=256, help="tokens per HumanEval completion")
+    parser.add_argument("--sandbox-workers", type=arg_int(1), default=2, help="tests run in parallel")
     price = parser.add_mutually_exclusive_group()
     price.add_argument("--gpu", default=None, help="GPU name whose hourly price distill.planning knows (e.g. H100)")
-    price.add_argument("--price-per-hour", type=float, default=None, help="USD per hour of this device")
+    price.add_argument("--price-per-hour", type=arg_float(0), default=None, help="USD per hour of this device")
     parser.add_argument("--no-speed", action="store_true", help="skip the generation speed measurement")
-    parser.add_argument("--speed-batch-size", type=int, default=8)
-    parser.add_argument("--speed-new-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
+    parser.add_argument("--speed-batch-size", type=arg_int(1), default=8)
+    parser.add_argument("--speed-new-tokens", type=arg_int(1), default=64)
+    parser.add_argument("--dtype", type=arg_dtype, default="auto", help="auto, bf16, fp16 or fp32")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=arg_int(None), default=0)
     parser.add_argument("--out", required=True, help="output folder for the report")
     parser.set_defaults(func=run)
 
@@ -57,10 +70,10 @@ def _log_history(model_path: str) -> list[dict[str, Any]] | None:
     return json.loads(state.read_text(encoding="utf-8")).get("log_history")
 
 
-def _tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
+def _tokenizer(path: str, what: str) -> Any:
+    from distill.models.loading import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(path, what)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,12 +84,16 @@ def run(args: argparse.Namespace) -> int:
     from distill.evaluation.report import ModelResult, summary_tables, write_report
     from distill.evaluation.speed import measure_speed, resolve_price
     from distill.evaluation.tasks import HumanEvalPassAtK, humaneval_problems, run_tasks
-    from distill.models.loading import freeze, load_causal_lm
+    from distill.models.loading import check_model_source, freeze, load_causal_lm
 
-    # Everything that can fail without weights is checked before any model loads.
+    # Everything that can fail without weights is checked before any model loads (numbers: while parsing).
+    check_device(args.device)
     rows = load_rows(args.dataset, args.max_rows)
     price = resolve_price(args.price_per_hour, args.gpu)
-    ks = [int(k) for k in args.k.split(",") if k.strip()]
+    for flag in ("student", "teacher", "baseline", "tokenizer"):
+        if getattr(args, flag) is not None:
+            check_model_source(getattr(args, flag), f"--{flag}")
+    ks = args.k  # those above --samples are left out of the report (HumanEvalPassAtK)
     tasks = []
     if args.humaneval:
         tasks.append(
@@ -92,9 +109,9 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = _tokenizer(args.tokenizer or args.student)
+    tokenizer = _tokenizer(args.tokenizer or args.student, "--tokenizer" if args.tokenizer else "--student")
     try:
-        teacher_tokenizer = _tokenizer(args.teacher)
+        teacher_tokenizer = _tokenizer(args.teacher, "--teacher")
     except (OSError, ValueError):
         teacher_tokenizer = tokenizer  # a teacher folder without tokenizer files: assume the students' one
 

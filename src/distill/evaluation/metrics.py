@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.checks import check_int
 from distill.data import DistillCollator, prepare_dataset
 from distill.losses import default_chunk_size
 from distill.losses.divergences import forward_kl_per_token
@@ -109,7 +110,7 @@ def load_rows(source: str | Any, max_rows: int | None = None) -> datasets.Datase
     elif isinstance(source, (list, tuple)):
         dataset = datasets.Dataset.from_list(list(source))
     else:
-        path = Path(source)
+        path = Path(source).expanduser()
         kinds = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
         if path.is_file() and path.suffix in kinds:
             dataset = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
@@ -121,6 +122,7 @@ def load_rows(source: str | Any, max_rows: int | None = None) -> datasets.Datase
                 "Dataset.save_to_disk()."
             )
     if max_rows is not None:
+        max_rows = check_int(max_rows, "max_rows")
         dataset = dataset.select(range(min(max_rows, len(dataset))))
     return dataset
 
@@ -216,6 +218,7 @@ def heldout_metrics(
         distill.data.DataError: rows the Trainer would refuse.
         VocabularyMismatchError: the tokenizers differ, or a tokenizer is larger than a head.
     """
+    batch_size = check_int(batch_size, "batch_size")
     rows = load_rows(dataset, max_rows)
     prepared, report = prepare_dataset(rows, tokenizer, max_length=max_length)
     student_head, student_rows = _split_head(student)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill.checks import check_float
 from distill.evaluation.memory import PeakMemory
 from distill.generation.sampling import sample_batch
 from distill.models.loading import parameter_bytes
@@ -101,9 +102,7 @@ def gpu_price_per_hour(gpu: str) -> float:
 def resolve_price(price_per_hour: float | None = None, gpu: str | None = None) -> float | None:
     """The device's USD per hour: ``price_per_hour`` if given, else ``gpu`` looked up, else None."""
     if price_per_hour is not None:
-        if price_per_hour < 0:
-            raise ValueError(f"price_per_hour must be >= 0; got {price_per_hour}.")
-        return float(price_per_hour)
+        return check_float(price_per_hour, "price_per_hour (USD)", minimum=0)
     return gpu_price_per_hour(gpu) if gpu else None
 
 

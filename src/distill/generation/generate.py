@@ -9,7 +9,9 @@ Layout of ``out_dir`` (see ``docs/generation.md``):
 - ``manifest.json``: teacher, settings, counts, filter pass counts, every shard with its sha256.
 
 A restart regenerates only the shards without a json; sampling is seeded per (prompt, completion),
-and batches never cross a shard, so the output is byte-identical to an uninterrupted run's.
+and batches never cross a shard, so the output is byte-identical to an uninterrupted run's. Only
+this layout's own temporary files are removed, and a folder holding anything else is refused before
+any work (:func:`check_generation_folder`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,13 +27,18 @@ from typing import Any, Protocol
 
 import torch
 
+from distill.checks import InputError, check_float, check_int, check_writable_folder
 from distill.generation.sampling import sample_batch, sequence_seed
 from distill.models import eos_token_ids
 from distill.teachers.server import ServerTeacher
 
-__all__ = ["RowFilter", "generate_dataset", "load_generated", "read_manifest"]
+__all__ = ["RowFilter", "check_generation_folder", "generate_dataset", "load_generated", "read_manifest"]
 
 FORMAT = "distill.generation/1"
+# The only names an output folder holds, and their temporary files (".NAME.tmp").
+_FINAL_NAME = r"(run\.json|manifest\.json|shard-\d{5}\.(parquet|json))"
+_OUTPUT_FILE = re.compile(_FINAL_NAME)
+_TEMP_FILE = re.compile(r"\." + _FINAL_NAME + r"\.tmp")
 
 
 class RowFilter(Protocol):
@@ -77,14 +85,26 @@ def _prompt_of(row: Mapping[str, Any] | str) -> tuple[str, Any]:
     """``(layout, prompt)``: ``("text", str)``, ``("chat_prompt", messages)`` or ``("messages", messages)``."""
     if isinstance(row, str):
         return "text", row
-    if "messages" in row:
-        messages = list(row["messages"])
+    if isinstance(row, Mapping) and "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, (list, tuple)) or not all(
+            isinstance(m, Mapping) and "role" in m for m in messages
+        ):
+            raise InputError(
+                f"A prompt row's 'messages' must be a list of {{'role', 'content'}} dicts; got {messages!r:.80}."
+            )
+        messages = list(messages)
         # The conversation before its last assistant turn is the prompt (a reference answer is replaced).
         last_assistant = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         return "messages", messages[:last_assistant] if last_assistant is not None else messages
-    if "prompt" in row:
-        return ("text" if isinstance(row["prompt"], str) else "chat_prompt"), row["prompt"]
-    raise ValueError(f"A prompt row needs a 'prompt' or a 'messages' column; got columns {sorted(row)}.")
+    if isinstance(row, Mapping) and "prompt" in row:
+        prompt = row["prompt"]
+        if not isinstance(prompt, (str, list, tuple)):
+            raise InputError(f"A prompt must be a string or a list of chat messages; got a {type(prompt).__name__}.")
+        return ("text" if isinstance(prompt, str) else "chat_prompt"), prompt
+    if not isinstance(row, Mapping):
+        raise InputError(f"A prompt row must be a string or a mapping; got {type(row).__name__}.")
+    raise InputError(f"A prompt row needs a 'prompt' or a 'messages' column; got columns {sorted(row)}.")
 
 
 def _encode(tokenizer: Any, layout: str, prompt: Any) -> list[int]:
@@ -173,6 +193,61 @@ def _generate_shard(
     return kept, counts
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError) as error:
+        raise InputError(
+            f"{path} is not valid JSON ({error}): restore it, or generate into an empty folder."
+        ) from None
+
+
+def check_generation_folder(out_dir: str | os.PathLike[str], name: str = "out_dir") -> dict[str, Any] | None:
+    """Check, before any work, that ``out_dir`` can hold a generation run: writable, and empty or a run already.
+
+    Args:
+        out_dir: the output folder (created if missing).
+        name: the argument's name, for messages (``"--out"`` on the command line).
+
+    Returns:
+        The ``run.json`` of the run already there (to resume), or ``None``.
+
+    Raises:
+        InputError: the folder cannot be written, holds other files (listed; nothing is deleted), or its
+            ``run.json`` is not a generation run's.
+    """
+    out = check_writable_folder(out_dir, name)
+    run_path = out / "run.json"
+    previous = _read_json(run_path) if run_path.exists() else None
+    if previous is not None and (not isinstance(previous, dict) or previous.get("format") != FORMAT):
+        raise InputError(f"{run_path} is not the run.json of a `distill generate` run; give an empty or new folder.")
+    foreign = sorted(
+        entry.name + ("/" if entry.is_dir() else "")
+        for entry in out.iterdir()
+        if entry.is_dir()
+        or not (_OUTPUT_FILE.fullmatch(entry.name) or _TEMP_FILE.fullmatch(entry.name))
+        # run.json is written before anything else: without it only temporary files can be ours.
+        or (previous is None and not _TEMP_FILE.fullmatch(entry.name))
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise InputError(
+            f"{name} {os.fspath(out_dir)!r} is not empty and is not a `distill generate` output: it holds {shown}. "
+            "Nothing was written or deleted. Give an empty or new folder, or the folder of a run to resume."
+        )
+    return previous
+
+
+def _check_arguments(**numbers: Any) -> None:
+    """Refuse, before anything is loaded or written, counts below 1 and sampling settings out of range."""
+    for name in ("num_completions", "max_new_tokens", "batch_size", "prompts_per_shard", "filter_workers"):
+        check_int(numbers[name], name)
+    check_int(numbers["top_k"], "top_k", minimum=0)
+    check_int(numbers["seed"], "seed", minimum=None)
+    check_float(numbers["temperature"], "temperature (0: greedy)", minimum=0)
+    check_float(numbers["top_p"], "top_p", minimum=0, maximum=1, exclusive_minimum=True)
+
+
 def _settings_hash(rows: Sequence[Any]) -> str:
     digest = hashlib.sha256()
     for row in rows:
@@ -233,17 +308,16 @@ def generate_dataset(
     Returns:
         ``out_dir`` as a ``Path``; read it with :func:`load_generated`.
     """
-    if num_completions < 1 or max_new_tokens < 1 or batch_size < 1 or prompts_per_shard < 1:
-        raise ValueError("num_completions, max_new_tokens, batch_size and prompts_per_shard must be >= 1.")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"Need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}.")
+    _check_arguments(
+        num_completions=num_completions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        prompts_per_shard=prompts_per_shard, filter_workers=filter_workers, top_k=top_k, seed=seed,
+        temperature=temperature, top_p=top_p,
+    )  # fmt: skip
     rows = list(prompts)
     if not rows:
-        raise ValueError("No prompts to generate from.")
+        raise InputError("No prompts to generate from.")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):
-        stale.unlink()  # a file a killed run was writing; its shard is regenerated below
+    previous = check_generation_folder(out)
     server = isinstance(teacher, ServerTeacher)
     if server:
         teacher.use_tokenizer(tokenizer)  # before any prompt is sent: its ids would mean other tokens
@@ -270,12 +344,14 @@ def generate_dataset(
         "num_prompts": len(rows),
         "prompts_sha256": _settings_hash(rows),
     }
-    if (out / "run.json").exists():
-        previous = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    if previous is not None:
         if previous != run:
             changed = sorted(k for k in run if previous.get(k) != run[k])
-            raise ValueError(f"{out} holds a run with other settings ({', '.join(changed)}); use another out_dir.")
-    else:
+            raise InputError(f"{out} holds a run with other settings ({', '.join(changed)}); use another out_dir.")
+    for stale in out.iterdir():
+        if _TEMP_FILE.fullmatch(stale.name):
+            stale.unlink()  # a file a killed run was writing; its shard is regenerated below
+    if previous is None:
         _atomic_write(out / "run.json", _json_bytes(run))
 
     was_training = not server and teacher.training

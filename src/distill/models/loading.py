@@ -11,17 +11,28 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from distill.checks import is_path_like
+from distill.models.files import IncompleteFilesError, damaged_files
 from distill.models.quantization import Quantization, quantization_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["ModelDoesNotFitError", "check_fits", "freeze", "load_causal_lm", "parameter_bytes", "resolve_dtype"]
+__all__ = [
+    "ModelDoesNotFitError",
+    "check_fits",
+    "check_model_source",
+    "freeze",
+    "load_causal_lm",
+    "load_tokenizer",
+    "parameter_bytes",
+    "resolve_dtype",
+]
 
 _DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -82,24 +93,64 @@ def _hub_offline() -> bool:
     return any(env) or bool(constants.HF_HUB_OFFLINE)
 
 
-def _check_source_exists(name_or_path: str | os.PathLike) -> None:
-    """Fail fast, with a useful message, on a model that is neither a folder nor reachable on the hub."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        return
+def check_model_source(name_or_path: str | os.PathLike, what: str = "model") -> None:
+    """Fail fast, naming it, on a model that is neither a local folder nor reachable on the hub.
+
+    A name that can only be a path (``./x``, ``/x``, ``~/x``, ``a/b/c``; see
+    :func:`distill.checks.is_path_like`) must be an existing folder: transformers would otherwise answer
+    "Repo id must be in the form 'repo_name'". A hub id is checked against the local cache when
+    ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``) forbids downloading it; one that is also a
+    missing path beside an existing folder (``out/student``) is then reported as "no such folder".
+
+    Args:
+        name_or_path: a folder or a hub id.
+        what: the model's role, for the message (``"teacher"``, ``"--student"``, ...).
+
+    Raises:
+        FileNotFoundError: no such folder, a file instead of a folder, or a hub id that is not cached while offline.
+    """
     text = os.fspath(name_or_path)
-    if not isinstance(name_or_path, str) or not _HUB_ID.match(text):
-        raise FileNotFoundError(f"no model folder at {text!r} (resolved to {path.resolve()})")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise FileNotFoundError(
+            f"no model folder at {text!r} ({what}): it is a file; give the folder that holds config.json."
+        )
+    if not isinstance(name_or_path, str) or is_path_like(text) or not _HUB_ID.match(text):
+        raise FileNotFoundError(
+            f"no model folder at {text!r} ({what}): no such folder (resolved to {path.resolve()})."
+        )
     if not _hub_offline():
         return  # a hub id: from_pretrained downloads it (or reports the hub's own error)
     from huggingface_hub import try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(text, "config.json"), str):
         return
+    if Path(text).parent.is_dir() and str(Path(text).parent) != ".":  # "out/student" beside an out/ folder
+        raise FileNotFoundError(
+            f"no model folder at {text!r} ({what}): no such folder (resolved to {path.resolve()}), and no hub model "
+            "of that name is cached while this machine is offline (HF_HUB_OFFLINE=1)."
+        )
     raise FileNotFoundError(
-        f"{text!r} is neither a local model folder nor in the Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
-        "downloading it. Pass the path of a folder written by save_pretrained(), or download the model first."
+        f"{what} {text!r} is neither a local model folder nor in the Hugging Face cache, and this machine is offline "
+        "(HF_HUB_OFFLINE=1) so it cannot be downloaded. Pass the path of a folder written by save_pretrained(), "
+        "or download the model first."
     )
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, what: str = "tokenizer", **kwargs: object) -> Any:
+    """``AutoTokenizer.from_pretrained`` after :func:`check_model_source` (a missing folder is named, not looked up).
+
+    Args:
+        name_or_path: a folder or a hub id.
+        what: the tokenizer's role, for the message.
+        kwargs: passed to ``from_pretrained``.
+    """
+    from transformers import AutoTokenizer
+
+    check_model_source(name_or_path, what)
+    return AutoTokenizer.from_pretrained(os.fspath(name_or_path), **kwargs)
 
 
 def _dtype_kwarg() -> str:
@@ -156,7 +207,7 @@ def load_causal_lm(
     resolved_dtype = resolve_dtype(dtype)
     compute_dtype = resolved_dtype if isinstance(resolved_dtype, torch.dtype) else _default_compute_dtype(device)
     bnb_config = quantization_config(quantization, compute_dtype)
-    _check_source_exists(name_or_path)
+    check_model_source(name_or_path)
 
     kwargs: dict[str, object] = {_dtype_kwarg(): resolved_dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
@@ -165,10 +216,28 @@ def load_causal_lm(
         kwargs["quantization_config"] = bnb_config
         if device is not None:
             kwargs["device_map"] = {"": str(device)}
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except Exception as error:
+        _raise_if_damaged(name_or_path, error)
+        raise
     if bnb_config is None and device is not None:
         model = model.to(device)
     return model
+
+
+def _raise_if_damaged(name_or_path: str | os.PathLike, error: Exception) -> None:
+    """After a failed load from a local folder: name the file that is cut short, if one is."""
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        return
+    damaged = damaged_files(folder)
+    if damaged:
+        listed = "; ".join(f"{path} ({problem})" for path, problem in damaged)
+        raise IncompleteFilesError(
+            f"The model folder {folder} is incomplete: {listed}. It was probably being written when the process "
+            "was stopped; save it again (or resume from an earlier checkpoint)."
+        ) from error
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -11,6 +11,7 @@ import json
 import sys
 from typing import Any
 
+from distill.checks import InputError, arg_float, arg_int
 from distill.planning.gpus import GPUS, load_prices, with_prices
 from distill.planning.setup import OPTIMIZERS, PRECISIONS, SHARDINGS, TEACHER_MODES
 
@@ -31,25 +32,35 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--teacher", default=None, help="catalogue name or config.json (optional for cache/server)")
     parser.add_argument("--gpu", default="H100", help=f"one of {', '.join(GPUS)} (prefixes work), or cpu")
-    parser.add_argument("--num-gpus", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per row (max_length)")
-    parser.add_argument("--batch", type=int, default=1, help="rows per micro-batch per GPU")
-    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default: full fine-tune)")
+    parser.add_argument("--num-gpus", type=arg_int(1), default=1)
+    parser.add_argument("--seq-len", type=arg_int(1), default=2048, help="tokens per row (max_length)")
+    parser.add_argument("--batch", type=arg_int(1), default=1, help="rows per micro-batch per GPU")
+    parser.add_argument("--grad-accum", type=arg_int(1), default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--lora-rank", type=arg_int(1), default=None, help="LoRA rank (default: full fine-tune)")
     parser.add_argument("--qlora", action="store_true", help="4-bit student base with LoRA (rank 16 by default)")
     parser.add_argument("--teacher-mode", choices=TEACHER_MODES, default="bf16")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--loss-impl", choices=("fused", "dense"), default="fused")
-    parser.add_argument("--loss-chunk-size", type=int, default=None, help="fused-loss tokens per chunk")
+    parser.add_argument("--loss-chunk-size", type=arg_int(1), default=None, help="fused-loss tokens per chunk")
     parser.add_argument("--divergence", default="jsd", help="distill's loss: jsd, forward_kl, reverse_kl, ...")
     parser.add_argument("--sharding", choices=SHARDINGS, default="none")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     parser.add_argument("--precision", choices=PRECISIONS, default="mixed")
-    parser.add_argument("--tokens", type=float, default=None, help="training tokens per epoch, e.g. 50e6")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation for every part")
-    parser.add_argument("--on-policy", type=float, default=0.0, help="fraction of on-policy steps (lmbda)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--tokens",
+        type=arg_float(0, exclusive_minimum=True),
+        default=None,
+        help="training tokens per epoch, e.g. 50e6",
+    )
+    parser.add_argument("--epochs", type=arg_float(0, exclusive_minimum=True), default=1.0)
+    parser.add_argument(
+        "--mfu",
+        type=arg_float(0, 1, exclusive_minimum=True),
+        default=None,
+        help="model FLOPs utilisation for every part",
+    )
+    parser.add_argument("--on-policy", type=arg_float(0, 1), default=0.0, help="fraction of on-policy steps (lmbda)")
+    parser.add_argument("--max-new-tokens", type=arg_int(1), default=128)
     parser.add_argument("--prices", default=None, help="JSON/YAML file of {gpu: USD per GPU-hour}")
     parser.add_argument("--all-gpus", action="store_true", help="one line per catalogue GPU")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -94,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                      **_plan_kwargs(args))
             for gpu in gpus
         ]  # fmt: skip
-    except (KeyError, ValueError, OSError) as error:
+    except (KeyError, ValueError, OSError, InputError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
         print(f"distill plan: {message}", file=sys.stderr)
         return EXIT_USAGE

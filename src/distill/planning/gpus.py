@@ -10,10 +10,13 @@ on-demand cloud list prices as of late 2026 and are assumptions: replace them wi
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from distill.checks import InputError, check_float
 
 __all__ = ["CPU", "GPU", "GPUS", "get_gpu", "load_prices", "with_prices"]
 
@@ -131,10 +134,9 @@ def with_prices(prices: Mapping[str, float], catalogue: Mapping[str, GPU] | None
     """
     updated = dict(GPUS if catalogue is None else catalogue)
     for name, price in prices.items():
-        if float(price) < 0:
-            raise ValueError(f"The price of {name} must be >= 0 US dollars per hour; got {price}.")
+        price = check_float(price, f"The price of {name} (US dollars per hour)", minimum=0)
         gpu = get_gpu(name, updated)
-        updated[gpu.name] = replace(gpu, hourly_usd=float(price))
+        updated[gpu.name] = replace(gpu, hourly_usd=price)
     return updated
 
 
@@ -148,15 +150,34 @@ def load_prices(path: str | os.PathLike) -> dict[str, float]:
         ``{name: price}`` as written in the file (pass it to :func:`with_prices`).
 
     Raises:
-        ValueError: the file does not hold a mapping of names to numbers.
+        FileNotFoundError: no such file.
+        InputError: the file is not valid JSON / YAML, or does not hold a mapping of names to finite prices
+            >= 0 (the message names the file and the entry).
     """
-    text = Path(path).read_text()
-    if Path(path).suffix.lower() in (".yaml", ".yml"):
-        import yaml
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--prices {os.fspath(path)!r}: no such file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
 
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
-        raise ValueError(f"{path} must hold a mapping of GPU names to US dollars per hour, e.g. {{'H100': 2.5}}.")
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as error:
+                raise ValueError(" ".join(str(error).split())) from None
+        else:
+            data = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise InputError(
+            f"{path} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'} ({error}); it "
+            'must hold a mapping of GPU names to US dollars per hour, e.g. {"H100": 2.5}.'
+        ) from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} must hold a mapping of GPU names to US dollars per hour, e.g. {{'H100': 2.5}}.")
+    for name, price in data.items():
+        if isinstance(price, bool) or not isinstance(price, (int, float)) or not math.isfinite(price) or price < 0:
+            raise InputError(
+                f"{path}: the price of {name} must be a finite number >= 0 (USD per hour); got {price!r}."
+            )
     return {str(name): float(price) for name, price in data.items()}

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from distill.checks import InputError, check_int
+
 __all__ = ["KNOWN_MODELS", "ModelSpec", "model_spec", "spec_from_config"]
 
 
@@ -143,6 +145,9 @@ def spec_from_config(config: Mapping[str, Any], name: str = "config") -> ModelSp
     missing = [key for key in required if config.get(key) is None]
     if missing:
         raise ValueError(f"{name} lacks {', '.join(missing)}: not a Llama/Qwen/Mistral-style config.json.")
+    for key in (*required, "num_key_value_heads", "head_dim"):
+        if config.get(key) is not None:
+            check_int(config[key], f"{name}'s {key}")  # a positive whole number, or the plan is meaningless
     model_type = str(config.get("model_type", "")).lower()
     heads = int(config["num_attention_heads"])
     hidden = int(config["hidden_size"])
@@ -250,10 +255,17 @@ def model_spec(source: str | os.PathLike | Mapping[str, Any] | ModelSpec) -> Mod
     if path.is_dir():
         path = path / "config.json"
     if path.is_file():
-        with open(path) as handle:
-            config = json.load(handle)
+        try:
+            config = json.loads(path.read_bytes())
+        except (UnicodeDecodeError, ValueError) as error:
+            raise InputError(f"{path} is not valid JSON ({error}): give a model's config.json.") from None
+        if not isinstance(config, Mapping):
+            raise InputError(f"{path} holds a JSON {type(config).__name__}, not a config.json object.")
         label = path.parent.name if path.name == "config.json" else str(path)
-        return spec_from_config(config, name=label)
+        try:
+            return spec_from_config(config, name=label)
+        except (TypeError, ValueError) as error:
+            raise InputError(f"{path}: {error}") from None
     wanted = _normalise(os.fspath(source))
     for name, spec in KNOWN_MODELS.items():
         if _normalise(name) == wanted:

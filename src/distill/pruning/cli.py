@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from distill.checks import InputError, arg_dtype, arg_int, check_device
+
 SHAPE_FIELDS = {
     "layers": "num_layers",
     "hidden": "hidden_size",
@@ -24,21 +26,21 @@ def parse_target(text: str) -> float | int | dict[str, int]:
             key, _, value = item.partition("=")
             key = key.strip()
             if key not in SHAPE_FIELDS:
-                raise ValueError(f"unknown shape field {key!r} in --target; use {', '.join(SHAPE_FIELDS)}")
+                raise InputError(f"unknown shape field {key!r} in --target; use {', '.join(SHAPE_FIELDS)}")
             try:
                 shape[SHAPE_FIELDS[key]] = int(value)
             except ValueError:
-                raise ValueError(f"--target {key}={value!r} is not an integer") from None
+                raise InputError(f"--target {key}={value!r} is not an integer") from None
         return shape
     try:
         number = float(text)
     except ValueError:
-        raise ValueError(
+        raise InputError(
             f"--target {text!r}: give a fraction such as 0.5, a parameter count such as 60e6, or a shape such as "
             "layers=24,hidden=512,heads=6,kv_heads=3,mlp=1024"
         ) from None
     if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"--target must be a positive fraction or count; got {text!r}")
+        raise InputError(f"--target must be a positive fraction or count; got {text!r}")
     return number if number < 1 else int(number)
 
 
@@ -60,13 +62,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--budget-of", choices=("non_embedding", "total"), default="non_embedding")
     parser.add_argument("--split", default="train", help="dataset split (hub / DatasetDict)")
-    parser.add_argument("--calibration-rows", type=int, default=256, help="rows used (default 256)")
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per calibration row (default 512)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8)")
-    parser.add_argument("--score-batches", type=int, default=2, help="batches each candidate shape is scored on")
-    parser.add_argument("--skip-loss-batches", type=int, default=0, help="rank blocks by skip loss on N batches")
+    parser.add_argument("--calibration-rows", type=arg_int(), default=256, help="rows used (default 256)")
+    parser.add_argument("--max-length", type=arg_int(2), default=512, help="tokens per calibration row (default 512)")
+    parser.add_argument("--batch-size", type=arg_int(), default=8, help="rows per forward (default 8)")
+    parser.add_argument("--score-batches", type=arg_int(), default=2, help="batches each candidate shape is scored on")
+    parser.add_argument(
+        "--skip-loss-batches", type=arg_int(0), default=0, help="also rank blocks by their skip loss on N batches"
+    )
     parser.add_argument("--no-refit", dest="refit", action="store_false", help="no least-squares re-fit")
-    parser.add_argument("--dtype", default="fp32", help="dtype to load and prune in: fp32 (default), bf16, fp16")
+    parser.add_argument("--dtype", type=arg_dtype, default="fp32", help="dtype to load and prune in (default fp32)")
     parser.add_argument("--device", default=None, help="e.g. cuda:0 (default: CPU)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.set_defaults(func=run)
@@ -75,36 +79,46 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def _check_arguments(args: argparse.Namespace) -> Any:
     """Every argument checked before a model or dataset is loaded; returns the parsed target."""
-    for name in ("calibration_rows", "max_length", "batch_size", "score_batches"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
-    if args.skip_loss_batches < 0:
-        raise ValueError(f"--skip-loss-batches must be 0 or more; got {args.skip_loss_batches}")
+    from distill.models.loading import check_model_source
+
+    check_device(args.device)
+    check_model_source(args.model)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} exists and is not an empty folder; choose a new folder")
+        raise InputError(f"--out {out} exists and is not an empty folder; choose a new folder")
     return parse_target(args.target)
 
 
 def run(args: argparse.Namespace) -> int:
     """Prune and save; print the summary table."""
-    try:
-        target = _check_arguments(args)
-    except ValueError as error:
-        raise SystemExit(f"distill prune: {error}") from None
-    from transformers import AutoTokenizer
+    target = _check_arguments(args)
+    from transformers import AutoConfig
 
     from distill.cache.cli import load_rows
     from distill.models import load_causal_lm, resolve_dtype
+    from distill.models.loading import load_tokenizer
     from distill.pruning import calibration_batches, check_prunable, prune
+    from distill.pruning.architecture import SUPPORTED_MODEL_TYPES
+    from distill.pruning.search import resolve_target
 
-    model = load_causal_lm(args.model, dtype=resolve_dtype(args.dtype), device=args.device)
-    check_prunable(model)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    # The target against the teacher's config, and the rows, before any weights are loaded.
+    config = AutoConfig.from_pretrained(args.model)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise InputError(
+            f"{args.model} is a {config.model_type!r} model; distill prune supports "
+            f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))} (Llama-family decoders)."
+        )
+    try:
+        resolve_target(config, target, args.budget_of)
+    except (ValueError, TypeError) as error:
+        raise InputError(f"--target {args.target}: {error}") from None
+    tokenizer = load_tokenizer(args.model)
     rows = load_rows(args.dataset, args.split)
     batches = calibration_batches(
         rows, tokenizer, max_length=args.max_length, batch_size=args.batch_size, max_rows=args.calibration_rows
     )
+    model = load_causal_lm(args.model, dtype=resolve_dtype(args.dtype), device=args.device)
+    check_prunable(model)
     result = prune(
         model, batches, target, budget_of=args.budget_of, score_batches=args.score_batches,
         skip_loss_batches=args.skip_loss_batches, refit=args.refit, progress=args.progress,

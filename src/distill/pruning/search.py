@@ -144,7 +144,8 @@ def candidate_shapes(
     """Shapes mixing depth and width that fit ``budget`` parameters, each with the largest MLP that fits.
 
     Depth: all layers or 90%; query heads per KV group: all or 2/3; hidden size: all or about 7/8 (a
-    multiple of ``multiple`` and of the head count, within 3/4 of the teacher's). The MLP width is then
+    multiple of ``multiple`` and of the head count, at least 60% of the teacher's). Below 40% of the
+    teacher's parameters also 80% depth, 1/3 of the heads and 3/4 of the hidden size. The MLP width is then
     the largest multiple of ``multiple`` within the budget (a candidate needing less than 10% of the
     teacher's MLP is dropped, and so is a shape the model's config class refuses). ``multiple`` defaults to
     a power of two near ``hidden / 16`` (at most 64).
@@ -153,15 +154,19 @@ def candidate_shapes(
     if multiple is None:  # tensor-core friendly sizes: a power of two near hidden/16, between 1 and 64
         multiple = min(64, 2 ** max(0, int(math.log2(max(full.hidden_size / 16, 1)))))
     per_group = full.num_attention_heads // full.num_key_value_heads
-    depths = sorted({full.num_layers, max(1, round(0.9 * full.num_layers))}, reverse=True)
-    groups = sorted({per_group, max(1, round(per_group * 2 / 3))}, reverse=True)
+    deep_cut = budget < 0.4 * count_parameters(config)[budget_of]  # below 40%: also try harder width/depth cuts
+    depth_fractions, head_fractions, hidden_fractions = (1.0, 0.9), (1.0, 2 / 3), (7 / 8,)
+    if deep_cut:
+        depth_fractions, head_fractions, hidden_fractions = (1.0, 0.9, 0.8), (1.0, 2 / 3, 1 / 3), (7 / 8, 3 / 4)
+    depths = sorted({max(1, round(f * full.num_layers)) for f in depth_fractions}, reverse=True)
+    groups = sorted({max(1, round(per_group * f)) for f in head_fractions}, reverse=True)
     shapes = []
     for depth in depths:
         for heads_per_group in groups:
             step = math.lcm(multiple, heads_per_group * full.num_key_value_heads)
-            narrower = _round_down(full.hidden_size * 7 / 8, step)
-            hiddens = [full.hidden_size] + (
-                [narrower] if 0.75 * full.hidden_size <= narrower < full.hidden_size else []
+            narrower = {_round_down(full.hidden_size * f, step) for f in hidden_fractions}
+            hiddens = [full.hidden_size] + sorted(
+                (h for h in narrower if 0.6 * full.hidden_size <= h < full.hidden_size), reverse=True
             )
             for hidden in hiddens:
                 base = dataclasses.replace(
@@ -186,10 +191,11 @@ def _accepted(config: Any, shape: PruneShape) -> bool:
     return True
 
 
-def _resolve_target(
+def resolve_target(
     config: Any, target: PruneShape | dict[str, int] | float | int, budget_of: BudgetOf
 ) -> tuple[PruneShape | None, int | None]:
-    """An explicit shape, or a parameter budget (a fraction in (0, 1) of the teacher's, or a count)."""
+    """``(shape, None)`` for an explicit shape, or ``(None, budget)`` for a parameter budget (a fraction in
+    (0, 1) of the teacher's, or a count); ``ValueError`` / ``TypeError`` for a target that cannot be met."""
     full = shape_of(config)
     if isinstance(target, dict):
         unknown = set(target) - set(full.as_dict())
@@ -244,7 +250,7 @@ def prune(
         progress: progress bars.
     """
     check_prunable(model)
-    shape, budget = _resolve_target(model.config, target, budget_of)  # bad targets fail before any work
+    shape, budget = resolve_target(model.config, target, budget_of)  # bad targets fail before any work
     if score_batches < 1:
         raise ValueError(f"score_batches must be at least 1; got {score_batches}.")
     if not calibration:

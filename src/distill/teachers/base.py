@@ -57,6 +57,21 @@ class Teacher(ABC):
     def check_objective(self, objective: Objective) -> None:  # noqa: B027 - a hook: most teachers accept any loss
         """Refuse, before training, a loss this teacher's targets cannot train (default: accept any)."""
 
+    def check_config(self, args: Any) -> None:
+        """Refuse, before anything is loaded, training settings this teacher cannot serve.
+
+        The default refuses ``seq_kd`` for a teacher that cannot generate text.
+
+        Args:
+            args: the run's :class:`~distill.DistillConfig` (``seq_kd``, ``lmbda``, ``packing``, ``temperature``,
+                ``sparse_tail``, ...).
+        """
+        if getattr(args, "seq_kd", False) and type(self).generate is Teacher.generate:
+            raise ValueError(
+                f"seq_kd=True trains on the teacher's own completions, and a {type(self).__name__} cannot generate "
+                "text. Use a ModelTeacher (in-process) or a ServerTeacher (a vLLM server), or set seq_kd=False."
+            )
+
     def check_dataset(self, rows: Any) -> None:  # noqa: B027 - a hook: most teachers answer for any row
         """Refuse, before training, prepared rows this teacher has no targets for (default: accept all).
 

@@ -196,6 +196,34 @@ class CachedTeacher(Teacher):
         if self.sampled:
             check_estimate_objective(objective)
 
+    def check_config(self, args: Any) -> None:
+        """Refuse, before training, settings a cache cannot serve (each would otherwise fail at step 1, or be wrong).
+
+        Raises:
+            CacheError: ``seq_kd`` (a cache cannot generate), ``lmbda > 0`` (the student's own completions are
+                not in the cache), ``packing`` (rows are looked up one by one), or ``temperature != 1`` with
+                ``sparse_tail="bucket"`` (the cached log-probs are at temperature 1 and the tail mass cannot be
+                re-tempered).
+        """
+        problems = []
+        if getattr(args, "seq_kd", False):
+            problems.append("seq_kd=True (a cache cannot generate the teacher's completions)")
+        if getattr(args, "lmbda", 0.0) > 0:
+            problems.append(
+                f"lmbda={args.lmbda} (on-policy steps train on the student's own completions, which are not in the "
+                "cache; use the teacher model in-process or a ServerTeacher)"
+            )
+        if getattr(args, "packing", False):
+            problems.append("packing=True (cached rows are found one row at a time; set packing=False)")
+        temperature = getattr(args, "temperature", 1.0)
+        if temperature != 1.0 and getattr(args, "sparse_tail", "bucket") == "bucket":
+            problems.append(
+                f"temperature={temperature} with sparse_tail='bucket' (the cache holds temperature-1 log-probs and "
+                "one tail mass, which cannot be re-tempered; use temperature=1, or sparse_tail='renormalize')"
+            )
+        if problems:
+            raise CacheError(f"A CachedTeacher ({self.reader.path}) cannot train with " + "; ".join(problems) + ".")
+
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Refuse a tokenizer other than the one the cache was built with (vocabulary, specials, template)."""
         expected = self.manifest["config"]["tokenizer"]

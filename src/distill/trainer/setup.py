@@ -7,6 +7,8 @@ error message rather than as a failed (or silently wrong) run.
 from __future__ import annotations
 
 import logging
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,6 +84,8 @@ def shared_vocabulary(student: nn.Module, teacher: Teacher, tokenizer: Any, args
     """The number of vocabulary rows both heads share, after checking the tokenizers agree."""
     student_rows = int(student.get_output_embeddings().weight.shape[0])
     teacher_rows = teacher.vocab_rows
+    if teacher.tokenizer is None and isinstance(getattr(teacher, "model", None), nn.Module):
+        check_teacher_without_tokenizer(teacher, tokenizer)
     if teacher.tokenizer is not None:
         shared = shared_vocab_size(tokenizer, teacher.tokenizer, student_rows, teacher_rows)
     else:
@@ -101,6 +105,87 @@ def shared_vocabulary(student: nn.Module, teacher: Teacher, tokenizer: Any, args
             )
         shared = args.vocab_size
     return shared
+
+
+# Tokenizer files: a folder holding one of these has the tokenizer the model was saved with.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Head rows beyond the tokenizer that are still ordinary padding (Qwen2.5: 399; DeepSeek-LLM: 2,385).
+_PADDING_ROWS = 4096
+
+
+def _own_tokenizer(model: nn.Module) -> Any:
+    """The tokenizer saved with ``model`` (its folder, or the hub cache; never downloaded), or ``None``."""
+    config = getattr(model, "config", None)
+    source = str(getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "") or "")
+    if not source:
+        return None
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not any((folder / name).exists() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure only means there is nothing local to check against
+        return None
+
+
+def _special_ids(model: nn.Module, name: str) -> list[int]:
+    ids: list[int] = []
+    for holder in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        value = getattr(holder, name, None)
+        ids += [i for i in (value if isinstance(value, list) else [value]) if isinstance(i, int)]
+    return sorted(set(ids))
+
+
+def check_teacher_without_tokenizer(teacher: Teacher, tokenizer: Any) -> None:
+    """Check a model teacher given without its tokenizer as far as its files and config allow.
+
+    1. If the tokenizer it was saved with is on this machine (its ``name_or_path`` folder, or the hub
+       cache), it becomes ``teacher.tokenizer`` and the full token-by-token check follows.
+    2. Otherwise its config's bos / eos ids must be special tokens of the student's tokenizer (ids past the
+       tokenizer's end, or ordinary tokens, mean another tokenizer), and a UserWarning says loudly that
+       only this was checked (and whether its head is much larger than the tokenizer).
+
+    Raises:
+        VocabularyMismatchError: a bos / eos id of the teacher is not a special token of ``tokenizer``.
+    """
+    model = teacher.model  # type: ignore[attr-defined]
+    own = _own_tokenizer(model)
+    if own is not None:
+        logger.info("Teacher tokenizer loaded from %s to check it against the student's.", own.name_or_path)
+        teacher.tokenizer = own
+        return
+    size, special = len(tokenizer), set(tokenizer.all_special_ids)
+    vocab = {token_id: token for token, token_id in tokenizer.get_vocab().items()}
+    problems = []
+    for name in ("bos_token_id", "eos_token_id"):
+        for token_id in _special_ids(model, name):
+            if token_id >= size:
+                problems.append(f"its {name} {token_id} is past the end of the student's tokenizer ({size:,} tokens)")
+            elif token_id not in special:
+                problems.append(f"its {name} {token_id} is the ordinary token {vocab.get(token_id)!r} there")
+    if problems:
+        raise VocabularyMismatchError(
+            "The teacher does not use the student's tokenizer: " + "; ".join(problems) + ". Distilling would "
+            "compare different tokens id by id. Use a teacher of the student's family, or pass "
+            "teacher_processing_class=<the teacher's tokenizer> to check it token by token."
+        )
+    rows = teacher.vocab_rows
+    size_note = (
+        f" Its head has {rows:,} rows for the tokenizer's {size:,} tokens, far more than padding: this looks like "
+        "another tokenizer."
+        if rows > size + _PADDING_ROWS
+        else ""
+    )
+    message = (
+        "The teacher was passed as a model object without teacher_processing_class and no tokenizer was saved "
+        "with it, so its vocabulary could not be compared with the student's token by token; only its bos/eos "
+        f"ids and head size were checked.{size_note} A teacher with another tokenizer trains the student on "
+        "wrong targets without any error: pass teacher_processing_class=<the teacher's tokenizer>."
+    )
+    logger.warning(message)
+    warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:

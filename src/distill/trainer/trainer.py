@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -34,6 +35,7 @@ from distill.models import (
     load_causal_lm,
     resolve_dtype,
 )
+from distill.models.loading import load_tokenizer
 from distill.teachers import (
     ModelTeacher,
     Teacher,
@@ -46,6 +48,7 @@ from distill.teachers import (
 from distill.teachers.server import ServerError
 from distill.teachers.sharding import full_tensor, shard_teacher
 from distill.trainer.batching import completion_batch, next_token_labels
+from distill.trainer.checkpoints import check_resume_settings, remove_incomplete, resolve_resume, write_marker
 from distill.trainer.hidden import PROJECTIONS_FILE, HiddenDistillation, build_hidden_distillation, hidden_token_mask
 from distill.trainer.metrics import KDMetrics
 from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
@@ -96,16 +99,19 @@ class Trainer(transformers.Trainer):
                 f"args must be a distill.DistillConfig (it adds the loss, teacher and data fields); got "
                 f"{type(args).__name__}. Build it as DistillConfig(output_dir=..., ...)."
             )
+        if isinstance(teacher, Teacher):  # what this teacher cannot train (e.g. a cache: no generation, no packing)
+            teacher.check_config(args)
+            teacher.check_objective(args.objective(None))
         if processing_class is None:
             if not isinstance(model, str):
                 raise ValueError("processing_class (the student tokenizer) is required when model is a model object.")
-            processing_class = transformers.AutoTokenizer.from_pretrained(model)
+            processing_class = load_tokenizer(model, "model")
         tokenizer = processing_class
         if tokenizer.pad_token_id is None:
             # Padding is masked everywhere, so any id works; eos is what most chat models use.
             tokenizer.pad_token = tokenizer.eos_token
         if teacher_processing_class is None and isinstance(teacher, str):
-            teacher_processing_class = transformers.AutoTokenizer.from_pretrained(teacher)
+            teacher_processing_class = load_tokenizer(teacher, "teacher")
         # Everything that can be checked without the weights is checked before loading them: a bad row
         # or a mismatched tokenizer costs seconds, not a model load (or a run).
         if teacher_processing_class is not None:
@@ -350,6 +356,22 @@ class Trainer(transformers.Trainer):
             "trainer.train(resume_from_checkpoint=True) after fixing it."
         )
 
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """transformers' save, then a marker that says the folder is complete (:mod:`distill.trainer.checkpoints`).
+
+        A folder a killed save left unfinished at this step is removed first, so the new save does not mix with it.
+        """
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            remove_incomplete(folder)
+        if self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()
+        super()._save_checkpoint(model, trial)
+        if self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()  # every process's files are written before the folder is marked
+        if self.args.should_save and folder.is_dir():
+            write_marker(folder, self.args)
+
     def _save_last_good(self, model: nn.Module) -> str:
         """Checkpoint the weights before the step in flight (none of it is applied yet); returns the folder.
 
@@ -431,11 +453,19 @@ class Trainer(transformers.Trainer):
             return None
         return TargetPrefetcher(self.teacher, args.teacher_prefetch)
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        """``transformers.Trainer.train``; raises :class:`TrainingPreempted` after a SIGTERM checkpoint."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``transformers.Trainer.train``; raises :class:`TrainingPreempted` after a SIGTERM checkpoint.
+
+        ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint (newer ones a killed save left
+        unfinished are skipped, with a warning naming them); a checkpoint saved with other settings (loss, beta,
+        temperature, learning rate, ...) is refused unless ``allow_resume_changes=True``.
+        """
+        resume = resolve_resume(self.args.output_dir, resume_from_checkpoint)
+        if resume is not None:
+            check_resume_settings(resume, self.args)
         self._prefetcher = self._make_prefetcher()
         try:
-            result = super().train(*args, **kwargs)
+            result = super().train(resume, *args, **kwargs)
         finally:
             if self._prefetcher is not None:
                 self._prefetcher.shutdown()
