@@ -1,0 +1,47 @@
+"""Run untrusted Python (model-written code) behind a kernel-enforced boundary.
+
+Every run (``run_python``; ``check_humaneval`` for HumanEval problems) starts a small launcher
+(:mod:`distill.sandbox._launcher`) that builds the boundary and then executes the program in a fresh
+``python -I -S -B`` interpreter, so nothing of the launcher (no ``ctypes`` handle) is left to the program.
+Layers, as named in ``SandboxResult.layers``:
+
+- ``nobody``: as host root, the launcher first drops to uid/gid 65534 (the interpreter's folders are made
+  reachable through a private mount namespace), so the program is not root outside its namespace.
+- ``userns``, ``pidns``, ``mntns``, ``ipcns``, ``utsns``, ``netns``: fresh namespaces. The program is uid 1000
+  of its own user namespace, with no capabilities after exec; it is a child of pid 1 of a new pid
+  namespace, and when it exits (or the run times out) that init exits and the kernel kills every
+  process left in the namespace, ``setsid`` or not; no network interface but a down loopback.
+- ``proc``: a fresh ``/proc`` showing only the run's processes (``proc-hidden``: an empty one).
+  ``tmpfs``: the run's folder is a private tmpfs of at most ``4 * max_file_mb`` MiB.
+- ``rlimits``: ``RLIMIT_AS`` (memory), ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, ``RLIMIT_CORE`` = 0;
+  ``nproc``: ``RLIMIT_NPROC`` counted inside the user namespace, exactly ``max_processes``.
+- ``no_new_privs`` and ``landlock-fs``: the program may write only inside the run's folder, read only the
+  interpreter's prefix, the system library folders, the loader cache, time zones and a few devices, and
+  execute only the interpreter (and its ELF loader). ``landlock-net``: no TCP bind or connect (Landlock
+  ABI >= 4); ``landlock-scope``: no signals or abstract unix sockets outside the run (ABI >= 6).
+- ``seccomp``: ptrace, process_vm_*, pidfd_*, unshare / setns and namespace flags to clone, io_uring,
+  keyctl, bpf, perf_event_open, userfaultfd, mounts, chroot and module loading fail with EPERM; with
+  ``max_processes=1`` every new process fails (EAGAIN; threads are allowed).
+- ``audit``: a second layer only, an audit hook in the program's interpreter that turns common escapes
+  into readable ``PermissionError``s. Code in the same interpreter can disable it (e.g. through ``gc``);
+  everything it refuses, the kernel refuses too.
+
+``isolation="strict"`` (the default) refuses to run (:class:`SandboxUnavailable`, naming the missing layer
+and how to enable it) unless every layer in :data:`REQUIRED_LAYERS` is in place; ``isolation="weak"`` runs
+with whatever the kernel offers and records it. ``distill doctor`` prints what this machine offers. What
+the boundary is not: a defence against kernel bugs (use a VM or gVisor for that), a limit on CPU time
+beyond ``RLIMIT_CPU``, or a confinement of what the program prints.
+"""
+
+from distill.sandbox.kernel import REQUIRED_LAYERS, SandboxUnavailable
+from distill.sandbox.run import SandboxError, SandboxResult, check_humaneval, humaneval_program, run_python
+
+__all__ = [
+    "REQUIRED_LAYERS",
+    "SandboxError",
+    "SandboxResult",
+    "SandboxUnavailable",
+    "check_humaneval",
+    "humaneval_program",
+    "run_python",
+]
