@@ -37,6 +37,8 @@ def install(workdir, fork_budget, allow_exec):
         "socket.gethostbyname_ex", "socket.gethostbyaddr", "socket.sendto", "socket.sendmsg", "socket.socketpair",
     }
     exec_events = {"os.exec", "os.posix_spawn", "os.system", "subprocess.Popen", "os.spawn", "pty.spawn"}
+    signal_events = {"os.kill", "os.killpg", "signal.pthread_kill", "signal.pidfd_send_signal"}
+    refused_imports = {"ctypes", "_ctypes", "cffi"}
 
     def hook(event, args):
         if event == "open":
@@ -61,10 +63,10 @@ def install(workdir, fork_budget, allow_exec):
         elif event in exec_events:
             if not allow_exec:
                 raise PermissionError(f"sandbox: starting programs is refused ({event})")
-        elif event in ("os.kill", "os.killpg", "signal.pthread_kill", "signal.pidfd_send_signal"):
+        elif event in signal_events:
             if event == "signal.pidfd_send_signal" or args[0] not in (0, getpid()):
                 raise PermissionError(f"sandbox: signalling other processes is refused ({event})")
-        elif event == "import" and args[0] in ("ctypes", "_ctypes", "cffi"):
+        elif event == "import" and args[0] in refused_imports:
             raise PermissionError(f"sandbox: importing {args[0]} is refused")
 
     def after_fork_in_child():

@@ -39,7 +39,8 @@ NOBODY = 65534  # what host root drops to
 
 # Landlock (include/uapi/linux/landlock.h); the syscall numbers are the same on x86_64 and aarch64.
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
-SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
+MOUNT_ATTR_RDONLY, AT_RECURSIVE = 0x1, 0x8000
 FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 FS_TRUNCATE, FS_IOCTL_DEV = 1 << 14, 1 << 15
 FILE_ACCESS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV  # rights a file rule may hold
@@ -168,8 +169,19 @@ def enter_namespaces(cfg, layers):
     layers += ["userns", "pidns", "ipcns", "mntns", "utsns"] + (["netns"] if cfg["isolate_network"] else [])
 
 
+def set_readonly(path, readonly, recursive):
+    """mount_setattr(2): set or clear MOUNT_ATTR_RDONLY on the mount at ``path`` (and below)."""
+    attr = struct.pack("QQQQ", MOUNT_ATTR_RDONLY if readonly else 0, 0 if readonly else MOUNT_ATTR_RDONLY, 0, 0)
+    flags = AT_RECURSIVE if recursive else 0
+    return libc.syscall(SYS_MOUNT_SETATTR, -100, path.encode(), flags, attr, len(attr)) == 0
+
+
 def init_mounts(cfg, layers):
-    """In pid 1 of the new namespace: a /proc that shows only this namespace, a size-capped tmpfs run folder."""
+    """In pid 1 of the new namespace: every existing mount read-only (Landlock does not govern chmod, chown,
+    utime or xattrs; a read-only mount refuses them all), a /proc that shows only this namespace, and a
+    size-capped tmpfs as the run's folder, the one writable place."""
+    if set_readonly("/", True, recursive=True):
+        layers.append("ro-root")
     flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
     if libc.mount(b"proc", b"/proc", b"proc", flags, None) == 0:
         layers.append("proc")
@@ -178,6 +190,11 @@ def init_mounts(cfg, layers):
     options = f"size={cfg['tmpfs_bytes']},nr_inodes=4096,mode=0700".encode()
     if libc.mount(b"tmpfs", cfg["work"].encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options) == 0:
         layers.append("tmpfs")
+    elif "ro-root" in layers:  # the run's folder on the host disk, writable again on its own bind mount
+        work = cfg["work"].encode()
+        check(libc.mount(work, work, None, 0x1000, None), "bind mount of the run folder")  # MS_BIND
+        if not set_readonly(cfg["work"], False, recursive=False):
+            raise SetupError("could not make the run's folder writable")
 
 
 # ---- the program's own restrictions --------------------------------------------------------------------------------
