@@ -60,7 +60,11 @@ def test_limits_are_set_in_the_child():
     assert result.stdout.split() == [str(300 * 2**20), "4", str(2 * 2**20), "64", "0"]
     # The result reports the limits read back in the program's process, not the ones asked for.
     assert result.limits == {
-        "memory_bytes": 300 * 2**20, "cpu_s": 4, "file_bytes": 2 * 2**20, "open_files": 64, "processes": 1
+        "memory_bytes": 300 * 2**20,
+        "cpu_s": 4,
+        "file_bytes": 2 * 2**20,
+        "open_files": 64,
+        "processes": 1,
     }
 
 
@@ -88,7 +92,7 @@ def test_infinite_loop_is_killed_with_its_process_group():
 
 
 def test_background_child_does_not_outlive_the_run():
-    code = "import os, time\nchild = os.fork()\nif child == 0:\n    time.sleep(60)\nprint(os.stat('/proc/self/ns/pid').st_ino)"
+    code = "import os, time\nif os.fork() == 0:\n    time.sleep(60)\nprint(os.stat('/proc/self/ns/pid').st_ino)"
     result = run_python(code, max_processes=2, timeout_s=5)
     assert result.passed
     namespace = int(result.stdout)
@@ -208,8 +212,17 @@ def test_every_humaneval_canonical_solution_passes():
 
 @pytest.mark.parametrize(
     ("argument", "value"),
-    [("memory_mb", -1), ("memory_mb", 0), ("timeout_s", 0), ("timeout_s", float("nan")), ("max_processes", 0),
-     ("max_file_mb", -4), ("max_output_bytes", 0), ("memory_mb", True), ("memory_mb", "512")],
+    [
+        ("memory_mb", -1),
+        ("memory_mb", 0),
+        ("timeout_s", 0),
+        ("timeout_s", float("nan")),
+        ("max_processes", 0),
+        ("max_file_mb", -4),
+        ("max_output_bytes", 0),
+        ("memory_mb", True),
+        ("memory_mb", "512"),
+    ],
 )
 def test_a_limit_that_is_not_positive_is_refused(argument, value):
     # Before: memory_mb=-1 silently removed the memory cap while the result reported it as active.
@@ -243,3 +256,12 @@ def test_refusal_message_names_the_fix():
     text = missing_message(["userns", "landlock-fs"], {"userns": "unshare: Operation not permitted"})
     assert "apparmor_restrict_unprivileged_userns" in text and "CONFIG_SECURITY_LANDLOCK" in text
     assert "Operation not permitted" in text
+
+
+def test_doctor_prints_the_kernel_layers_and_what_a_run_uses(capsys):
+    from distill.cli import main
+
+    assert main(["doctor"]) == 0  # strict isolation works on the machines this project is built on
+    out = capsys.readouterr().out
+    assert "landlock ABI" in out and "strict isolation: available" in out
+    assert "A run here uses: " in out and "landlock-fs" in out and "Probe: exit 0" in out

@@ -200,7 +200,9 @@ def test_descriptor_relative_calls_change_nothing_outside(victim_folder, audit):
     # Before: dir_fd / src_dir_fd arguments and fd chmod went around the audit hook's path checks.
     folder, keep, snapshot = victim_folder
     before = snapshot()
-    code = ATTEMPT + f"""
+    code = (
+        ATTEMPT
+        + f"""
 import os
 open("mine", "w").write("x")
 folder = os.open({str(folder)!r}, os.O_PATH)  # O_PATH is not an access: it opens
@@ -217,6 +219,7 @@ attempt("utime", lambda: os.utime("keep.txt", (0, 0), dir_fd=folder))
 attempt("truncate", lambda: os.truncate({str(keep)!r}, 0))
 attempt("rmdir", lambda: os.rmdir({str(folder)!r}))
 """
+    )
     result = run_python(code, audit=audit)
     assert result.passed, result.stderr
     assert "DONE" not in result.stdout and result.stdout.count("refused") == 12, result.stdout
@@ -236,13 +239,16 @@ def test_sqlite_creates_no_file_outside(marker, audit):
 def test_signals_do_not_reach_processes_outside(victim_process, audit):
     # Before: signal.pidfd_send_signal killed processes outside the sandbox.
     process, _ = victim_process
-    code = ATTEMPT + f"""
+    code = (
+        ATTEMPT
+        + f"""
 import os, signal
 attempt("kill", lambda: os.kill({process.pid}, 9))
 attempt("killpg", lambda: os.killpg({process.pid}, 9))
 attempt("pidfd", lambda: signal.pidfd_send_signal(os.pidfd_open({process.pid}), 9))
 attempt("init", lambda: os.kill(1, 9))  # the run's own init: outside the program's Landlock domain
 """
+    )
     result = run_python(code, audit=audit)
     assert result.passed and "DONE" not in result.stdout, result.stdout
     time.sleep(0.1)
@@ -253,26 +259,31 @@ def test_no_environment_of_another_process_is_readable(victim_process, monkeypat
     # Before: /proc/<parent pid>/environ gave the parent's whole environment (tokens, keys).
     process, secret = victim_process
     monkeypatch.setenv("DISTILL_PARENT_SECRET", secret)
-    code = ATTEMPT + f"""
+    code = (
+        ATTEMPT
+        + f"""
 import os
 for pid in ({process.pid}, {os.getpid()}, os.getppid(), 1):
     attempt(f"environ-{{pid}}", lambda: print(open(f"/proc/{{pid}}/environ", "rb").read()))
 attempt("list", lambda: print(os.listdir("/proc")))
 print(dict(os.environ))
 """
+    )
     result = run_python(code, audit=False)
     assert secret not in result.stdout + result.stderr
     assert str(process.pid) not in result.stdout.split("list")[-1]  # the host's processes are not listed
 
 
-def test_escapes_stay_contained_after_the_audit_hook_is_emptied_through_gc(
-    marker, victim_folder, victim_process
-):
+def test_escapes_stay_contained_after_the_audit_hook_is_emptied_through_gc(marker, victim_folder, victim_process):
     # Before: the hook's state could be emptied through gc, and then nothing was checked.
     folder, keep, snapshot = victim_folder
     before = snapshot()
     process, secret = victim_process
-    code = REPORT_NAMESPACE + DISABLE_AUDIT_HOOK + ATTEMPT + f"""
+    code = (
+        REPORT_NAMESPACE
+        + DISABLE_AUDIT_HOOK
+        + ATTEMPT
+        + f"""
 import os, signal, sqlite3, socket
 libc = ctypes.CDLL(None, use_errno=True)
 attempt("write", lambda: open({str(marker)!r}, "w").write("x"))
@@ -288,6 +299,7 @@ if os.fork() == 0:
     os.setsid()
     exec({_escapee(marker)!r})
 """
+    )
     result = run_python(code, max_processes=2, timeout_s=5)
     assert "HOOK-OFF" in result.stdout, result.stderr  # the hook really is off
     assert "DONE" not in result.stdout, result.stdout
@@ -338,7 +350,9 @@ def test_as_an_unprivileged_user_runs_work_and_escapes_fail(victim_folder):
     for path in (folder, keep):
         os.chown(path, NOBODY, NOBODY)
     before = snapshot()
-    escape = ATTEMPT + f"""
+    escape = (
+        ATTEMPT
+        + f"""
 import os
 attempt("write", lambda: open({str(keep)!r}, "w").write("gone"))
 attempt("chmod", lambda: os.chmod({str(keep)!r}, 0o777))
@@ -346,6 +360,7 @@ attempt("utime", lambda: os.utime({str(keep)!r}, (0, 0)))
 attempt("unlink", lambda: os.unlink({str(keep)!r}))
 attempt("create", lambda: open({str(folder / "new")!r}, "w"))
 """
+    )
     done = _run_as_nobody(NOBODY_SCRIPT, FORK_COUNT, escape)
     assert done.returncode == 0, done.stderr[-3000:]
     (legit_ok, legit_out, _, layers), (count_ok, count_out, _, _), (_, escape_out, _, _) = json.loads(done.stdout)
@@ -358,7 +373,8 @@ attempt("create", lambda: open({str(folder / "new")!r}, "w"))
 
 def test_timeout_kills_a_namespace_that_ignores_signals(marker):
     code = REPORT_NAMESPACE + (
-        "import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n    signal.signal(s, signal.SIG_IGN)\n"
+        "import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):\n"
+        "    signal.signal(s, signal.SIG_IGN)\n"
         f"if os.fork() == 0:\n    os.setsid()\n    exec({_escapee(marker, 5)!r})\nwhile True:\n    pass\n"
     )
     start = time.monotonic()

@@ -11,7 +11,13 @@ import importlib
 import sys
 
 # Modules that provide a subcommand (``distill cache``, ``distill generate``, ...).
-SUBCOMMAND_MODULES = ("distill.cache.cli", "distill.generation.cli", "distill.evaluation.cli", "distill.planning.cli")
+SUBCOMMAND_MODULES = (
+    "distill.cache.cli",
+    "distill.generation.cli",
+    "distill.evaluation.cli",
+    "distill.planning.cli",
+    "distill.sandbox.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

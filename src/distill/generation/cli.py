@@ -45,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--filter", choices=("none", "humaneval"), default="none")
     parser.add_argument("--filter-workers", type=int, default=2)
     parser.add_argument("--filter-timeout", type=float, default=10.0, help="seconds per sandboxed test run")
+    parser.add_argument(
+        "--filter-isolation",
+        choices=("strict", "weak"),
+        default="strict",
+        help="weak: run the tests even where the kernel lacks a sandbox layer (see `distill doctor`)",
+    )
     parser.add_argument("--dtype", default="auto", help="--teacher's dtype: auto, float32, bfloat16 or float16")
     parser.add_argument("--device", default="cpu", help="--teacher's device, e.g. cpu, cuda, cuda:1")
     parser.set_defaults(func=run)
@@ -78,7 +84,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
         teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=dtype).to(args.device)
-    row_filter = HumanEvalFilter(timeout_s=args.filter_timeout) if args.filter == "humaneval" else None
+    row_filter = (
+        HumanEvalFilter(timeout_s=args.filter_timeout, isolation=args.filter_isolation)
+        if args.filter == "humaneval"
+        else None
+    )
     stop = args.stop if args.stop is not None else (list(CODE_STOP) if args.filter == "humaneval" else [])
     out = generate_dataset(
         teacher,
@@ -103,5 +113,7 @@ def run(args: argparse.Namespace) -> int:
     checks = manifest["filter"]
     if checks:
         kept += f" ({checks['passed']:,}/{checks['checked']:,} passed {checks['name']})"
+        if checks.get("sandbox"):
+            kept += f"; sandbox isolation: {checks['sandbox']['isolation']}"
     print(f"{out}: {kept}; {len(manifest['data_files'])} shard(s), manifest.json")
     return 0

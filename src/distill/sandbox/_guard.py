@@ -27,14 +27,36 @@ def install(workdir, fork_budget, allow_exec):
         return full == root or full.startswith(root + "/") or full == "/dev/null"
 
     path_events = {
-        "os.remove", "os.rmdir", "os.mkdir", "os.truncate", "os.chmod", "os.chown", "os.lchown", "os.lchmod",
-        "os.utime", "os.chflags", "os.lchflags", "os.setxattr", "os.removexattr", "shutil.rmtree", "os.mkfifo",
-        "os.mknod", "sqlite3.connect",
+        "os.remove",
+        "os.rmdir",
+        "os.mkdir",
+        "os.truncate",
+        "os.chmod",
+        "os.chown",
+        "os.lchown",
+        "os.lchmod",
+        "os.utime",
+        "os.chflags",
+        "os.lchflags",
+        "os.setxattr",
+        "os.removexattr",
+        "shutil.rmtree",
+        "os.mkfifo",
+        "os.mknod",
+        "sqlite3.connect",
     }
     two_path_events = {"os.rename", "os.link", "os.symlink", "shutil.move"}
     network_events = {
-        "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname",
-        "socket.gethostbyname_ex", "socket.gethostbyaddr", "socket.sendto", "socket.sendmsg", "socket.socketpair",
+        "socket.__new__",
+        "socket.connect",
+        "socket.bind",
+        "socket.getaddrinfo",
+        "socket.gethostbyname",
+        "socket.gethostbyname_ex",
+        "socket.gethostbyaddr",
+        "socket.sendto",
+        "socket.sendmsg",
+        "socket.socketpair",
     }
     exec_events = {"os.exec", "os.posix_spawn", "os.system", "subprocess.Popen", "os.spawn", "pty.spawn"}
     signal_events = {"os.kill", "os.killpg", "signal.pthread_kill", "signal.pidfd_send_signal"}

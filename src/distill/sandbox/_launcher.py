@@ -46,32 +46,91 @@ FS_TRUNCATE, FS_IOCTL_DEV = 1 << 14, 1 << 15
 FILE_ACCESS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV  # rights a file rule may hold
 NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
-ACCESS = {"r": FS_READ_FILE | FS_READ_DIR, "rx": FS_READ_FILE | FS_READ_DIR | FS_EXECUTE, "rw": FS_READ_FILE | FS_WRITE_FILE}
+ACCESS = {
+    "r": FS_READ_FILE | FS_READ_DIR,
+    "rx": FS_READ_FILE | FS_READ_DIR | FS_EXECUTE,
+    "rw": FS_READ_FILE | FS_WRITE_FILE,
+}
 
 # Seccomp: syscalls refused with EPERM (debugging other processes, new namespaces, kernel keyrings, bpf,
 # io_uring, which has bypassed LSM checks before, mounts, modules), per architecture.
 SECCOMP_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 DENIED_SYSCALLS = {
     "x86_64": {
-        "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "pidfd_open": 434, "pidfd_getfd": 438,
-        "pidfd_send_signal": 424, "unshare": 272, "setns": 308, "io_uring_setup": 425, "io_uring_enter": 426,
-        "io_uring_register": 427, "keyctl": 250, "add_key": 248, "request_key": 249, "bpf": 321,
-        "perf_event_open": 298, "userfaultfd": 323, "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161,
-        "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
-        "mount_setattr": 442, "kexec_load": 246, "init_module": 175, "finit_module": 313, "delete_module": 176,
+        "ptrace": 101,
+        "process_vm_readv": 310,
+        "process_vm_writev": 311,
+        "pidfd_open": 434,
+        "pidfd_getfd": 438,
+        "pidfd_send_signal": 424,
+        "unshare": 272,
+        "setns": 308,
+        "io_uring_setup": 425,
+        "io_uring_enter": 426,
+        "io_uring_register": 427,
+        "keyctl": 250,
+        "add_key": 248,
+        "request_key": 249,
+        "bpf": 321,
+        "perf_event_open": 298,
+        "userfaultfd": 323,
+        "mount": 165,
+        "umount2": 166,
+        "pivot_root": 155,
+        "chroot": 161,
+        "open_tree": 428,
+        "move_mount": 429,
+        "fsopen": 430,
+        "fsconfig": 431,
+        "fsmount": 432,
+        "fspick": 433,
+        "mount_setattr": 442,
+        "kexec_load": 246,
+        "init_module": 175,
+        "finit_module": 313,
+        "delete_module": 176,
         "personality": 135,
     },
     "aarch64": {
-        "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "pidfd_open": 434, "pidfd_getfd": 438,
-        "pidfd_send_signal": 424, "unshare": 97, "setns": 268, "io_uring_setup": 425, "io_uring_enter": 426,
-        "io_uring_register": 427, "keyctl": 219, "add_key": 217, "request_key": 218, "bpf": 280,
-        "perf_event_open": 241, "userfaultfd": 282, "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51,
-        "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
-        "mount_setattr": 442, "kexec_load": 104, "init_module": 105, "finit_module": 273, "delete_module": 106,
+        "ptrace": 117,
+        "process_vm_readv": 270,
+        "process_vm_writev": 271,
+        "pidfd_open": 434,
+        "pidfd_getfd": 438,
+        "pidfd_send_signal": 424,
+        "unshare": 97,
+        "setns": 268,
+        "io_uring_setup": 425,
+        "io_uring_enter": 426,
+        "io_uring_register": 427,
+        "keyctl": 219,
+        "add_key": 217,
+        "request_key": 218,
+        "bpf": 280,
+        "perf_event_open": 241,
+        "userfaultfd": 282,
+        "mount": 40,
+        "umount2": 39,
+        "pivot_root": 41,
+        "chroot": 51,
+        "open_tree": 428,
+        "move_mount": 429,
+        "fsopen": 430,
+        "fsconfig": 431,
+        "fsmount": 432,
+        "fspick": 433,
+        "mount_setattr": 442,
+        "kexec_load": 104,
+        "init_module": 105,
+        "finit_module": 273,
+        "delete_module": 106,
         "personality": 92,
     },
 }
-PROCESS_SYSCALLS = {"x86_64": {"clone": 56, "fork": 57, "vfork": 58, "clone3": 435}, "aarch64": {"clone": 220, "clone3": 435}}
+PROCESS_SYSCALLS = {
+    "x86_64": {"clone": 56, "fork": 57, "vfork": 58, "clone3": 435},
+    "aarch64": {"clone": 220, "clone3": 435},
+}
 
 NOTES = {}  # why a layer is absent, for `distill doctor`
 libc = ctypes.CDLL(None, use_errno=True)
@@ -264,7 +323,7 @@ def bpf(code, k=0, jt=0, jf=0):
 
 
 def seccomp(cfg, layers, limits):
-    """A filter refusing the syscalls in DENIED_SYSCALLS, new namespaces, and new processes when only one is allowed."""
+    """A filter refusing DENIED_SYSCALLS, new namespaces, and new processes when only one is allowed."""
     arch = os.uname().machine
     if arch not in SECCOMP_ARCH:
         return
@@ -283,7 +342,8 @@ def seccomp(cfg, layers, limits):
     for name in ("fork", "vfork"):
         if name in procs:
             prog += [bpf(jeq, procs[name], 0, 1), bpf(ret, eagain if no_fork else allow)]
-    namespaces = CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
+    namespaces = CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
+    namespaces |= CLONE_NEWCGROUP
     clone_block = [bpf(ld_word, 16), bpf(jset, namespaces, 0, 1), bpf(ret, eperm)]
     if no_fork:  # threads (CLONE_THREAD) only
         clone_block += [bpf(jset, CLONE_THREAD, 1, 0), bpf(ret, eagain)]

@@ -20,13 +20,24 @@ __all__ = ["REQUIRED_LAYERS", "SandboxUnavailable", "host_report", "landlock_abi
 # Layers without which a "strict" run is refused. Landlock's TCP rules (ABI 4) and signal / abstract-socket
 # scoping (ABI 6) are applied when present but not required: the network and pid namespaces already cut
 # the network, other processes' signals and abstract sockets (which live in the network namespace).
-REQUIRED_LAYERS = ("userns", "pidns", "mntns", "ipcns", "netns", "landlock-fs", "no_new_privs", "rlimits", "process-limit")
+REQUIRED_LAYERS = (
+    "userns",
+    "pidns",
+    "mntns",
+    "ipcns",
+    "netns",
+    "landlock-fs",
+    "no_new_privs",
+    "rlimits",
+    "process-limit",
+)
 
 _USERNS_HELP = (
-    "unprivileged user namespaces are refused here. Enable them: `sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`"
-    " (Ubuntu >= 23.10, or an AppArmor profile allowing `userns` for this Python), `sysctl -w "
-    "kernel.unprivileged_userns_clone=1` (older Debian), `sysctl -w user.max_user_namespaces=15000`; in a container,"
-    " a seccomp profile that allows unshare/clone (e.g. docker --security-opt seccomp=unconfined)"
+    "unprivileged user namespaces are refused here. Enable them: "
+    "`sysctl -w kernel.apparmor_restrict_unprivileged_userns=0` (Ubuntu >= 23.10, or an AppArmor profile "
+    "allowing `userns` for this Python), `sysctl -w kernel.unprivileged_userns_clone=1` (older Debian), "
+    "`sysctl -w user.max_user_namespaces=15000`; in a container, a seccomp profile that allows unshare/clone "
+    "(e.g. docker --security-opt seccomp=unconfined)"
 )
 HOW_TO = {
     "userns": _USERNS_HELP,
@@ -135,7 +146,9 @@ def host_report() -> dict[str, str]:
         "landlock signal/socket scoping (ABI >= 6)": "yes" if abi >= 6 else "no (kernel >= 6.12)",
         "user.max_user_namespaces": _read("/proc/sys/user/max_user_namespaces"),
         "kernel.unprivileged_userns_clone": _read("/proc/sys/kernel/unprivileged_userns_clone"),
-        "kernel.apparmor_restrict_unprivileged_userns": _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns"),
+        "kernel.apparmor_restrict_unprivileged_userns": _read(
+            "/proc/sys/kernel/apparmor_restrict_unprivileged_userns"
+        ),
         "seccomp": seccomp,
         "bubblewrap": shutil.which("bwrap") or "not installed (not needed: the same namespaces are made directly)",
     }
