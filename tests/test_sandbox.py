@@ -259,9 +259,16 @@ def test_refusal_message_names_the_fix():
 
 
 def test_doctor_prints_the_kernel_layers_and_what_a_run_uses(capsys):
-    from distill.cli import main
+    import argparse
 
-    assert main(["doctor"]) == 0  # strict isolation works on the machines this project is built on
+    from distill import cli
+    from distill.sandbox import cli as doctor
+
+    assert "distill.sandbox.cli" in cli.SUBCOMMAND_MODULES
+    parser = argparse.ArgumentParser()
+    doctor.register(parser.add_subparsers())
+    args = parser.parse_args(["doctor"])
+    assert args.func(args) == 0  # strict isolation works on the machines this project is built on
     out = capsys.readouterr().out
     assert "landlock ABI" in out and "strict isolation: available" in out
     assert "A run here uses: " in out and "landlock-fs" in out and "Probe: exit 0" in out

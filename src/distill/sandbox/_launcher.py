@@ -1,7 +1,8 @@
 """Set up the kernel boundary for one sandboxed run, then exec the untrusted program in a fresh interpreter.
 
-Run as ``python -I -S -B _launcher.py config.json`` (stdlib only: it is a standalone program, so the parent
-needs no ``preexec_fn``, which is unsafe in a threaded parent). Process tree, pids as the host sees them:
+Run as ``python -I -S -B _launcher.py config.marshal`` (the parent runs its compiled code, the same thing).
+It is a standalone program, stdlib only, so the parent needs no ``preexec_fn``, which is unsafe in a
+threaded parent. Process tree, pids as the host sees them:
 
     launcher (A) -- unshares user/pid/net/ipc/mount/uts namespaces, writes the uid/gid maps
       `- init (C) -- pid 1 of the new pid namespace: mounts a fresh /proc and a tmpfs on the run's folder,
@@ -14,20 +15,19 @@ As host root, A first drops to uid/gid 65534 (after making the interpreter reach
 mount namespace), so the program is not root outside its namespace: RLIMIT_NPROC then applies (the kernel
 exempts uid 0 even inside a user namespace) and file permissions are a second wall behind Landlock.
 
-Protocol with the parent (``distill.sandbox.run``): D writes one JSON line to the status descriptor
+Protocol with the parent (``distill.sandbox.run``): D writes one line (a Python literal) to the status descriptor
 (``layers``, ``limits``, and ``refused``: required layers that could not be set, in which case the program
 is not run and the exit status is 125); C writes ``{"returncode": n}`` when the program ends. A setup
 error is reported as ``{"error": message}`` with exit status 126.
 """
 
+# Only fast imports: this runs once per sandboxed program (json or signal would cost ~5 ms each, in enum/re).
 import ctypes
-import json
+import marshal
 import os
 import resource
-import signal
 import struct
 import sys
-import traceback
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWCGROUP = 0x10000000, 0x20000000, 0x40000000, 0x02000000
@@ -36,6 +36,7 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 4, 38, 22
 SANDBOX_UID = 1000  # the program's uid and gid inside its user namespace (not 0: no capabilities after exec)
 NOBODY = 65534  # what host root drops to
+SIGKILL = 9
 
 # Landlock (include/uapi/linux/landlock.h); the syscall numbers are the same on x86_64 and aarch64.
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
@@ -149,7 +150,14 @@ def check(result, what):
 
 
 def write_status(fd, record):
-    os.write(fd, (json.dumps(record) + "\n").encode())
+    """One line, a Python literal (the parent reads it with ``ast.literal_eval``)."""
+    os.write(fd, (repr(record) + "\n").encode())
+
+
+def error_text():
+    import traceback
+
+    return traceback.format_exc()
 
 
 # ---- host root: become nobody, with the interpreter still reachable ------------------------------------------------
@@ -387,14 +395,14 @@ def confine_and_exec(cfg, layers, counted, status_fd):
 
 def run_init(cfg, layers, counted, status_fd):
     """pid 1: start the program, reap everything, and leave (taking the namespace with it) when it ends."""
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
     init_mounts(cfg, layers)
     program = os.fork()
     if program == 0:
         try:
             confine_and_exec(cfg, layers, counted, status_fd)
         except BaseException:
-            write_status(status_fd, {"error": traceback.format_exc()})
+            write_status(status_fd, {"error": error_text()})
             os._exit(126)
     while True:
         pid, status = os.waitpid(-1, 0)
@@ -405,8 +413,8 @@ def run_init(cfg, layers, counted, status_fd):
 
 
 def main():
-    with open(sys.argv[1]) as f:
-        cfg = json.load(f)
+    with open(sys.argv[-1], "rb") as f:
+        cfg = marshal.load(f)
     status_fd = cfg["status_fd"]
     layers = []
     try:
@@ -436,7 +444,7 @@ def main():
         _, status = os.waitpid(init, 0)
         os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
     except BaseException:
-        write_status(status_fd, {"error": traceback.format_exc()})
+        write_status(status_fd, {"error": error_text()})
         os._exit(126)
 
 
