@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import marshal
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -272,3 +275,46 @@ def test_doctor_prints_the_kernel_layers_and_what_a_run_uses(capsys):
     out = capsys.readouterr().out
     assert "landlock ABI" in out and "strict isolation: available" in out
     assert "A run here uses: " in out and "landlock-fs" in out and "Probe: exit 0" in out
+
+
+def _kernel_without(monkeypatch, function: str, failure: str) -> None:
+    """Make the launcher's ``function`` fail as it would on a kernel without that layer."""
+    source = sandbox_run._LAUNCHER.read_text()
+    header = f"def {function}(cfg, layers):\n"
+    assert header in source
+    patched = source.replace(header, header + f"    {failure}\n")
+    monkeypatch.setattr(sandbox_run, "_launcher_code", lambda: marshal.dumps(compile(patched, "launcher", "exec")))
+
+
+def test_without_user_namespaces_strict_refuses_and_weak_still_confines_files(monkeypatch):
+    _kernel_without(monkeypatch, "enter_namespaces", "raise OSError(1, 'Operation not permitted')")
+    with pytest.raises(SandboxUnavailable, match="apparmor_restrict_unprivileged_userns") as refused:
+        run_python("print(1)")
+    assert "Operation not permitted" in str(refused.value)
+    # Weak: no namespaces, but Landlock, seccomp and rlimits still hold, and the process group is killed.
+    # The victim belongs to the program's own uid (65534 when run as root), so file permissions allow the
+    # write and only Landlock refuses it.
+    folder = Path(tempfile.mkdtemp(prefix="sandbox_weak_"))
+    victim = folder / "keep.txt"
+    victim.write_text("precious")
+    if os.geteuid() == 0:
+        os.chown(folder, 65534, 65534)
+        os.chown(victim, 65534, 65534)
+    try:
+        code = f"import os\nopen({str(victim)!r}, 'w').write('gone')"
+        result = run_python(code, isolation="weak", audit=False)
+        assert not result.passed and "Permission denied" in result.stderr and victim.read_text() == "precious"
+    finally:
+        shutil.rmtree(folder)
+    assert result.isolation == "weak" and "userns" not in result.layers
+    assert {"landlock-fs", "seccomp", "rlimits"} <= set(result.layers)
+    result = run_python("import os, time\nif os.fork() == 0:\n    time.sleep(60)", max_processes=2, isolation="weak")
+    assert result.passed and _leftovers(result) == []
+
+
+def test_without_landlock_strict_refuses(monkeypatch):
+    _kernel_without(monkeypatch, "landlock", "return 0")
+    with pytest.raises(SandboxUnavailable, match="CONFIG_SECURITY_LANDLOCK"):
+        run_python("print(1)")
+    result = run_python("print(1)", isolation="weak")
+    assert result.passed and "landlock-fs" not in result.layers and "ro-root" in result.layers

@@ -300,7 +300,7 @@ def landlock(cfg, layers):
     fs_mask |= (1 << 13) if abi >= 2 else 0  # REFER: rename/link across folders
     fs_mask |= FS_TRUNCATE if abi >= 3 else 0
     fs_mask |= FS_IOCTL_DEV if abi >= 5 else 0
-    net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
+    net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 and cfg["isolate_network"] else 0
     scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0
     size = 24 if abi >= 6 else 16 if abi >= 4 else 8
     attr = struct.pack("QQQ", fs_mask, net, scoped)[:size]
