@@ -11,8 +11,10 @@ Layers, as named in ``SandboxResult.layers``:
   of its own user namespace, with no capabilities after exec; it is a child of pid 1 of a new pid
   namespace, and when it exits (or the run times out) that init exits and the kernel kills every
   process left in the namespace, ``setsid`` or not; no network interface but a down loopback.
+- ``ro-root``: every host mount is read-only in the run's mount namespace (no write, chmod, chown, utime,
+  xattr, link or delete outside; Landlock does not govern file metadata).
 - ``proc``: a fresh ``/proc`` showing only the run's processes (``proc-hidden``: an empty one).
-  ``tmpfs``: the run's folder is a private tmpfs of at most ``4 * max_file_mb`` MiB.
+  ``tmpfs``: the run's folder is a private tmpfs of at most ``4 * max_file_mb`` MiB, the one writable place.
 - ``rlimits``: ``RLIMIT_AS`` (memory), ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, ``RLIMIT_CORE`` = 0;
   ``nproc``: ``RLIMIT_NPROC`` counted inside the user namespace, exactly ``max_processes``.
 - ``no_new_privs`` and ``landlock-fs``: the program may write only inside the run's folder, read only the
@@ -28,9 +30,11 @@ Layers, as named in ``SandboxResult.layers``:
 
 ``isolation="strict"`` (the default) refuses to run (:class:`SandboxUnavailable`, naming the missing layer
 and how to enable it) unless every layer in :data:`REQUIRED_LAYERS` is in place; ``isolation="weak"`` runs
-with whatever the kernel offers and records it. ``distill doctor`` prints what this machine offers. What
-the boundary is not: a defence against kernel bugs (use a VM or gVisor for that), a limit on CPU time
-beyond ``RLIMIT_CPU``, or a confinement of what the program prints.
+with whatever the kernel offers and records it. ``distill doctor`` prints what this machine offers.
+The program sees the standard library only (no site-packages). What the boundary is not: a defence
+against kernel bugs (use a VM or gVisor for that), against side channels, or a limit on what the program
+prints (up to ``max_file_mb``). docs/sandbox.md has the details, what a kernel without user namespaces or
+Landlock gets, and the per-run cost.
 """
 
 from distill.sandbox.kernel import REQUIRED_LAYERS, SandboxUnavailable

@@ -56,78 +56,28 @@ ACCESS = {
 # Seccomp: syscalls refused with EPERM (debugging other processes, new namespaces, kernel keyrings, bpf,
 # io_uring, which has bypassed LSM checks before, mounts, modules), per architecture.
 SECCOMP_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+# fmt: off
 DENIED_SYSCALLS = {
     "x86_64": {
-        "ptrace": 101,
-        "process_vm_readv": 310,
-        "process_vm_writev": 311,
-        "pidfd_open": 434,
-        "pidfd_getfd": 438,
-        "pidfd_send_signal": 424,
-        "unshare": 272,
-        "setns": 308,
-        "io_uring_setup": 425,
-        "io_uring_enter": 426,
-        "io_uring_register": 427,
-        "keyctl": 250,
-        "add_key": 248,
-        "request_key": 249,
-        "bpf": 321,
-        "perf_event_open": 298,
-        "userfaultfd": 323,
-        "mount": 165,
-        "umount2": 166,
-        "pivot_root": 155,
-        "chroot": 161,
-        "open_tree": 428,
-        "move_mount": 429,
-        "fsopen": 430,
-        "fsconfig": 431,
-        "fsmount": 432,
-        "fspick": 433,
-        "mount_setattr": 442,
-        "kexec_load": 246,
-        "init_module": 175,
-        "finit_module": 313,
-        "delete_module": 176,
+        "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "pidfd_open": 434, "pidfd_getfd": 438,
+        "pidfd_send_signal": 424, "unshare": 272, "setns": 308, "io_uring_setup": 425, "io_uring_enter": 426,
+        "io_uring_register": 427, "keyctl": 250, "add_key": 248, "request_key": 249, "bpf": 321,
+        "perf_event_open": 298, "userfaultfd": 323, "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161,
+        "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+        "mount_setattr": 442, "kexec_load": 246, "init_module": 175, "finit_module": 313, "delete_module": 176,
         "personality": 135,
     },
     "aarch64": {
-        "ptrace": 117,
-        "process_vm_readv": 270,
-        "process_vm_writev": 271,
-        "pidfd_open": 434,
-        "pidfd_getfd": 438,
-        "pidfd_send_signal": 424,
-        "unshare": 97,
-        "setns": 268,
-        "io_uring_setup": 425,
-        "io_uring_enter": 426,
-        "io_uring_register": 427,
-        "keyctl": 219,
-        "add_key": 217,
-        "request_key": 218,
-        "bpf": 280,
-        "perf_event_open": 241,
-        "userfaultfd": 282,
-        "mount": 40,
-        "umount2": 39,
-        "pivot_root": 41,
-        "chroot": 51,
-        "open_tree": 428,
-        "move_mount": 429,
-        "fsopen": 430,
-        "fsconfig": 431,
-        "fsmount": 432,
-        "fspick": 433,
-        "mount_setattr": 442,
-        "kexec_load": 104,
-        "init_module": 105,
-        "finit_module": 273,
-        "delete_module": 106,
+        "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "pidfd_open": 434, "pidfd_getfd": 438,
+        "pidfd_send_signal": 424, "unshare": 97, "setns": 268, "io_uring_setup": 425, "io_uring_enter": 426,
+        "io_uring_register": 427, "keyctl": 219, "add_key": 217, "request_key": 218, "bpf": 280,
+        "perf_event_open": 241, "userfaultfd": 282, "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51,
+        "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+        "mount_setattr": 442, "kexec_load": 104, "init_module": 105, "finit_module": 273, "delete_module": 106,
         "personality": 92,
     },
 }
+# fmt: on
 PROCESS_SYSCALLS = {
     "x86_64": {"clone": 56, "fork": 57, "vfork": 58, "clone3": 435},
     "aarch64": {"clone": 220, "clone3": 435},
@@ -320,8 +270,9 @@ def landlock(cfg, layers):
     layers.append("no_new_privs")
     check(libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
     os.close(ruleset)
-    # Before ABI 3 truncate() is not governed: a weaker layer, named so.
-    layers += ["landlock-fs" if abi >= 3 else f"landlock-fs-v{abi}"]
+    # Before ABI 3 truncate() is not governed; read-only host mounts ("ro-root") refuse it outside the run's
+    # folder anyway. Without them an older ABI is a weaker layer, named so.
+    layers += ["landlock-fs" if abi >= 3 or "ro-root" in layers else f"landlock-fs-v{abi}"]
     layers += (["landlock-net"] if net else []) + (["landlock-scope"] if scoped else [])
     return abi
 
@@ -438,6 +389,8 @@ def main():
         if init == 0:
             try:
                 run_init(cfg, layers, not host_root, status_fd)
+            except BaseException:
+                write_status(status_fd, {"error": error_text()})
             finally:
                 os._exit(126)
         os.close(status_fd)

@@ -46,9 +46,9 @@ HOW_TO = {
     "ipcns": _USERNS_HELP,
     "netns": _USERNS_HELP,
     "landlock-fs": (
-        "Landlock (ABI >= 3, which also governs truncation) is not available: it needs a kernel >= 6.2 built with "
-        "CONFIG_SECURITY_LANDLOCK=y and `landlock` in the active LSM list (`cat /sys/kernel/security/lsm`; add "
-        "it with the `lsm=` boot parameter)"
+        "Landlock is not available: it needs a kernel >= 5.13 (>= 6.2 for ABI 3 where mounts cannot be made "
+        "read-only) built with CONFIG_SECURITY_LANDLOCK=y and `landlock` in the active LSM list "
+        "(`cat /sys/kernel/security/lsm`; add it with the `lsm=` boot parameter)"
     ),
     "no_new_privs": "prctl(PR_SET_NO_NEW_PRIVS) failed",
     "rlimits": "setrlimit failed",
@@ -141,7 +141,7 @@ def host_report() -> dict[str, str]:
         "kernel": os.uname().release,
         "machine": os.uname().machine,
         "uid": str(os.geteuid()) + (" (root: the program runs as uid 65534)" if os.geteuid() == 0 else ""),
-        "landlock ABI": f"{abi}" + ("" if abi else " (none)") + (" (>= 3 needed)" if abi < 3 else ""),
+        "landlock ABI": f"{abi}" + ("" if abi else " (none: needed)"),
         "landlock TCP rules (ABI >= 4)": "yes" if abi >= 4 else "no (kernel >= 6.7)",
         "landlock signal/socket scoping (ABI >= 6)": "yes" if abi >= 6 else "no (kernel >= 6.12)",
         "user.max_user_namespaces": _read("/proc/sys/user/max_user_namespaces"),
