@@ -68,6 +68,7 @@ def test_limits_are_set_in_the_child():
         "file_bytes": 2 * 2**20,
         "open_files": 64,
         "processes": 1,
+        "tasks": 64,
     }
 
 
@@ -318,3 +319,13 @@ def test_without_landlock_strict_refuses(monkeypatch):
         run_python("print(1)")
     result = run_python("print(1)", isolation="weak")
     assert result.passed and "landlock-fs" not in result.layers and "ro-root" in result.layers
+
+
+def test_threads_and_asyncio_work_with_one_process():
+    # RLIMIT_NPROC counts threads too: with max_processes=1 (seccomp refuses processes) it leaves room for them.
+    code = (
+        "import asyncio, threading\nt = threading.Thread(target=print, args=('thread',))\nt.start()\nt.join()\n"
+        "print(asyncio.run(asyncio.sleep(0, result='loop')))"
+    )
+    result = run_python(code)
+    assert result.passed and result.stdout == "thread\nloop\n", result.stderr

@@ -308,6 +308,39 @@ if os.fork() == 0:
     assert secret not in result.stdout and _survivors(result.stdout) == []
 
 
+def test_host_unix_sockets_and_other_socket_families_are_out_of_reach():
+    # A daemon's socket file (ssh-agent, dbus, docker) is reachable by path whatever the network namespace,
+    # and Landlock does not govern connect(); seccomp refuses AF_UNIX sockets (socketpair stays).
+    import socket
+
+    folder = Path(tempfile.mkdtemp(prefix="sandbox_socket_"))
+    os.chmod(folder, 0o755)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(folder / "daemon.sock"))
+    os.chmod(folder / "daemon.sock", 0o777)
+    server.listen()
+    server.settimeout(0.3)
+    try:
+        code = (
+            ATTEMPT
+            + f"""
+import socket
+attempt("unix", lambda: socket.socket(socket.AF_UNIX).connect({str(folder / "daemon.sock")!r}))
+attempt("vsock", lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).connect((2, 22)))
+attempt("netlink", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW))
+attempt("packet", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW))
+socket.socketpair()
+"""
+        )
+        result = run_python(code, audit=False)
+        assert result.passed and "DONE" not in result.stdout and result.stdout.count("refused") == 4, result.stdout
+        with pytest.raises(TimeoutError):
+            server.accept()  # nobody connected
+    finally:
+        server.close()
+        shutil.rmtree(folder)
+
+
 # ---- as an unprivileged user ---------------------------------------------------------------------------------------
 
 NOBODY_SCRIPT = """

@@ -16,14 +16,16 @@ Layers, as named in ``SandboxResult.layers``:
 - ``proc``: a fresh ``/proc`` showing only the run's processes (``proc-hidden``: an empty one).
   ``tmpfs``: the run's folder is a private tmpfs of at most ``4 * max_file_mb`` MiB, the one writable place.
 - ``rlimits``: ``RLIMIT_AS`` (memory), ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, ``RLIMIT_CORE`` = 0;
-  ``nproc``: ``RLIMIT_NPROC`` counted inside the user namespace, exactly ``max_processes``.
+  ``nproc``: ``RLIMIT_NPROC`` counted inside the user namespace, exactly ``max_processes`` (the kernel
+  counts threads as well; with ``max_processes=1`` it leaves room for 64 threads).
 - ``no_new_privs`` and ``landlock-fs``: the program may write only inside the run's folder, read only the
   interpreter's prefix, the system library folders, the loader cache, time zones and a few devices, and
   execute only the interpreter (and its ELF loader). ``landlock-net``: no TCP bind or connect (Landlock
   ABI >= 4); ``landlock-scope``: no signals or abstract unix sockets outside the run (ABI >= 6).
 - ``seccomp``: ptrace, process_vm_*, pidfd_*, unshare / setns and namespace flags to clone, io_uring,
-  keyctl, bpf, perf_event_open, userfaultfd, mounts, chroot and module loading fail with EPERM; with
-  ``max_processes=1`` every new process fails (EAGAIN; threads are allowed).
+  keyctl, bpf, perf_event_open, userfaultfd, inotify / fanotify, mounts, chroot and module loading fail
+  with EPERM; sockets other than IP and unix socketpairs (a daemon's unix socket file, vsock, netlink,
+  packet, ...) fail; with ``max_processes=1`` every new process fails (EAGAIN; threads are allowed).
 - ``audit``: a second layer only, an audit hook in the program's interpreter that turns common escapes
   into readable ``PermissionError``s. Code in the same interpreter can disable it (e.g. through ``gc``);
   everything it refuses, the kernel refuses too.

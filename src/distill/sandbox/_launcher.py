@@ -65,7 +65,8 @@ DENIED_SYSCALLS = {
         "perf_event_open": 298, "userfaultfd": 323, "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161,
         "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
         "mount_setattr": 442, "kexec_load": 246, "init_module": 175, "finit_module": 313, "delete_module": 176,
-        "personality": 135,
+        "personality": 135, "inotify_init": 253, "inotify_add_watch": 254, "inotify_init1": 294,
+        "fanotify_init": 300, "fanotify_mark": 301,
     },
     "aarch64": {
         "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "pidfd_open": 434, "pidfd_getfd": 438,
@@ -74,14 +75,19 @@ DENIED_SYSCALLS = {
         "perf_event_open": 241, "userfaultfd": 282, "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51,
         "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
         "mount_setattr": 442, "kexec_load": 104, "init_module": 105, "finit_module": 273, "delete_module": 106,
-        "personality": 92,
+        "personality": 92, "inotify_init1": 26, "inotify_add_watch": 27, "fanotify_init": 262, "fanotify_mark": 263,
     },
 }
 # fmt: on
 PROCESS_SYSCALLS = {
-    "x86_64": {"clone": 56, "fork": 57, "vfork": 58, "clone3": 435},
-    "aarch64": {"clone": 220, "clone3": 435},
+    "x86_64": {"clone": 56, "fork": 57, "vfork": 58, "clone3": 435, "socket": 41, "socketpair": 53},
+    "aarch64": {"clone": 220, "clone3": 435, "socket": 198, "socketpair": 199},
 }
+# Socket families a program may create: IP (useless in the empty network namespace; Landlock refuses TCP) and
+# unix socketpairs (asyncio's self-pipe). No AF_UNIX socket() (it could connect to a host daemon's socket
+# file: Landlock does not govern that), no AF_VSOCK (the VM's host), AF_NETLINK, AF_PACKET, AF_ALG, ...
+SOCKET_FAMILIES = {"socket": (2, 10), "socketpair": (1,)}  # AF_INET, AF_INET6; AF_UNIX
+THREADS = 64  # threads (tasks) a program with max_processes=1 may have; RLIMIT_NPROC counts threads too
 
 NOTES = {}  # why a layer is absent, for `distill doctor`
 libc = ctypes.CDLL(None, use_errno=True)
@@ -234,12 +240,16 @@ def set_rlimits(cfg, layers, limits, counted):
         file_bytes=resource.getrlimit(resource.RLIMIT_FSIZE)[0],
         open_files=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
     )
-    # RLIMIT_NPROC counts this user's processes in this user namespace: the launcher and init are two of
-    # them. The kernel ignores it for host uid 0, so it is only a layer once root has been dropped.
+    # RLIMIT_NPROC counts this user's tasks (processes and threads) in this user namespace: the launcher and
+    # init are two of them. The kernel ignores it for host uid 0, so it is only a layer once root has been
+    # dropped. With max_processes=1 seccomp refuses new processes, and the limit leaves room for threads.
     if counted:
-        resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_processes"] + 2,) * 2)
+        tasks = THREADS if cfg["max_processes"] == 1 else cfg["max_processes"]
+        resource.setrlimit(resource.RLIMIT_NPROC, (tasks + 2,) * 2)
         layers.append("nproc")
-        limits["processes"] = resource.getrlimit(resource.RLIMIT_NPROC)[0] - 2
+        limits["tasks"] = resource.getrlimit(resource.RLIMIT_NPROC)[0] - 2
+        if cfg["max_processes"] > 1:
+            limits["processes"] = limits["tasks"]
 
 
 def landlock(cfg, layers):
@@ -296,6 +306,11 @@ def seccomp(cfg, layers, limits):
         prog += [bpf(jge, 0x40000000, 0, 1), bpf(ret, kill)]
     for nr in DENIED_SYSCALLS[arch].values():
         prog += [bpf(jeq, nr, 0, 1), bpf(ret, eperm)]
+    for name, families in SOCKET_FAMILIES.items():
+        block = [bpf(ld_word, 16)]  # args[0]: the family
+        block += [bpf(jeq, family, len(families) - index, 0) for index, family in enumerate(families)]
+        block += [bpf(ret, errno | 97), bpf(ret, allow)]  # EAFNOSUPPORT
+        prog += [bpf(jeq, procs[name], 0, len(block))] + block
     # clone3 passes its flags in memory, which a filter cannot read: ENOSYS makes libc fall back to clone.
     prog += [bpf(jeq, procs["clone3"], 0, 1), bpf(ret, enosys)]
     for name in ("fork", "vfork"):
@@ -319,7 +334,7 @@ def seccomp(cfg, layers, limits):
 
 def confine_and_exec(cfg, layers, counted, status_fd):
     """In the program's process: every restriction, the status line, then exec (or refuse)."""
-    limits = {"processes": None}
+    limits = {"processes": None, "tasks": None}
     os.chdir(cfg["work"])
     set_rlimits(cfg, layers, limits, counted)
     abi = landlock(cfg, layers)

@@ -52,7 +52,8 @@ class SandboxResult:
         isolation: ``"strict"`` (every layer in ``REQUIRED_LAYERS`` was in place) or ``"weak"`` (the caller
             opted in to whatever this kernel offers; ``layers`` says what that was).
         limits: The limits the kernel enforced, read back in the program's process: ``memory_bytes``,
-            ``cpu_s``, ``file_bytes``, ``open_files`` and ``processes`` (None: no kernel process limit).
+            ``cpu_s``, ``file_bytes``, ``open_files``, ``processes`` (None: no kernel process limit) and
+            ``tasks`` (processes and threads together, ``RLIMIT_NPROC``; None where it does not apply).
     """
 
     passed: bool
@@ -182,7 +183,8 @@ def run_python(
         timeout_s: Wall-clock limit in seconds; then every process of the run is killed (CPU time is also
             capped at ``ceil(timeout_s) + 1`` seconds).
         memory_mb: Address-space limit (``RLIMIT_AS``) in MiB; a larger allocation raises ``MemoryError``.
-        max_processes: Processes the program may have, itself included (1: no fork, no subprocess).
+        max_processes: Processes the program may have, itself included (1: no fork, no subprocess, up to 64
+            threads). Above 1 the kernel counts threads against it too.
         max_output_bytes: Bytes of stdout and of stderr kept in the result; the rest is dropped.
         max_file_mb: Largest file (stdout and stderr included) the program may write, in MiB; the run's
             folder holds at most 4 times that in all.
