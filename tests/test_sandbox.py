@@ -281,9 +281,9 @@ def test_doctor_prints_the_kernel_layers_and_what_a_run_uses(capsys):
 def _kernel_without(monkeypatch, function: str, failure: str) -> None:
     """Make the launcher's ``function`` fail as it would on a kernel without that layer."""
     source = sandbox_run._LAUNCHER.read_text()
-    header = f"def {function}(cfg, layers):\n"
-    assert header in source
-    patched = source.replace(header, header + f"    {failure}\n")
+    start = source.index(f"\ndef {function}(cfg, layers")
+    end = source.index("\n", source.index("):", start)) + 1  # after the signature line
+    patched = source[:end] + f"    {failure}\n" + source[end:]
     monkeypatch.setattr(sandbox_run, "_launcher_code", lambda: marshal.dumps(compile(patched, "launcher", "exec")))
 
 
@@ -311,6 +311,14 @@ def test_without_user_namespaces_strict_refuses_and_weak_still_confines_files(mo
     assert {"landlock-fs", "seccomp", "rlimits"} <= set(result.layers)
     result = run_python("import os, time\nif os.fork() == 0:\n    time.sleep(60)", max_processes=2, isolation="weak")
     assert result.passed and _leftovers(result) == []
+
+
+def test_without_seccomp_strict_refuses(monkeypatch):
+    _kernel_without(monkeypatch, "seccomp", "raise OSError(22, 'Invalid argument')")
+    with pytest.raises(SandboxUnavailable, match="CONFIG_SECCOMP_FILTER"):
+        run_python("print(1)")
+    result = run_python("print(1)", isolation="weak")
+    assert result.passed and "seccomp" not in result.layers and result.limits["processes"] is None
 
 
 def test_without_landlock_strict_refuses(monkeypatch):

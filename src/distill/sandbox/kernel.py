@@ -29,6 +29,7 @@ REQUIRED_LAYERS = (
     "landlock-fs",
     "no_new_privs",
     "rlimits",
+    "seccomp",
     "process-limit",
 )
 
@@ -52,6 +53,10 @@ HOW_TO = {
     ),
     "no_new_privs": "prctl(PR_SET_NO_NEW_PRIVS) failed",
     "rlimits": "setrlimit failed",
+    "seccomp": (
+        "no seccomp filter: it needs CONFIG_SECCOMP_FILTER and an x86_64 or aarch64 machine (the filter's syscall "
+        "table); it is what refuses unix sockets to host daemons, vsock, ptrace and new processes"
+    ),
     "process-limit": (
         "no kernel limit on processes: with max_processes > 1 the limit is RLIMIT_NPROC, which the kernel ignores"
         " for host uid 0; as root the sandbox runs the program as uid 65534, which failed here. Use "
