@@ -90,6 +90,7 @@ def test_humaneval_pass_at_k_runs_the_tests_in_the_sandbox():
     assert result.num_correct == [1, 0, 3]
     assert result.task_ids == ["HumanEval/0", "HumanEval/2", "HumanEval/4"]
     assert result.scores == pytest.approx({"pass@1": (1 / 3 + 1) / 3, "pass@2": (2 / 3 + 1) / 3})
+    assert result.sandbox["isolation"] == "strict" and {"userns", "landlock-fs"} <= set(result.sandbox["layers"])
     assert run_tasks("fake-model", None, [task]) == pytest.approx(
         {"humaneval/pass@1": (1 / 3 + 1) / 3, "humaneval/pass@2": (2 / 3 + 1) / 3}
     )
@@ -314,6 +315,10 @@ def test_report_card_without_matplotlib_or_speed(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
     assert "Plots skipped: matplotlib is not installed" in (tmp_path / "report.md").read_text()
     assert json.loads((tmp_path / "report.json").read_text())["kd_vs_baseline"] is None
+    assert json.loads((tmp_path / "report.json").read_text())["sandbox"] is None
+    write_report(tmp_path, teacher, student, sandbox={"isolation": "weak", "layers": ["rlimits"]})
+    assert json.loads((tmp_path / "report.json").read_text())["sandbox"]["isolation"] == "weak"
+    assert "with **weak** isolation (rlimits)" in (tmp_path / "report.md").read_text()
 
 
 def test_report_headline_leaves_out_what_is_unknown(tmp_path, monkeypatch):

@@ -146,7 +146,9 @@ def test_generation_with_the_humaneval_filter(tmp_path, tokenizer):
         drop_empty=False,
     )  # fmt: skip
     manifest = read_manifest(out)
+    sandbox = manifest["filter"].pop("sandbox")
     assert manifest["filter"] == {"name": "humaneval_tests", "checked": 4, "passed": 0}  # random text fails
+    assert sandbox["isolation"] == "strict" and {"userns", "landlock-fs", "seccomp"} <= set(sandbox["layers"])
     assert manifest["data_files"] == [] and manifest["num_rows"] == 0
 
 

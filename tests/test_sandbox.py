@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import marshal
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.sandbox import check_humaneval, run_python
+from distill.sandbox import REQUIRED_LAYERS, SandboxUnavailable, check_humaneval, run_python
+from distill.sandbox import run as sandbox_run
 
 
 def _leftovers(result) -> list[int]:
@@ -37,6 +41,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _in_pid_namespace(inode: int) -> list[int]:
+    """Live host processes in the pid namespace whose inode is ``inode``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.stat(f"/proc/{entry}/ns/pid").st_ino == inode and _alive(int(entry)):
+                found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
 def test_limits_are_set_in_the_child():
     code = (
         "import resource\n"
@@ -45,13 +61,23 @@ def test_limits_are_set_in_the_child():
     )
     result = run_python(code, timeout_s=3, memory_mb=300, max_file_mb=2)
     assert result.stdout.split() == [str(300 * 2**20), "4", str(2 * 2**20), "64", "0"]
+    # The result reports the limits read back in the program's process, not the ones asked for.
+    assert result.limits == {
+        "memory_bytes": 300 * 2**20,
+        "cpu_s": 4,
+        "file_bytes": 2 * 2**20,
+        "open_files": 64,
+        "processes": 1,
+        "tasks": 64,
+    }
 
 
 def test_runs_code_and_captures_output():
     result = run_python("import sys\nprint('hello')\nprint('oops', file=sys.stderr)")
     assert result.passed and result.returncode == 0 and not result.timed_out
     assert result.stdout == "hello\n" and result.stderr == "oops\n"
-    assert {"session", "rlimits", "audit"} <= set(result.layers)
+    assert set(REQUIRED_LAYERS) - {"process-limit"} <= set(result.layers)
+    assert {"seccomp", "audit", "ro-root", "proc"} <= set(result.layers) and result.isolation == "strict"
 
 
 def test_failure_is_reported():
@@ -70,11 +96,12 @@ def test_infinite_loop_is_killed_with_its_process_group():
 
 
 def test_background_child_does_not_outlive_the_run():
-    code = "import os, time\nchild = os.fork()\nif child == 0:\n    time.sleep(60)\nprint(child)"
+    code = "import os, time\nif os.fork() == 0:\n    time.sleep(60)\nprint(os.stat('/proc/self/ns/pid').st_ino)"
     result = run_python(code, max_processes=2, timeout_s=5)
     assert result.passed
-    child = int(result.stdout)
-    assert child > 0 and _leftovers(result) == [] and not _alive(child)
+    namespace = int(result.stdout)
+    assert namespace != os.stat("/proc/self/ns/pid").st_ino  # its own pid namespace ...
+    assert _leftovers(result) == [] and _in_pid_namespace(namespace) == []  # ... now empty
 
 
 @pytest.mark.parametrize("max_processes", [1, 8])
@@ -143,8 +170,11 @@ def test_network_namespace_has_no_route():
     # The kernel layer alone (no audit hook): only meaningful where unshare(CLONE_NEWNET) is permitted.
     code = "import socket\ns = socket.create_connection(('1.1.1.1', 53), timeout=2)"
     result = run_python(code, audit=False)
-    if "netns" not in result.layers:
-        pytest.skip("unshare(CLONE_NEWNET) is not permitted here; the audit hook is the only network guard")
+    assert {"netns", "landlock-net"} <= set(result.layers)
+    assert not result.passed and "PermissionError" in result.stderr  # Landlock refuses the TCP connect
+    # Without Landlock's TCP rule the empty namespace has no route.
+    code = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.sendto(b'x', ('1.1.1.1', 53))"
+    result = run_python(code, audit=False)
     assert not result.passed and "unreachable" in result.stderr.lower()
 
 
@@ -182,3 +212,128 @@ def test_every_humaneval_canonical_solution_passes():
     wrong = check_humaneval(problems[0], "    return None\n")
     assert not wrong.passed and not wrong.timed_out
     assert all(_leftovers(r) == [] for r in results)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("memory_mb", -1),
+        ("memory_mb", 0),
+        ("timeout_s", 0),
+        ("timeout_s", float("nan")),
+        ("max_processes", 0),
+        ("max_file_mb", -4),
+        ("max_output_bytes", 0),
+        ("memory_mb", True),
+        ("memory_mb", "512"),
+    ],
+)
+def test_a_limit_that_is_not_positive_is_refused(argument, value):
+    # Before: memory_mb=-1 silently removed the memory cap while the result reported it as active.
+    with pytest.raises(ValueError, match=argument):
+        run_python("print(1)", **{argument: value})
+
+
+def test_isolation_must_be_named_and_network_opt_out_is_weak():
+    with pytest.raises(ValueError, match="isolation"):
+        run_python("print(1)", isolation="none")
+    with pytest.raises(ValueError, match="weak"):
+        run_python("print(1)", isolate_network=False)
+    result = run_python("print(1)", isolate_network=False, isolation="weak")
+    assert result.passed and result.isolation == "weak" and "netns" not in result.layers
+
+
+def test_a_missing_layer_refuses_the_run_with_how_to_get_it(monkeypatch):
+    # A layer this kernel cannot have (ABI 99) stands in for a kernel without user namespaces or Landlock:
+    # the launcher finds it missing, runs nothing and the caller gets the reason.
+    monkeypatch.setattr(sandbox_run, "REQUIRED_LAYERS", (*REQUIRED_LAYERS, "landlock-fs-v99"))
+    marker = Path(f"/tmp/sandbox_refused_{uuid.uuid4().hex}")
+    with pytest.raises(SandboxUnavailable, match="landlock-fs-v99") as refused:
+        run_python(f"open({str(marker)!r}, 'w')")
+    assert 'isolation="weak"' in str(refused.value) and not marker.exists()
+    assert run_python("print(1)", isolation="weak").passed
+
+
+def test_refusal_message_names_the_fix():
+    from distill.sandbox.kernel import missing_message
+
+    text = missing_message(["userns", "landlock-fs"], {"userns": "unshare: Operation not permitted"})
+    assert "apparmor_restrict_unprivileged_userns" in text and "CONFIG_SECURITY_LANDLOCK" in text
+    assert "Operation not permitted" in text
+
+
+def test_doctor_prints_the_kernel_layers_and_what_a_run_uses(capsys):
+    import argparse
+
+    from distill import cli
+    from distill.sandbox import cli as doctor
+
+    assert "distill.sandbox.cli" in cli.SUBCOMMAND_MODULES
+    parser = argparse.ArgumentParser()
+    doctor.register(parser.add_subparsers())
+    args = parser.parse_args(["doctor"])
+    assert args.func(args) == 0  # strict isolation works on the machines this project is built on
+    out = capsys.readouterr().out
+    assert "landlock ABI" in out and "strict isolation: available" in out
+    assert "A run here uses: " in out and "landlock-fs" in out and "Probe: exit 0" in out
+
+
+def _kernel_without(monkeypatch, function: str, failure: str) -> None:
+    """Make the launcher's ``function`` fail as it would on a kernel without that layer."""
+    source = sandbox_run._LAUNCHER.read_text()
+    start = source.index(f"\ndef {function}(cfg, layers")
+    end = source.index("\n", source.index("):", start)) + 1  # after the signature line
+    patched = source[:end] + f"    {failure}\n" + source[end:]
+    monkeypatch.setattr(sandbox_run, "_launcher_code", lambda: marshal.dumps(compile(patched, "launcher", "exec")))
+
+
+def test_without_user_namespaces_strict_refuses_and_weak_still_confines_files(monkeypatch):
+    _kernel_without(monkeypatch, "enter_namespaces", "raise OSError(1, 'Operation not permitted')")
+    with pytest.raises(SandboxUnavailable, match="apparmor_restrict_unprivileged_userns") as refused:
+        run_python("print(1)")
+    assert "Operation not permitted" in str(refused.value)
+    # Weak: no namespaces, but Landlock, seccomp and rlimits still hold, and the process group is killed.
+    # The victim belongs to the program's own uid (65534 when run as root), so file permissions allow the
+    # write and only Landlock refuses it.
+    folder = Path(tempfile.mkdtemp(prefix="sandbox_weak_"))
+    victim = folder / "keep.txt"
+    victim.write_text("precious")
+    if os.geteuid() == 0:
+        os.chown(folder, 65534, 65534)
+        os.chown(victim, 65534, 65534)
+    try:
+        code = f"import os\nopen({str(victim)!r}, 'w').write('gone')"
+        result = run_python(code, isolation="weak", audit=False)
+        assert not result.passed and "Permission denied" in result.stderr and victim.read_text() == "precious"
+    finally:
+        shutil.rmtree(folder)
+    assert result.isolation == "weak" and "userns" not in result.layers
+    assert {"landlock-fs", "seccomp", "rlimits"} <= set(result.layers)
+    result = run_python("import os, time\nif os.fork() == 0:\n    time.sleep(60)", max_processes=2, isolation="weak")
+    assert result.passed and _leftovers(result) == []
+
+
+def test_without_seccomp_strict_refuses(monkeypatch):
+    _kernel_without(monkeypatch, "seccomp", "raise OSError(22, 'Invalid argument')")
+    with pytest.raises(SandboxUnavailable, match="CONFIG_SECCOMP_FILTER"):
+        run_python("print(1)")
+    result = run_python("print(1)", isolation="weak")
+    assert result.passed and "seccomp" not in result.layers and result.limits["processes"] is None
+
+
+def test_without_landlock_strict_refuses(monkeypatch):
+    _kernel_without(monkeypatch, "landlock", "return 0")
+    with pytest.raises(SandboxUnavailable, match="CONFIG_SECURITY_LANDLOCK"):
+        run_python("print(1)")
+    result = run_python("print(1)", isolation="weak")
+    assert result.passed and "landlock-fs" not in result.layers and "ro-root" in result.layers
+
+
+def test_threads_and_asyncio_work_with_one_process():
+    # RLIMIT_NPROC counts threads too: with max_processes=1 (seccomp refuses processes) it leaves room for them.
+    code = (
+        "import asyncio, threading\nt = threading.Thread(target=print, args=('thread',))\nt.start()\nt.join()\n"
+        "print(asyncio.run(asyncio.sleep(0, result='loop')))"
+    )
+    result = run_python(code)
+    assert result.passed and result.stdout == "thread\nloop\n", result.stderr

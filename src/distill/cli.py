@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES = (
     "distill.evaluation.cli",
     "distill.planning.cli",
     "distill.pruning.cli",
+    "distill.sandbox.cli",
 )
 EXIT_BAD_INPUT = 2
 # Errors that mean "the input is wrong", by module and class, looked up only if their module was imported.

@@ -49,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--max-new-tokens", type=arg_int(1), default=256, help="tokens per HumanEval completion")
     parser.add_argument("--sandbox-workers", type=arg_int(1), default=2, help="tests run in parallel")
+    parser.add_argument(
+        "--sandbox-isolation",
+        choices=("strict", "weak"),
+        default="strict",
+        help="weak: run the tests even where the kernel lacks a sandbox layer (see `distill doctor`)",
+    )
     price = parser.add_mutually_exclusive_group()
     price.add_argument("--gpu", default=None, help="GPU name whose hourly price distill.planning knows (e.g. H100)")
     price.add_argument("--price-per-hour", type=arg_float(0), default=None, help="USD per hour of this device")
@@ -106,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 batch_size=args.batch_size,
                 workers=args.sandbox_workers,
+                isolation=args.sandbox_isolation,
             )
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -154,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
         del model
         gc.collect()
     teacher_result = evaluate(args.teacher, teacher, teacher_tokenizer, teacher_metrics)
-    card = write_report(args.out, teacher_result, students["student"], students.get("baseline"))
+    sandbox = tasks[0].sandbox_record if tasks else None
+    card = write_report(args.out, teacher_result, students["student"], students.get("baseline"), sandbox=sandbox)
     print(card.headline)
     print()
     print(summary_tables(teacher_result, students["student"], students.get("baseline")))

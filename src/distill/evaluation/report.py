@@ -341,6 +341,7 @@ def write_report(
     *,
     primary_metric: str | None = None,
     title: str = "Distillation report card",
+    sandbox: dict[str, Any] | None = None,
 ) -> ReportCard:
     """Write ``report.md``, ``report.json`` and PNG plots comparing a KD student with its teacher.
 
@@ -359,6 +360,8 @@ def write_report(
         primary_metric: the metric the headline's quality uses; default the first shared
             ``.../pass@1``, else another task score, else ``ce``.
         title: the markdown title.
+        sandbox: how model-written code ran for the task scores, ``{"isolation": ..., "layers": [...]}``
+            (:attr:`HumanEvalPassAtK.sandbox_record`); recorded in both files.
 
     Returns:
         The :class:`ReportCard`. Without matplotlib the plots are skipped and the report says so.
@@ -398,6 +401,7 @@ def write_report(
         "metric_definitions": {metric: _definition(metric) for metric in metrics},
         "plots": [path.name for path in plots],
         "plots_skipped": skipped,
+        "sandbox": sandbox,
     }
     (out / "report.json").write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
@@ -408,6 +412,10 @@ def write_report(
         sections.append(_comparison_line(comparison))
     sections += ["## Cost", _cost_table(models), "## Quality", _metrics_table(models, teacher, comparison)]
     sections.append("### What the metrics mean\n\n" + "\n".join(f"- `{m}`: {_definition(m)}." for m in metrics))
+    if sandbox:
+        layers = ", ".join(sandbox.get("layers", ())) or "none"
+        isolation = sandbox["isolation"]
+        sections.append(f"Model-written code ran in `distill.sandbox` with **{isolation}** isolation ({layers}).")
     sections.append("## Plots")
     if skipped:
         sections.append(f"Plots skipped: {skipped}.")

@@ -162,6 +162,8 @@ class PassAtKResult:
         num_samples: samples per problem.
         task_ids: per problem, its ``task_id`` (or its index as a string).
         completions: per problem, the completions checked.
+        sandbox: how the tests ran: ``{"isolation": "strict" | "weak", "layers": [...]}`` (see
+            :mod:`distill.sandbox`).
     """
 
     scores: dict[str, float]
@@ -169,6 +171,7 @@ class PassAtKResult:
     num_samples: int
     task_ids: list[str]
     completions: list[list[str]] = field(repr=False)
+    sandbox: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -188,6 +191,9 @@ class HumanEvalPassAtK:
         stop: a completion ends before the first of these strings.
         timeout_s: wall-clock limit per test run, in seconds.
         workers: test runs in parallel (each is a sandboxed subprocess).
+        isolation: ``"strict"`` refuses to run the tests on a kernel without the sandbox's required layers;
+            ``"weak"`` runs them with what it has. The last run's isolation and layers are in
+            :attr:`sandbox_record` (and :attr:`PassAtKResult.sandbox`).
         sampler: replaces the generation step, ``(model, tokenizer, prompts, n) -> completions``; by
             default :func:`sample_completions` with the settings above.
         name: prefix of the scores in the report.
@@ -210,6 +216,8 @@ class HumanEvalPassAtK:
     workers: int = 2
     sampler: Sampler | None = None
     name: str = "humaneval"
+    isolation: str = "strict"
+    sandbox_record: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -248,18 +256,26 @@ class HumanEvalPassAtK:
             )
         jobs = [(p, text) for p, texts in enumerate(completions) for text in texts]
         with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
-            passed = list(
-                pool.map(lambda job: check_humaneval(self.problems[job[0]], job[1], self.timeout_s).passed, jobs)
+            results = list(
+                pool.map(
+                    lambda job: check_humaneval(
+                        self.problems[job[0]], job[1], self.timeout_s, isolation=self.isolation
+                    ),
+                    jobs,
+                )
             )
         num_correct = [0] * len(prompts)
-        for (p, _), ok in zip(jobs, passed, strict=True):
-            num_correct[p] += int(ok)
+        for (p, _), result in zip(jobs, results, strict=True):
+            num_correct[p] += int(result.passed)
+        layers = sorted({layer for result in results for layer in result.layers})
+        self.sandbox_record = {"isolation": self.isolation, "layers": layers}
         return PassAtKResult(
             scores=mean_pass_at_k(num_correct, self.num_samples, self.ks),
             num_correct=num_correct,
             num_samples=self.num_samples,
             task_ids=[str(problem.get("task_id", index)) for index, problem in enumerate(self.problems)],
             completions=completions,
+            sandbox=self.sandbox_record,
         )
 
     def evaluate(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:

@@ -48,6 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--filter-timeout", type=arg_float(0, exclusive_minimum=True), default=10.0, help="seconds per sandboxed run"
     )
+    parser.add_argument(
+        "--filter-isolation",
+        choices=("strict", "weak"),
+        default="strict",
+        help="weak: run the tests even where the kernel lacks a sandbox layer (see `distill doctor`)",
+    )
     parser.add_argument("--dtype", type=arg_dtype, default="auto", help="--teacher's dtype: auto, bf16, fp16, fp32")
     parser.add_argument("--device", default="cpu", help="--teacher's device, e.g. cpu, cuda, cuda:1")
     parser.set_defaults(func=run)
@@ -83,7 +89,11 @@ def run(args: argparse.Namespace) -> int:
         teacher = server_teacher(args, tokenizer)
     else:  # the same dtype names and loader as the other commands
         teacher = load_causal_lm(args.teacher, dtype=args.dtype, device=args.device)
-    row_filter = HumanEvalFilter(timeout_s=args.filter_timeout) if args.filter == "humaneval" else None
+    row_filter = (
+        HumanEvalFilter(timeout_s=args.filter_timeout, isolation=args.filter_isolation)
+        if args.filter == "humaneval"
+        else None
+    )
     stop = args.stop if args.stop is not None else (list(CODE_STOP) if args.filter == "humaneval" else [])
     out = generate_dataset(
         teacher,
@@ -108,5 +118,7 @@ def run(args: argparse.Namespace) -> int:
     checks = manifest["filter"]
     if checks:
         kept += f" ({checks['passed']:,}/{checks['checked']:,} passed {checks['name']})"
+        if checks.get("sandbox"):
+            kept += f"; sandbox isolation: {checks['sandbox']['isolation']}"
     print(f"{out}: {kept}; {len(manifest['data_files'])} shard(s), manifest.json")
     return 0

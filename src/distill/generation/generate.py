@@ -402,6 +402,8 @@ def generate_dataset(
             "name": run["filter"],
             "checked": sum(s["checked"] for s in shards),
             "passed": sum(s["passed"] for s in shards),
+            # A sandboxed filter says how its code ran (distill.sandbox: "strict" or "weak" isolation).
+            **({"sandbox": filter.sandbox_record} if hasattr(filter, "sandbox_record") else {}),
         },
         "shards": shards,
         "data_files": [s["file"] for s in shards if s["file"]],
