@@ -57,7 +57,7 @@ class Budget:
     steps: int
     curve_points: int
     learning_rate: float
-    prune_target: float
+    prune_target: float | dict[str, int]
     speed_tokens: int
 
 
@@ -69,7 +69,8 @@ LONG = Budget(train_rows=2400, heldout_rows=48, curve_rows=16, calibration_rows=
               heldout_length=256, batch_size=4, steps=400, curve_points=10, learning_rate=2e-4, prune_target=0.5,
               speed_tokens=32)  # fmt: skip
 QUICK = Budget(train_rows=16, heldout_rows=8, curve_rows=4, calibration_rows=8, max_length=64, heldout_length=64,
-               batch_size=4, steps=3, curve_points=1, learning_rate=3e-4, prune_target=0.5,
+               batch_size=4, steps=3, curve_points=1, learning_rate=3e-4,
+               prune_target=dict(num_attention_heads=6, intermediate_size=608),
                speed_tokens=8)  # fmt: skip
 
 
@@ -163,8 +164,9 @@ def train(
     args = DistillConfig(
         output_dir=str(out / "runs" / name), loss="forward_kl", max_steps=budget.steps,
         per_device_train_batch_size=budget.batch_size, learning_rate=budget.learning_rate, warmup_steps=0.05,
-        lr_scheduler_type="cosine", max_length=budget.max_length, logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, seed=seed, data_seed=seed, disable_tqdm=True,
+        lr_scheduler_type="cosine", max_length=budget.max_length, logging_steps=max(1, budget.steps // 8),
+        save_strategy="no", report_to=[],
+        use_cpu=True, seed=seed, data_seed=seed, disable_tqdm=False, log_level="warning",
         hidden_loss_weight=HIDDEN_LOSS_WEIGHT if kd else 0.0, hidden_loss="cosine",
     )  # fmt: skip
     curve = QualityCurve(student, blocks, every=max(1, budget.steps // budget.curve_points))
@@ -197,8 +199,10 @@ def make_students(teacher: Any, tokenizer: Any, rows: list[dict[str, str]], budg
     from distill.pruning import calibration_batches, count_parameters, prune
 
     batches = calibration_batches(rows[: budget.calibration_rows], tokenizer, max_length=budget.max_length)
-    say(f"pruning the teacher to {budget.prune_target:.0%} of its non-embedding parameters ({len(batches)} batches)")
-    pruned = prune(teacher, batches, budget.prune_target, progress=False)
+    target = budget.prune_target
+    what = f"{target:.0%} of its non-embedding parameters" if isinstance(target, float) else str(target)
+    say(f"pruning the teacher to {what} ({len(batches)} calibration batches)")
+    pruned = prune(teacher, batches, target, score_batches=1, progress=False)
     print(pruned.table())
     # The layer-copy start at the same budget: as many evenly spaced layers as fit.
     per_layer = count_parameters(teacher.config)["non_embedding"] / teacher.config.num_hidden_layers
