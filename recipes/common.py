@@ -235,7 +235,7 @@ def log(message: str) -> None:
 # ---- the start-up check -----------------------------------------------------------------------------------
 
 
-def check_plan(config: DistillConfig, profile: Profile, teacher: str, student: str | dict[str, Any]) -> Any:
+def check_plan(config: DistillConfig, profile: Profile, teacher: str, student: Any) -> Any:
     """Ask the planner (``distill.planning``) whether this run fits the profile's GPUs, before loading weights.
 
     Raises ``SystemExit`` with the planner's message (what takes the memory, what to change) when the run
@@ -276,10 +276,10 @@ def check_plan(config: DistillConfig, profile: Profile, teacher: str, student: s
     return plan
 
 
-def _model_source(name: str | dict[str, Any]) -> Any:
+def _model_source(name: Any) -> Any:
     """What the planner reads a model's shape from: a local folder, a catalogue name, the hub's config.json, or a
-    config dict (a student that does not exist yet, e.g. a pruned shape)."""
-    if isinstance(name, dict):
+    config dict / ``ModelSpec`` (a student that does not exist yet, e.g. a pruned shape)."""
+    if not isinstance(name, str):
         return name
     from distill.models.loading import check_model_source
     from distill.planning import model_spec

@@ -94,6 +94,7 @@ PROFILES: dict[str, Profile] = {
             per_device_train_batch_size=4,
             gradient_accumulation_steps=4,
             learning_rate=1e-4,
+            student_dtype="float32",  # fp32 master weights + bf16 autocast: small Adam steps still move them
             bf16=True,
             gradient_checkpointing=True,
             teacher_dtype="bfloat16",
@@ -101,7 +102,7 @@ PROFILES: dict[str, Profile] = {
     ),  # fmt: skip
     "llama8b_to_4b": Profile(
         name="llama8b_to_4b",
-        description="8 x H100: FSDP2 student (full fine-tune), teacher sharded",
+        description="8 x H100: FSDP2 student (full fine-tune, fp32 master weights), teacher sharded",
         gpu="H100-80GB",
         num_gpus=8,
         teacher_mode="in_process",
@@ -113,6 +114,7 @@ PROFILES: dict[str, Profile] = {
             per_device_train_batch_size=4,
             gradient_accumulation_steps=4,
             learning_rate=1e-4,
+            student_dtype="float32",  # fp32 master weights + bf16 autocast: small Adam steps still move them
             bf16=True,
             gradient_checkpointing=True,
             teacher_dtype="bfloat16",
@@ -125,17 +127,36 @@ TINY_RECIPE: dict[str, Any] = dict(
 )
 
 
-def pruned_shape_config(teacher: str, target: str) -> dict[str, Any]:
-    """The student's config (as a dict, for the planner) for an explicit target shape, without loading weights."""
+def planned_student(teacher: str, target: str) -> Any:
+    """What the planner sizes the pruned student by, before any weights exist.
+
+    An explicit shape of a catalogue model (or a local folder) is read offline from the teacher's shape;
+    a parameter budget needs the teacher's ``config.json`` and plans the widest candidate shape (the
+    most activations).
+    """
+    import dataclasses
+
     from transformers import AutoConfig
 
+    from distill.planning import model_spec
     from distill.pruning import candidate_shapes, pruned_config
-    from distill.pruning.cli import parse_target
+    from distill.pruning.cli import SHAPE_FIELDS, parse_target
     from distill.pruning.search import resolve_target
 
+    parsed = parse_target(target)
+    if isinstance(parsed, dict):
+        try:
+            spec = model_spec(teacher)
+        except KeyError:
+            spec = None
+        if spec is not None:
+            names = {"num_layers": "num_layers", "hidden_size": "hidden_size", "num_attention_heads": "num_heads",
+                     "num_key_value_heads": "num_kv_heads", "intermediate_size": "intermediate_size"}  # fmt: skip
+            assert set(names) == set(SHAPE_FIELDS.values())
+            return dataclasses.replace(spec, name=f"{spec.name} pruned", **{names[k]: v for k, v in parsed.items()})
     config = AutoConfig.from_pretrained(teacher)
-    shape, budget = resolve_target(config, parse_target(target), "non_embedding")
-    if shape is None:  # a budget: plan with the widest candidate (all layers and heads), the most activations
+    shape, budget = resolve_target(config, parsed, "non_embedding")
+    if shape is None:
         shape = candidate_shapes(config, budget)[0]
     return pruned_config(config, shape, list(range(shape.num_layers))).to_dict()
 
@@ -182,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log(f"profile {profile.name}: {profile.description}; output in {config.output_dir}")
     # The heal stage is the heaviest (teacher + student + hidden states): plan it before any weight loads.
     heal = stage_config(config, "healed", hidden_loss_weight=recipe.heal_hidden_weight)
-    plan = check_plan(heal, profile, teacher, pruned_shape_config(teacher, recipe.target))
+    plan = check_plan(heal, profile, teacher, planned_student(teacher, recipe.target))
     if recipe.plan_only:
         return {"plan": None if plan is None else plan.to_dict()}
 

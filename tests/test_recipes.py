@@ -19,6 +19,7 @@ PROFILES = {
     "code_14b.py": ["h100_80gb", "rtx_24gb", "node_8xh100"],
     "chat_24gb.py": ["rtx_24gb", "h100_80gb"],
     "reasoning.py": ["h100_80gb", "rtx_24gb"],
+    "prune_and_distill.py": ["coder14b_to_7b", "llama8b_to_4b"],
 }
 CASES = [(script, profile) for script, profiles in PROFILES.items() for profile in profiles]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
