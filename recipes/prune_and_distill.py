@@ -161,6 +161,20 @@ def planned_student(teacher: str, target: str) -> Any:
     return pruned_config(config, shape, list(range(shape.num_layers))).to_dict()
 
 
+def log_pruning_cost(teacher: str, recipe: PruneRecipe, config: DistillConfig) -> None:
+    """Print what the pruning pass will take (teacher, statistics, activations; FLOPs), from the shape alone."""
+    from distill.planning import model_spec, pruning_cost
+
+    try:
+        spec = model_spec(teacher)
+    except KeyError:
+        return  # not in the planner's catalogue nor a local folder: the pass is sized when it runs
+    length = min(config.max_length, 4096)
+    cost = pruning_cost(spec, calibration_tokens=recipe.calibration_rows * length, batch_tokens=8 * length,
+                        dtype_bytes=4 if config.teacher_dtype in ("float32", "fp32") else 2)  # fmt: skip
+    log(cost.summary())
+
+
 def stage_config(config: DistillConfig, stage: str, **changes: Any) -> DistillConfig:
     """The run's ``DistillConfig`` for one stage: its own output folder, plus the stage's changes."""
     import dataclasses
@@ -204,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # The heal stage is the heaviest (teacher + student + hidden states): plan it before any weight loads.
     heal = stage_config(config, "healed", hidden_loss_weight=recipe.heal_hidden_weight)
     plan = check_plan(heal, profile, teacher, planned_student(teacher, recipe.target))
+    log_pruning_cost(teacher, recipe, config)
     if recipe.plan_only:
         return {"plan": None if plan is None else plan.to_dict()}
 

@@ -229,3 +229,33 @@ def test_prune_cli(tokenizer, rows, tmp_path, capsys) -> None:  # noqa: ANN001
     assert main([*args, "--target", "0.5"]) == 2  # --out is the student written above
     assert "not an empty folder" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_statistics_that_do_not_fit_are_collected_in_more_passes(tokenizer, rows) -> None:  # noqa: ANN001
+    teacher = MODELS["qwen2-bias"](len(tokenizer)).eval()
+    batches = _batches(rows, tokenizer)
+    one_pass = measure_importance(teacher, batches, progress=False)
+    per_layer = measure_importance(teacher, batches, progress=False, max_gram_bytes=1)  # one layer per pass
+    assert set(one_pass.moments) == set(per_layer.moments)
+    for name, site in one_pass.moments.items():
+        other = per_layer.moments[name]
+        assert other.tokens == site.tokens, name
+        if site.gram is not None:
+            torch.testing.assert_close(other.gram, site.gram, rtol=1e-5, atol=1e-6)
+    assert torch.equal(per_layer.neurons, one_pass.neurons)
+    shape = dataclasses.replace(shape_of(teacher.config), intermediate_size=40, hidden_size=48)
+    a = prune_to_shape(teacher, one_pass, shape).model
+    b = prune_to_shape(teacher, per_layer, shape).model
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_pruning_cost_counts_the_statistics() -> None:
+    from distill.planning import model_spec, pruning_cost
+
+    spec = model_spec("HuggingFaceTB/SmolLM2-135M")
+    cost = pruning_cost(spec, calibration_tokens=8192, batch_tokens=2048, dtype_bytes=4)
+    assert cost.gram_bytes == 30 * (1536**2 + 2 * 576**2 + 576**2) * 4  # down, attention and MLP inputs, o
+    assert cost.teacher_bytes == spec.num_params * 4
+    without = pruning_cost(spec, calibration_tokens=8192, batch_tokens=2048, refit=False)
+    assert without.gram_bytes < cost.gram_bytes / 100

@@ -19,6 +19,7 @@ from distill.planning.gpus import CPU, GPU, GPUS, get_gpu, load_prices, with_pri
 from distill.planning.memory import MemoryEstimate, MemoryItem, estimate_memory
 from distill.planning.models import KNOWN_MODELS, ModelSpec, model_spec, spec_from_config
 from distill.planning.plan import Plan, plan, plan_from_config, plan_run
+from distill.planning.pruning import PruningCost, pruning_cost
 from distill.planning.setup import RunSetup
 from distill.planning.throughput import Cost, Throughput, estimate_cost, estimate_throughput, flops_per_token
 
@@ -32,6 +33,7 @@ __all__ = [
     "MemoryItem",
     "ModelSpec",
     "Plan",
+    "PruningCost",
     "RunSetup",
     "Suggestion",
     "Throughput",
@@ -45,6 +47,7 @@ __all__ = [
     "plan",
     "plan_from_config",
     "plan_run",
+    "pruning_cost",
     "spec_from_config",
     "with_prices",
 ]

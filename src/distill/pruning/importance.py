@@ -93,24 +93,31 @@ class Importance:
 class _Collector:
     """Forward hooks that fill :class:`_Moments` for one model, restricted to the current batch's real tokens."""
 
-    def __init__(self, model: nn.Module, grams: bool, dtype: torch.dtype) -> None:
-        self.model, self.grams, self.dtype = model, grams, dtype
+    def __init__(
+        self, model: nn.Module, grams: bool, dtype: torch.dtype, gram_layers: set[int], only_grams: bool = False
+    ) -> None:
+        self.model, self.dtype = model, dtype
         self.mask: Tensor | None = None
         self.moments: dict[str, _Moments] = {}
         layers = decoder_layers(model)
         self.distance_sum = torch.zeros(len(layers), dtype=torch.float64)
         self.handles: list[Any] = []
         for index, layer in enumerate(layers):
+            gram = grams and index in gram_layers
+            if only_grams and not gram:
+                continue
             attn, mlp = layer.self_attn, layer.mlp
-            self._watch_output(layer.input_layernorm, f"{index}.attn_in", gram=True)
-            self._watch_output(layer.post_attention_layernorm, f"{index}.mlp_in", gram=True)
-            self._watch_input(layer.input_layernorm, f"{index}.res_attn", gram=False)
-            self._watch_input(layer.post_attention_layernorm, f"{index}.res_mlp", gram=False)
-            self._watch_input(attn.o_proj, f"{index}.o_in", gram=True)
-            self._watch_input(mlp.down_proj, f"{index}.down_in", gram=True)
-            self.handles.append(layer.register_forward_hook(self._distance_hook(index)))
-        self._watch_input(model.model.norm, "final.res", gram=False)
-        self._watch_output(model.model.norm, "final.out", gram=False)
+            self._watch_output(layer.input_layernorm, f"{index}.attn_in", gram=gram)
+            self._watch_output(layer.post_attention_layernorm, f"{index}.mlp_in", gram=gram)
+            self._watch_input(attn.o_proj, f"{index}.o_in", gram=gram)
+            self._watch_input(mlp.down_proj, f"{index}.down_in", gram=gram)
+            if not only_grams:
+                self._watch_input(layer.input_layernorm, f"{index}.res_attn", gram=False)
+                self._watch_input(layer.post_attention_layernorm, f"{index}.res_mlp", gram=False)
+                self.handles.append(layer.register_forward_hook(self._distance_hook(index)))
+        if not only_grams:
+            self._watch_input(model.model.norm, "final.res", gram=False)
+            self._watch_output(model.model.norm, "final.out", gram=False)
 
     def _rows(self, tensor: Tensor) -> Tensor:
         flat = tensor.reshape(-1, tensor.shape[-1])
@@ -118,7 +125,7 @@ class _Collector:
 
     def _site(self, name: str, width: int, gram: bool, device: torch.device) -> _Moments:
         if name not in self.moments:
-            self.moments[name] = _Moments.zeros(width, gram and self.grams, device, self.dtype)
+            self.moments[name] = _Moments.zeros(width, gram, device, self.dtype)
         return self.moments[name]
 
     def _watch_input(self, module: nn.Module, name: str, gram: bool) -> None:
@@ -199,6 +206,7 @@ def measure_importance(
     grams: bool = True,
     skip_loss_batches: int = 0,
     gram_dtype: torch.dtype = torch.float32,
+    max_gram_bytes: int | None = None,
     progress: bool = True,
 ) -> Importance:
     """Score every prunable unit of ``model`` on calibration batches (one forward pass, no gradients).
@@ -207,34 +215,74 @@ def measure_importance(
         model: a supported causal LM (see :func:`~distill.pruning.architecture.check_prunable`), unchanged.
         batches: collated calibration batches (``input_ids``, ``attention_mask``, ``labels`` ``[B, L]``).
         grams: also accumulate the input Gram matrices the least-squares re-fit needs
-            (``layers * (intermediate^2 + 3 hidden^2 + (heads*head_dim)^2)`` numbers in ``gram_dtype``).
+            (``layers * (intermediate^2 + 2 hidden^2 + (heads*head_dim)^2)`` numbers in ``gram_dtype``).
         skip_loss_batches: score blocks also by the calibration loss with each block skipped, on this many
             batches (one extra pass per block); 0 skips it.
         gram_dtype: accumulation dtype of the statistics.
+        max_gram_bytes: most Gram-matrix bytes on the model's device at once; more layers than fit are
+            collected in further passes (each a forward over the batches) and kept in CPU memory. Default:
+            half the free memory of a CUDA device, unlimited on a CPU.
         progress: show a progress bar.
     """
     check_prunable(model)
     if not batches:
         raise ValueError("measure_importance needs at least one calibration batch.")
     device = next(model.parameters()).device
-    collector = _Collector(model, grams, gram_dtype)
-    total_loss, total_tokens = 0.0, 0
+    groups = _gram_groups(model, gram_dtype, max_gram_bytes, device) if grams else [set()]
     was_training = model.training
     model.eval()
+    collector = _Collector(model, grams, gram_dtype, groups[0])
+    total_loss, total_tokens = _calibration_pass(model, collector, batches, "Calibration", progress)
+    for number, group in enumerate(groups[1:], start=2):  # the Gram matrices that did not fit in the first pass
+        _offload_grams(collector.moments)
+        extra = _Collector(model, grams, gram_dtype, group, only_grams=True)
+        _calibration_pass(model, extra, batches, f"Calibration statistics {number}/{len(groups)}", progress)
+        for name, site in extra.moments.items():
+            collector.moments[name].gram = site.gram
+    if len(groups) > 1:
+        _offload_grams(collector.moments)
+    skip_losses = None
+    if skip_loss_batches > 0:
+        skip_losses = _skip_losses(model, batches[:skip_loss_batches], progress)
+    model.train(was_training)
+    return _scores(model, collector, total_loss / max(total_tokens, 1), skip_losses)
+
+
+def _calibration_pass(
+    model: nn.Module, collector: _Collector, batches: list[dict[str, Tensor]], label: str, progress: bool
+) -> tuple[float, int]:
+    """One no-grad forward over the batches with ``collector``'s hooks; the summed CE and its token count."""
+    device = next(model.parameters()).device
+    total_loss, total_tokens = 0.0, 0
     try:
         with torch.no_grad():
-            for batch in tqdm(batches, desc="Calibration", unit="batch", disable=not progress):
+            for batch in tqdm(batches, desc=label, unit="batch", disable=not progress):
                 batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, Tensor)}
                 collector.mask = batch["attention_mask"].reshape(-1).bool()
                 loss, tokens = _batch_loss(model, batch)
                 total_loss, total_tokens = total_loss + loss, total_tokens + tokens
     finally:
         collector.remove()
-    skip_losses = None
-    if skip_loss_batches > 0:
-        skip_losses = _skip_losses(model, batches[:skip_loss_batches], progress)
-    model.train(was_training)
-    return _scores(model, collector, total_loss / max(total_tokens, 1), skip_losses)
+    return total_loss, total_tokens
+
+
+def _gram_groups(model: nn.Module, dtype: torch.dtype, max_bytes: int | None, device: torch.device) -> list[set[int]]:
+    """Layers whose Gram matrices are collected together, each group within ``max_bytes``."""
+    shape = shape_of(model.config)
+    q = shape.num_attention_heads * shape.head_dim
+    per_layer = (shape.intermediate_size**2 + 2 * shape.hidden_size**2 + q**2) * dtype.itemsize
+    if max_bytes is None and device.type == "cuda":
+        max_bytes = torch.cuda.mem_get_info(device)[0] // 2
+    per_group = shape.num_layers if max_bytes is None else max(1, int(max_bytes // per_layer))
+    layers = list(range(shape.num_layers))
+    return [set(layers[i : i + per_group]) for i in range(0, len(layers), per_group)]
+
+
+def _offload_grams(moments: dict[str, _Moments]) -> None:
+    """Move the accumulated Gram matrices to CPU memory (the device holds the next group's)."""
+    for site in moments.values():
+        if site.gram is not None:
+            site.gram = site.gram.cpu()
 
 
 def _skip_losses(model: nn.Module, batches: list[dict[str, Tensor]], progress: bool) -> Tensor:
