@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # `common` sits next to this fil
 from common import (  # noqa: E402
     Profile,
     check_plan,
+    device_for_this_process,
     evaluate_and_report,
     load_rows,
     log,
@@ -183,7 +184,8 @@ def stage_config(config: DistillConfig, stage: str, **changes: Any) -> DistillCo
 
 
 def prune_stage(teacher: str, target: str, rows: Any, folder: Path, recipe: PruneRecipe, config: DistillConfig) -> str:
-    """Prune the teacher and save the student (skipped when ``folder`` already holds one)."""
+    """Prune the teacher and save the student (skipped when ``folder`` already holds one: ``pruning.json`` is
+    written last, so a folder with it is complete)."""
     if (folder / "pruning.json").exists():
         log(f"prune: {folder} already holds the pruned student; skipping")
         return str(folder)
@@ -195,7 +197,8 @@ def prune_stage(teacher: str, target: str, rows: Any, folder: Path, recipe: Prun
     tokenizer = load_tokenizer(teacher)
     batches = calibration_batches(rows, tokenizer, max_length=min(config.max_length, 4096), batch_size=8,
                                   max_rows=recipe.calibration_rows)  # fmt: skip
-    model = load_causal_lm(teacher, dtype=config.teacher_dtype, device=None if config.use_cpu else "cuda")
+    device = None if config.use_cpu else device_for_this_process()
+    model = load_causal_lm(teacher, dtype=config.teacher_dtype, device=device)
     result = prune(model, batches, parse_target(target), progress=not config.disable_tqdm)
     log("prune:\n" + result.table())
     result.save(folder, tokenizer)
@@ -205,6 +208,7 @@ def prune_stage(teacher: str, target: str, rows: Any, folder: Path, recipe: Prun
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the three stages; returns the held-out metrics of the final student."""
     import datasets
+    from accelerate import PartialState
 
     from distill.models.loading import load_tokenizer
     from distill.testing import arithmetic_rows
@@ -233,7 +237,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     task_train, heldout = split_heldout(task, recipe.heldout_rows, recipe.max_task_rows, config.seed)
     tokenizer = load_tokenizer(teacher)
 
-    pruned = prune_stage(teacher, recipe.target, calibration, Path(config.output_dir) / "pruned", recipe, config)
+    # One process prunes (on its own GPU); under `accelerate launch` the others wait for its folder.
+    pruned = str(Path(config.output_dir) / "pruned")
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process:
+            prune_stage(teacher, recipe.target, calibration, Path(pruned), recipe, config)
 
     log(f"heal: logits + hidden states (weight {heal.hidden_loss_weight}) on {len(heal_rows)} general rows")
     trainer = Trainer(model=pruned, teacher=teacher, args=heal, train_dataset=heal_rows, processing_class=tokenizer)
