@@ -8,8 +8,9 @@ The Minitron pipeline (NVIDIA, arXiv 2407.14679, 2408.11796) on plain ``transfor
    through the pruning record (``hidden_loss_weight``);
 3. **task**: distil the teacher into the healed student on the task's rows (logits).
 
-Each stage writes its folder under ``output_dir`` (``pruned/``, ``healed/``, ``final/``); a rerun skips the
-stages already done, and a stage interrupted mid-way resumes from its last checkpoint.
+The pruned and healed students go to ``output_dir/pruned/`` and ``output_dir/healed/``, the final one to
+``output_dir`` itself; a rerun skips the pruning when it is done, and a training stage interrupted mid-way
+resumes from its last checkpoint.
 
 Profiles (``--profile``):
 
@@ -249,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     trainer.train(resume_from_checkpoint=_resume(heal))
     trainer.save_model(heal.output_dir)
 
-    task_config = stage_config(config, "final")
+    task_config = config  # the final student goes where every recipe puts it: output_dir
     log(f"task: logits on {len(task_train)} task rows")
     trainer = Trainer(model=heal.output_dir, teacher=trainer.teacher, args=task_config, train_dataset=task_train,
                       eval_dataset=heldout, processing_class=tokenizer)  # fmt: skip
