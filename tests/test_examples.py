@@ -58,3 +58,12 @@ def test_demo_quick_distills_the_real_teacher_and_writes_the_report_card(tmp_pat
     assert (tmp_path / "report.md").read_text().count("|") > 20
     assert (tmp_path / "training_curves.png").stat().st_size > 1000
     assert "[demo] The student keeps" in result.stdout
+    # The pruned and the layer-copy starts, each with KD and fine-tuning, on one quality-vs-time curve.
+    assert (tmp_path / "quality_vs_time.png").stat().st_size > 1000
+    curve_table = (tmp_path / "report.md").read_text().split("## Quality vs training time")[1]
+    for label in ("pruned + KD", "pruned + fine-tuning", "layer copy + KD", "layer copy + fine-tuning"):
+        assert f"| {label} |" in curve_table
+        student = tmp_path / "students" / label.replace(" + ", "-").replace(" ", "_")
+        assert (student / "config.json").exists()
+    pruned = json.loads((tmp_path / "students" / "pruned-KD" / "config.json").read_text())
+    assert pruned["distill_pruning"]["hidden_channels"] is None or len(pruned["distill_pruning"]["hidden_channels"])
