@@ -61,11 +61,11 @@ class Budget:
     speed_tokens: int
 
 
-FULL = Budget(train_rows=256, heldout_rows=48, curve_rows=16, calibration_rows=24, max_length=128,
+FULL = Budget(train_rows=256, heldout_rows=48, curve_rows=16, calibration_rows=64, max_length=128,
               heldout_length=256, batch_size=4, steps=40, curve_points=4, learning_rate=2e-4, prune_target=0.5,
               speed_tokens=32)  # fmt: skip
 # --long: the same runs to about 60 CPU-minutes in all, for the curve in docs/pruning.md.
-LONG = Budget(train_rows=2400, heldout_rows=48, curve_rows=16, calibration_rows=24, max_length=128,
+LONG = Budget(train_rows=2400, heldout_rows=48, curve_rows=16, calibration_rows=64, max_length=128,
               heldout_length=256, batch_size=4, steps=400, curve_points=10, learning_rate=2e-4, prune_target=0.5,
               speed_tokens=32)  # fmt: skip
 QUICK = Budget(train_rows=16, heldout_rows=8, curve_rows=4, calibration_rows=8, max_length=64, heldout_length=64,
@@ -193,12 +193,14 @@ def token_blocks(tokenizer: Any, rows: list[dict[str, str]], rows_per_block: int
     ]
 
 
-def make_students(teacher: Any, tokenizer: Any, rows: list[dict[str, str]], budget: Budget) -> dict[str, Any]:
+def make_students(teacher: Any, tokenizer: Any, budget: Budget) -> dict[str, Any]:
     """The two starts at the same budget: the pruned teacher, and a subset of its layers (round 1's start)."""
     from distill.models import student_from_teacher
     from distill.pruning import calibration_batches, count_parameters, prune
 
-    batches = calibration_batches(rows[: budget.calibration_rows], tokenizer, max_length=budget.max_length)
+    # Calibration text: the training modules, in rows as long as the held-out ones (the re-fit wants many tokens).
+    rows = code_rows(tokenizer, TRAIN_MODULES, budget.calibration_rows, budget.heldout_length)
+    batches = calibration_batches(rows, tokenizer, max_length=budget.heldout_length)
     target = budget.prune_target
     what = f"{target:.0%} of its non-embedding parameters" if isinstance(target, float) else str(target)
     say(f"pruning the teacher to {what} ({len(batches)} calibration batches)")
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(TRAIN_MODULES)} stdlib modules; held out: {len(heldout_rows)} rows x {budget.heldout_length} tokens "
         f"from {', '.join(HELDOUT_MODULES)}"
     )
-    starts = make_students(teacher, tokenizer, train_rows, budget)
+    starts = make_students(teacher, tokenizer, budget)
     pruned = starts["pruned"]
     say(f"the same budget by copying layers: {starts['layers']} evenly spaced layers of "
         f"{teacher.config.num_hidden_layers}")  # fmt: skip
