@@ -81,47 +81,23 @@ class PruneRecipe:
 BASE_TRAINING: dict[str, Any] = dict(loss="forward_kl", max_length=2048, num_train_epochs=1)
 
 _FSDP = "accelerate launch --config_file recipes/accelerate/fsdp.yaml recipes/prune_and_distill.py"
+
+
+def _node_8xh100(name: str, launch: str) -> Profile:
+    """One 8 x H100 node: the student FSDP2-sharded (full fine-tune, fp32 master weights), the teacher sharded."""
+    return Profile(
+        name=name, description="8 x H100: FSDP2 student (full fine-tune, fp32 master weights), teacher sharded",
+        gpu="H100-80GB", num_gpus=8, teacher_mode="in_process", student_quantization="none", lora_r=None,
+        launch=launch, sharding="fsdp2",
+        # fp32 master weights + bf16 autocast: small Adam steps still move them (pure bf16 weights would not).
+        training=dict(per_device_train_batch_size=4, gradient_accumulation_steps=4, learning_rate=1e-4,
+                      student_dtype="float32", bf16=True, gradient_checkpointing=True, teacher_dtype="bfloat16"),
+    )  # fmt: skip
+
+
 PROFILES: dict[str, Profile] = {
-    "coder14b_to_7b": Profile(
-        name="coder14b_to_7b",
-        description="8 x H100: FSDP2 student (full fine-tune, fp32 master weights), teacher sharded",
-        gpu="H100-80GB",
-        num_gpus=8,
-        teacher_mode="in_process",
-        student_quantization="none",
-        lora_r=None,
-        launch=_FSDP,
-        sharding="fsdp2",
-        training=dict(
-            per_device_train_batch_size=4,
-            gradient_accumulation_steps=4,
-            learning_rate=1e-4,
-            student_dtype="float32",  # fp32 master weights + bf16 autocast: small Adam steps still move them
-            bf16=True,
-            gradient_checkpointing=True,
-            teacher_dtype="bfloat16",
-        ),
-    ),  # fmt: skip
-    "llama8b_to_4b": Profile(
-        name="llama8b_to_4b",
-        description="8 x H100: FSDP2 student (full fine-tune, fp32 master weights), teacher sharded",
-        gpu="H100-80GB",
-        num_gpus=8,
-        teacher_mode="in_process",
-        student_quantization="none",
-        lora_r=None,
-        launch=f"{_FSDP} --profile llama8b_to_4b",
-        sharding="fsdp2",
-        training=dict(
-            per_device_train_batch_size=4,
-            gradient_accumulation_steps=4,
-            learning_rate=1e-4,
-            student_dtype="float32",  # fp32 master weights + bf16 autocast: small Adam steps still move them
-            bf16=True,
-            gradient_checkpointing=True,
-            teacher_dtype="bfloat16",
-        ),
-    ),  # fmt: skip
+    "coder14b_to_7b": _node_8xh100("coder14b_to_7b", _FSDP),
+    "llama8b_to_4b": _node_8xh100("llama8b_to_4b", f"{_FSDP} --profile llama8b_to_4b"),
 }
 PROFILE_RECIPE = {"llama8b_to_4b": dict(teacher="meta-llama/Llama-3.1-8B", target="hidden=3072,mlp=9216")}
 TINY_RECIPE: dict[str, Any] = dict(
