@@ -15,14 +15,21 @@ chunks do not lose precision; it is cast to the weight's dtype at the end.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
+from distill.losses.closed_form import ChunkBuffers, closed_form_chunk
 from distill.losses.objective import (
     DistillationOutput,
     Objective,
     Reduction,
     TailMode,
+    TokenLosses,
     check_finite,
     select_valid_rows,
     summarize,
@@ -32,7 +39,7 @@ from distill.losses.sparse import prepare_sparse_targets
 from distill.losses.targets import SparseTargets, TeacherHead
 from distill.losses.vocab import check_labels, resolve_vocab_size
 
-__all__ = ["FusedDistillationLoss", "default_chunk_size", "fused_distillation_loss"]
+__all__ = ["GRADIENTS", "FusedDistillationLoss", "Gradient", "default_chunk_size", "fused_distillation_loss"]
 
 # Elements of one [chunk x vocab] float32 buffer the default chunk size aims for. On a CPU small
 # chunks stay in cache (measured fastest, see docs/losses.md); a GPU needs tall matmuls to be busy.
@@ -48,16 +55,144 @@ def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> i
     return max(32, min(4096, (target // vocab_size) // 32 * 32))
 
 
-def _head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``hidden @ weight.T + bias``: ``[c, H] x [V, H] -> [c, V]`` in the inputs' dtype."""
-    if bias is None:
-        return hidden @ weight.t()
-    return torch.addmm(bias, hidden, weight.t())
+def _head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+    """``hidden @ weight.T + bias``: ``[c, H] x [V, H] -> [c, V]``, the matmul in the inputs' dtype.
+
+    Written into ``out`` (a float32 or float64 buffer) directly when the inputs have its dtype, else
+    computed in theirs (e.g. bf16) and upcast into it.
+    """
+    if hidden.dtype == out.dtype and weight.dtype == out.dtype:
+        if bias is None:
+            return torch.mm(hidden, weight.t(), out=out)
+        return torch.addmm(bias.to(out.dtype), hidden, weight.t(), out=out)
+    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+    return out.copy_(logits)
 
 
 def _softcap(logits: Tensor, cap: float | None) -> Tensor:
     """Gemma-2-style final-logit soft-capping, ``cap * tanh(logits / cap)``; identity when ``cap`` is None."""
     return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
+def _softcap_in_place(logits: Tensor, cap: float | None) -> None:
+    """:func:`_softcap` in place (the teacher's logits need no gradient)."""
+    if cap is not None:
+        logits.div_(cap).tanh_().mul_(cap)
+
+
+Gradient = Literal["closed_form", "autograd"]
+GRADIENTS: tuple[str, ...] = ("closed_form", "autograd")
+
+
+@dataclass(frozen=True)
+class _ChunkSettings:
+    """What every chunk needs besides its rows: the loss settings and how to compute the gradient."""
+
+    objective: Objective
+    student_softcap: float | None
+    chunk_size: int
+    scale: float
+    gradient: Gradient
+
+
+def _run_chunks(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    labels: Tensor | None,
+    teacher: TeacherHead | SparseTargets,
+    settings: _ChunkSettings,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The chunk loop: sums of the metrics and, for the inputs in ``needs``, the loss's gradients.
+
+    Args:
+        hidden: ``[n, H]`` unmasked student hidden states; weight ``[V_s, H]``; bias ``[V_s]`` or None.
+        labels: ``[n]`` or None; teacher: its targets for the same ``n`` rows.
+        settings: see :class:`_ChunkSettings`.
+        needs: whether the gradients of (hidden, weight, bias) are wanted; all False means forward only:
+            no gradient buffer, no backward matmul, no gradient math.
+
+    Returns:
+        ``([5] sums: weighted loss, kd, ce, agreement, teacher entropy; grad_hidden [n, H];
+        grad_weight [V, H] float32; grad_bias [V] float32)``, gradients None where not wanted.
+    """
+    objective = settings.objective
+    vocab = objective.vocab_size
+    assert vocab is not None
+    weight_used = weight[:vocab]
+    bias_used = None if bias is None else bias[:vocab]
+    needs_hidden, needs_weight, needs_bias = needs
+    need_grad = any(needs)
+    compute_dtype = upcast(weight[:0]).dtype
+    grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+    grad_weight = weight.new_zeros(vocab, weight.shape[1], dtype=compute_dtype) if needs_weight else None
+    grad_bias = weight.new_zeros(vocab, dtype=compute_dtype) if needs_bias else None
+    sums = hidden.new_zeros(5, dtype=compute_dtype)  # loss, kd, ce, agreement, teacher entropy
+    rows_per_chunk = min(settings.chunk_size, max(hidden.shape[0], 1))
+    buffers = ChunkBuffers(rows_per_chunk, vocab, compute_dtype, hidden.device)
+
+    for start in range(0, hidden.shape[0], settings.chunk_size):
+        rows = slice(start, start + settings.chunk_size)
+        hidden_chunk = hidden[rows]
+        count = hidden_chunk.shape[0]
+        labels_chunk = None if labels is None else labels[rows]
+        teacher_logits, teacher_sparse = None, None
+        if isinstance(teacher, TeacherHead):
+            teacher_bias = None if teacher.bias is None else teacher.bias[:vocab]
+            teacher_out = buffers.get("teacher", count)
+            teacher_logits = _head_logits(teacher.hidden[rows], teacher.weight[:vocab], teacher_bias, teacher_out)
+            _softcap_in_place(teacher_logits, teacher.softcap)
+        else:
+            teacher_sparse = teacher.take(rows)
+        student_logits = _head_logits(hidden_chunk, weight_used, bias_used, buffers.get("student", count))
+        if settings.gradient == "autograd":
+            per_token, grad_logits = _autograd_chunk(
+                objective, student_logits, labels_chunk, teacher_logits, teacher_sparse, settings, need_grad
+            )
+        else:
+            per_token, grad_logits = closed_form_chunk(
+                objective, student_logits, labels_chunk, teacher_logits, teacher_sparse,
+                settings.student_softcap, settings.scale if need_grad else None, buffers,
+            )  # fmt: skip
+        chunk_loss = objective.kd_weight * per_token.kd.sum()
+        if objective.ce_weight:
+            chunk_loss = chunk_loss + objective.ce_weight * per_token.ce.sum()
+        metrics = (per_token.kd, per_token.ce, per_token.agree, per_token.teacher_entropy)
+        sums += torch.stack([chunk_loss, *(values.sum() for values in metrics)])
+        if grad_logits is None:
+            continue
+        if grad_hidden is not None:
+            grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight_used
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_logits.t(), hidden_chunk.to(compute_dtype))
+        if grad_bias is not None:
+            grad_bias += grad_logits.sum(0)
+    return sums, grad_hidden, grad_weight, grad_bias
+
+
+def _autograd_chunk(
+    objective: Objective,
+    student_logits: Tensor,
+    labels: Tensor | None,
+    teacher_logits: Tensor | None,
+    teacher_sparse: SparseTargets | None,
+    settings: _ChunkSettings,
+    need_grad: bool,
+) -> tuple[TokenLosses, Tensor | None]:
+    """The reference chunk body: :meth:`Objective.token_losses` differentiated by autograd."""
+    raw_logits = student_logits.detach().requires_grad_(need_grad)
+    with torch.enable_grad():
+        capped = _softcap(raw_logits, settings.student_softcap)
+        per_token = objective.token_losses(capped, labels, teacher_logits, teacher_sparse)
+        if not need_grad:
+            return per_token, None
+        chunk_loss = objective.kd_weight * per_token.kd.sum()
+        if objective.ce_weight:
+            chunk_loss = chunk_loss + objective.ce_weight * per_token.ce.sum()
+        (grad_logits,) = torch.autograd.grad(chunk_loss * settings.scale, raw_logits)
+    detached = TokenLosses(*(value.detach() for value in per_token))
+    return detached, grad_logits
 
 
 class _FusedDistillation(torch.autograd.Function):
@@ -71,62 +206,12 @@ class _FusedDistillation(torch.autograd.Function):
         bias: Tensor | None,
         labels: Tensor | None,
         teacher: TeacherHead | SparseTargets,
-        objective: Objective,
-        student_softcap: float | None,
-        chunk_size: int,
-        scale: float,
+        settings: _ChunkSettings,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        vocab = objective.vocab_size
-        assert vocab is not None
-        weight_used = weight[:vocab]
-        bias_used = None if bias is None else bias[:vocab]
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
-        accumulate_dtype = upcast(weight[:0]).dtype
-        grad_weight = weight.new_zeros(vocab, weight.shape[1], dtype=accumulate_dtype) if needs_weight else None
-        grad_bias = weight.new_zeros(vocab, dtype=accumulate_dtype) if needs_bias else None
-        sums = hidden.new_zeros(5, dtype=accumulate_dtype)  # loss, kd, ce, agreement, teacher entropy
-
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            hidden_chunk = hidden[rows]
-            raw_logits = upcast(_head_logits(hidden_chunk, weight_used, bias_used)).requires_grad_(True)
-            teacher_logits, teacher_sparse = None, None
-            if isinstance(teacher, TeacherHead):
-                teacher_bias = None if teacher.bias is None else teacher.bias[:vocab]
-                teacher_raw = _head_logits(teacher.hidden[rows], teacher.weight[:vocab], teacher_bias)
-                teacher_logits = _softcap(teacher_raw, teacher.softcap)
-            else:
-                teacher_sparse = teacher.take(rows)
-            with torch.enable_grad():
-                student_logits = _softcap(raw_logits, student_softcap)
-                per_token = objective.token_losses(
-                    student_logits, None if labels is None else labels[rows], teacher_logits, teacher_sparse
-                )
-                chunk_loss = objective.kd_weight * per_token.kd.sum()
-                if objective.ce_weight:
-                    chunk_loss = chunk_loss + objective.ce_weight * per_token.ce.sum()
-                (grad_logits,) = torch.autograd.grad(chunk_loss * scale, raw_logits)
-            sums += torch.stack(
-                [
-                    chunk_loss.detach(),
-                    per_token.kd.sum(),
-                    per_token.ce.sum(),
-                    per_token.agree.sum(),
-                    per_token.teacher_entropy.sum(),
-                ]
-            )
-            del student_logits, per_token, teacher_logits, raw_logits
-
-            if grad_hidden is not None:
-                grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight_used
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), hidden_chunk.to(accumulate_dtype))
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
-
+        needs = tuple(ctx.needs_input_grad[:3])
+        sums, grad_hidden, grad_weight, grad_bias = _run_chunks(hidden, weight, bias, labels, teacher, settings, needs)
         ctx.save_for_backward(*_full_rows(grad_hidden, grad_weight, grad_bias, weight, bias))
-        loss = sums[0] * scale
+        loss = sums[0] * settings.scale
         ctx.mark_non_differentiable(sums)
         return loss, sums[1], sums[2], sums[3], sums[4]
 
@@ -135,7 +220,7 @@ class _FusedDistillation(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, *unused_metric_grads: Tensor
     ) -> tuple[Tensor | None, ...]:
         grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)  # type: ignore[attr-defined]
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None)
 
 
 def _full_rows(
@@ -178,6 +263,7 @@ def fused_distillation_loss(
     vocab_size: int | None = None,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    gradient: Gradient = "closed_form",
 ) -> DistillationOutput:
     """The distillation loss from the student's final hidden states, chunked over tokens.
 
@@ -204,13 +290,19 @@ def fused_distillation_loss(
         vocab_size: shared vocabulary range; required when the heads have different row counts.
         ignore_index: label value of masked positions.
         chunk_size: tokens per chunk; default :func:`default_chunk_size` of the vocabulary and device.
+        gradient: how each chunk's ``dLoss / d(logits)`` is computed: ``"closed_form"`` (default; the
+            formulas beside each divergence, in place, 2-4 ``[chunk, V]`` float32 buffers) or
+            ``"autograd"`` (the reference: autograd through :meth:`Objective.token_losses`, ~14 buffers).
 
     Returns:
         :class:`DistillationOutput`; ``.loss`` is differentiable with respect to ``student_hidden``,
-        ``student_weight`` and ``student_bias``. Teacher tensors never receive gradients.
+        ``student_weight`` and ``student_bias``. Teacher tensors never receive gradients. Under
+        ``torch.no_grad()`` only the forward runs: no gradient is computed or allocated.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"The fused loss supports reduction='mean' or 'sum'; got {reduction!r}.")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {', '.join(GRADIENTS)}; got {gradient!r}.")
     teacher_rows = teacher.weight.shape[0] if isinstance(teacher, TeacherHead) else None
     objective = Objective.from_kwargs(
         divergence, beta, alpha, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight, tail=tail,
@@ -237,12 +329,44 @@ def fused_distillation_loss(
     if isinstance(teacher, TeacherHead):
         check_finite(teacher.hidden, "Teacher hidden states")
     num_tokens = hidden_flat.shape[0]
-    scale = 1.0 / max(num_tokens, 1) if reduction == "mean" else 1.0
-    loss, kd_sum, ce_sum, agree_sum, entropy_sum = _FusedDistillation.apply(
-        hidden_flat, student_weight, student_bias, labels_flat, teacher, objective, student_softcap,
-        chunk_size or default_chunk_size(vocab, hidden_flat.device), scale,
+    settings = _ChunkSettings(
+        objective, student_softcap, chunk_size or default_chunk_size(vocab, hidden_flat.device),
+        1.0 / max(num_tokens, 1) if reduction == "mean" else 1.0, gradient,
     )  # fmt: skip
+    differentiable = [t for t in (hidden_flat, student_weight, student_bias) if t is not None]
+    with _matmul_precision(student_hidden):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
+            inputs = (hidden_flat, student_weight, student_bias, labels_flat, teacher, settings)
+            outputs = _FusedDistillation.apply(*inputs)
+        else:
+            # Evaluation (no_grad / inference_mode) or nothing to train: the forward alone, no gradient work.
+            sums, *_ = _run_chunks(
+                hidden_flat, student_weight, student_bias, labels_flat, teacher, settings, (False, False, False)
+            )
+            outputs = (sums[0] * settings.scale, *sums[1:])
+    loss, kd_sum, ce_sum, agree_sum, entropy_sum = outputs
     return summarize(loss, kd_sum, ce_sum, agree_sum, entropy_sum, num_tokens, labels is not None)
+
+
+@contextmanager
+def _matmul_precision(student_hidden: Tensor) -> Iterator[None]:
+    """On CUDA with 16-bit hidden states, let the loss's float32 matmuls use TF32 (restored on exit).
+
+    The head gradient ``grad_logits^T @ hidden`` accumulates in float32, and with a float32 head (a
+    QLoRA student's ``lm_head``) the forward matmuls are float32 too; their inputs carry bf16/fp16
+    precision already, so TF32's 10-bit mantissa loses nothing that was there, and tensor cores run them
+    several times faster. CPU arithmetic (and float32 hidden states anywhere) is left exact.
+    """
+    if student_hidden.device.type != "cuda" or student_hidden.dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = previous
 
 
 def _prepare_dense(objective: Objective, labels: Tensor | None, num_rows: int) -> tuple[Tensor | None, Tensor | None]:
@@ -302,6 +426,7 @@ class FusedDistillationLoss(nn.Module):
         ignore_index: int = -100,
         chunk_size: int | None = None,
         student_softcap: float | None = None,
+        gradient: Gradient = "closed_form",
     ) -> None:
         super().__init__()
         Objective.from_kwargs(divergence, beta, alpha, temperature=temperature, kd_weight=kd_weight,
@@ -310,7 +435,7 @@ class FusedDistillationLoss(nn.Module):
         self.settings = dict(
             beta=beta, alpha=alpha, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight, tail=tail,
             reduction=reduction, vocab_size=vocab_size, ignore_index=ignore_index, chunk_size=chunk_size,
-            student_softcap=student_softcap,
+            student_softcap=student_softcap, gradient=gradient,
         )  # fmt: skip
 
     def forward(
