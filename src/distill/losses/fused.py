@@ -215,9 +215,12 @@ class _FusedDistillation(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         needs = tuple(ctx.needs_input_grad[:3])
         sums, grad_hidden, grad_weight, grad_bias = _run_chunks(hidden, weight, bias, labels, teacher, settings, needs)
-        # Kept as attributes, not saved tensors: they are intermediates this Function owns, so backward
-        # can scale them in place instead of allocating a second [V, H] head gradient.
+        # The gradients are intermediates this Function owns (attributes, not saved tensors): backward
+        # scales them in place and hands them over, so autograd takes them without a second [V, H] copy.
+        # The inputs are saved only so that a second backward through a retained graph can recompute them.
         ctx.grads = _full_rows(grad_hidden, grad_weight, grad_bias, weight, bias)  # type: ignore[attr-defined]
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.recompute = (labels, teacher, settings, needs)  # type: ignore[attr-defined]
         loss = sums[0] * settings.scale
         ctx.mark_non_differentiable(sums)
         return loss, sums[1], sums[2], sums[3], sums[4]
@@ -226,13 +229,12 @@ class _FusedDistillation(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, *unused_metric_grads: Tensor
     ) -> tuple[Tensor | None, ...]:
-        grads = ctx.grads  # type: ignore[attr-defined]
-        if grads is None:
-            raise RuntimeError(
-                "The fused distillation loss's backward ran twice for one forward (retain_graph=True); its "
-                "gradients are computed in the forward and handed over once. Call the loss again instead."
-            )
-        ctx.grads = None  # type: ignore[attr-defined]
+        grads, ctx.grads = ctx.grads, None  # type: ignore[attr-defined]
+        hidden, weight, bias = ctx.saved_tensors  # type: ignore[attr-defined]
+        if grads is None:  # a second backward (retain_graph=True, e.g. gradcheck): the chunk loop again
+            labels, teacher, settings, needs = ctx.recompute  # type: ignore[attr-defined]
+            _, *recomputed = _run_chunks(hidden, weight, bias, labels, teacher, settings, needs)
+            grads = _full_rows(*recomputed, weight, bias)
         scaled = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
         return (*scaled, None, None, None)
 
