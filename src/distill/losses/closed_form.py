@@ -28,7 +28,6 @@ import math
 import torch
 from torch import Tensor
 
-from distill.losses.divergences import row_dot
 from distill.losses.objective import Objective, TokenLosses, upcast
 from distill.losses.targets import SparseTargets
 
@@ -135,7 +134,9 @@ def closed_form_chunk(
         teacher_logprobs, teacher_probs = _log_softmax_and_probs(
             teacher_logits, temperature, buffers.get("teacher_logprobs", rows)
         )
-        teacher_entropy = -row_dot(teacher_probs, teacher_logprobs)
+        # -sum p log p through the probabilities' buffer, then p again: no extra [n, V] buffer.
+        teacher_entropy = -torch.mul(teacher_probs, teacher_logprobs, out=teacher_probs).sum(-1)
+        torch.exp(teacher_logprobs, out=teacher_probs)
         kd, grad = objective.divergence.value_and_grad(
             student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite=True
         )
