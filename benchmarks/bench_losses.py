@@ -565,7 +565,7 @@ def table_notes(reference: CaseResult, cap_gib: float, device: str) -> str:
         "imports). Error: worst of the loss's relative error and max|g - g_ref| / max|g_ref| for the "
         "gradients of the student's hidden states (grad hidden) and head weight (grad W), against "
         "`distill fused` run in float64 on the same inputs (the test suite checks that float64 path "
-        f"independently against a float64 implementation written from the math); {ref}. All five compute "
+        f"independently against a float64 implementation written from the math); {ref}. All cases compute "
         "the same quantity: mean over unmasked positions of beta*KL(P||M) + (1-beta)*KL(Q||M), "
         "M = beta*P + (1-beta)*Q (P teacher, Q student); Liger and TRL were checked to use this "
         "normalisation and beta convention, so their errors need no rescaling. distill skips masked "

@@ -296,9 +296,9 @@ def test_gradient_argument_is_checked(rng) -> None:
 
 
 def test_default_chunk_sizes() -> None:
-    """80 MiB float32 buffers on a CPU, 512 MiB on a GPU, in multiples of 32 rows within [32, 4096]."""
+    """64 MiB float32 buffers on a CPU, 512 MiB on a GPU, in multiples of 32 rows within [32, 4096]."""
     from distill.losses import default_chunk_size
 
-    assert default_chunk_size(151936, "cpu") == 128 and default_chunk_size(151936, "cuda") == 864
+    assert default_chunk_size(151936, "cpu") == 96 and default_chunk_size(151936, "cuda") == 864
     assert default_chunk_size(128256, "cuda") == 1024  # Liger's chunk at Llama 3's vocabulary
     assert default_chunk_size(32, "cpu") == 4096 and default_chunk_size(10**8, "cuda") == 32

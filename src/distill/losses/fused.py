@@ -43,18 +43,18 @@ __all__ = ["GRADIENTS", "FusedDistillationLoss", "Gradient", "default_chunk_size
 
 # Elements of one [chunk x vocab] float32 buffer the default chunk size aims for; the closed-form body
 # keeps 4 of them (dense teacher). The head matmuls, ~80% of the time, need tall chunks: on a CPU
-# (measured, 1 thread, V = 151,936, H = 576) they run ~1.45x slower per FLOP at 32 rows than at 128 and
-# gain ~3% more at 256, while the elementwise passes stream from memory at any chunk size (a [32 x V]
-# buffer is already 18.5 MiB, past the L2 cache). 80 MiB gives 128 rows there, and 4 buffers stay under
-# the ~14 buffers of 18.5 MiB the autograd body used at its old default of 32 rows. A GPU gets 512 MiB
-# (864 rows at V = 151,936, 1,024 at 128,256: Liger's chunk).
-_TARGET_CHUNK_ELEMENTS = {"cpu": 5 * 2**22, "cuda": 2**27}
+# (measured, 1 thread, V = 151,936, H = 576) they run ~1.45x slower per FLOP at 32 rows than at 128,
+# while the elementwise passes stream from memory at any chunk size (a [32 x V] buffer is already
+# 18.5 MiB, past the L2 cache). 64 MiB gives 96 rows there (~4% slower than 128 in a whole step), so that
+# 4 buffers plus the head gradient stay under the peak of the autograd body (~14 buffers) at its old
+# default of 32 rows. A GPU gets 512 MiB (864 rows at V = 151,936, 1,024 at 128,256: Liger's chunk).
+_TARGET_CHUNK_ELEMENTS = {"cpu": 2**24, "cuda": 2**27}
 
 
 def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
-    """Tokens per chunk: one ``[chunk, vocab]`` float32 buffer of 80 MiB on a CPU, 512 MiB on a GPU.
+    """Tokens per chunk: one ``[chunk, vocab]`` float32 buffer of 64 MiB on a CPU, 512 MiB on a GPU.
 
-    A multiple of 32 between 32 and 4096, e.g. 128 (CPU) / 864 (GPU) tokens at a 151,936 vocabulary.
+    A multiple of 32 between 32 and 4096, e.g. 96 (CPU) / 864 (GPU) tokens at a 151,936 vocabulary.
     """
     target = _TARGET_CHUNK_ELEMENTS["cpu" if torch.device(device).type == "cpu" else "cuda"]
     return max(32, min(4096, (target // vocab_size) // 32 * 32))
