@@ -124,8 +124,8 @@ def test_closed_form_equals_autograd_sparse_teacher(name, shape, tail, rng) -> N
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"])
 def test_chunk_logit_gradients_agree(name, teacher_form, rng) -> None:
     """The quantity the closed form computes, dLoss/d(raw logits) of one chunk, equals autograd's to 1e-6."""
+    from distill.losses.chunk_loop import ChunkSettings, _autograd_chunk
     from distill.losses.closed_form import ChunkBuffers, closed_form_chunk
-    from distill.losses.fused import _autograd_chunk, _ChunkSettings
     from distill.losses.objective import Objective
 
     rows, vocab = 9, 211
@@ -141,7 +141,7 @@ def test_chunk_logit_gradients_agree(name, teacher_form, rng) -> None:
     if teacher_form != "dense":
         ids, logprobs, _ = rng.topk(teacher_logits, 9, with_tail=False)
         teacher_logits, sparse = None, SparseTargets(ids, logprobs)
-    settings = _ChunkSettings(objective, 7.0, rows, 0.25, "autograd")
+    settings = ChunkSettings(objective, 7.0, rows, 0.25, "autograd")
     auto, auto_grad = _autograd_chunk(objective, logits.clone(), labels, teacher_logits, sparse, settings, True)
     buffers = ChunkBuffers(rows, vocab, torch.float32, logits.device)
     student = buffers.get("student", rows).copy_(logits)

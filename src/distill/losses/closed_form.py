@@ -119,7 +119,7 @@ def closed_form_chunk(
         ce_probs = torch.sub(logits, row_max, out=buffers.get("ce_probs", rows)).exp_()
         sum_exp = ce_probs.sum(-1, keepdim=True)
         ce_probs.div_(sum_exp)
-        ce = (row_max + sum_exp.log() - logits.gather(-1, safe_labels)).squeeze(-1)
+        ce = (sum_exp.log() - (logits.gather(-1, safe_labels) - row_max)).squeeze(-1)  # no cancellation in max
 
     if teacher_sparse is not None and objective.tail == "renormalize":
         student_topk_tempered = logits.gather(-1, teacher_sparse.topk_ids) / temperature
