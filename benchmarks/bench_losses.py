@@ -6,11 +6,18 @@ states ``[N, H_t]`` and head ``[V, H_t]``; gradients with respect to the student
 head weight. Every case runs in its own subprocess (this script with ``--case NAME``) so its peak
 memory is measured on a clean process. See ``benchmarks/README.md``.
 
+``distill fused`` is the fused loss as shipped (closed-form chunk gradients, default chunk);
+``distill fused (autograd, today's path)`` is the same function with ``gradient="autograd"`` at the
+chunk the previous release defaulted to (``--autograd-chunk-size``, default 32 rows on a CPU at
+V=151,936): the path the closed form replaced, measured in the same run. Under each table a line gives
+the closed form's speed and memory ratios against every other case that ran.
+
 Examples::
 
     PYTHONPATH=src python benchmarks/bench_losses.py --preset demo
     PYTHONPATH=src python benchmarks/bench_losses.py --vocab 32000 --tokens 256
     PYTHONPATH=src python benchmarks/bench_losses.py --preset cpu --out results.md
+    PYTHONPATH=src python benchmarks/bench_losses.py --preset cpu --cases fused,fused_autograd,liger --no-reference
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ MASK_FRACTION = 0.1  # share of positions labelled IGNORE_INDEX (e.g. prompt tok
 STUDENT_LOGIT_STD = 2.0  # head weights are scaled so logits have this standard deviation
 TEACHER_LOGIT_STD = 3.0  # the teacher a little peakier than the student
 LIGER_CHUNK_SIZE = 1024  # Liger's default
+# The fused loss's default [chunk x V] float32 buffer before the closed form (elements): the chunk the
+# autograd case runs at unless --autograd-chunk-size says otherwise.
+PREVIOUS_TARGET_CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**26}
 AUTO_WARMUP_MAX_ELEMENTS = 10**8  # above this many logit elements (N x V), no warm-up by default
 RESULT_PREFIX = "BENCH_RESULT "
 REFERENCE = "reference"
@@ -58,7 +68,8 @@ PRESETS: dict[str, dict[str, object]] = {
 CASE_LABELS: dict[str, str] = {
     "naive": "naive (fp32 logits, autograd)",
     "dense": "distill dense",
-    "fused": "distill fused",
+    "fused": "distill fused (closed form)",
+    "fused_autograd": "distill fused (autograd, today's path)",
     "trl": "TRL generalized_jsd_loss",
     "liger": "Liger fused JSD",
 }
@@ -157,7 +168,20 @@ def naive_jsd(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, be
     return (per_token * mask).sum() / mask.sum().clamp_min(1)
 
 
-def build_case(case: str, beta: float, chunk_size: int | None, device: torch.device) -> LossFn:
+def previous_default_chunk(vocab: int, device: str) -> int:
+    """The fused loss's default chunk before the closed form (16 MiB per buffer on a CPU, 256 MiB on a GPU)."""
+    target = PREVIOUS_TARGET_CHUNK_ELEMENTS["cpu" if device == "cpu" else "cuda"]
+    return max(32, min(4096, (target // vocab) // 32 * 32))
+
+
+def case_chunk(case: str, args: argparse.Namespace) -> int | None:
+    """The chunk a distill fused case runs at (``None``: the library's default)."""
+    if case == "fused_autograd":
+        return args.autograd_chunk_size or previous_default_chunk(args.vocab, args.device)
+    return args.chunk_size
+
+
+def build_case(case: str, beta: float, chunk_size: int | None, device: torch.device, liger_chunk: int) -> LossFn:
     """The loss function of one case (imports its library here, before memory is measured).
 
     Raises:
@@ -169,13 +193,15 @@ def build_case(case: str, beta: float, chunk_size: int | None, device: torch.dev
         from distill.losses import distillation_loss
 
         return lambda inp: distillation_loss(*materialised_logits(inp), inp.labels, "jsd", beta=beta).loss
-    if case in ("fused", REFERENCE):
+    if case in ("fused", "fused_autograd", REFERENCE):
         from distill.losses import TeacherHead, fused_distillation_loss
+
+        gradient = "autograd" if case == "fused_autograd" else "closed_form"
 
         def fused(inp: Inputs) -> Tensor:
             teacher = TeacherHead(inp.teacher_hidden, inp.teacher_weight)
             return fused_distillation_loss(
-                inp.hidden, inp.weight, teacher, inp.labels, "jsd", beta=beta, chunk_size=chunk_size
+                inp.hidden, inp.weight, teacher, inp.labels, "jsd", beta=beta, chunk_size=chunk_size, gradient=gradient
             ).loss
 
         return fused
@@ -193,7 +219,7 @@ def build_case(case: str, beta: float, chunk_size: int | None, device: torch.dev
             beta=beta,
             temperature=1.0,
             compiled=device.type == "cuda",
-            chunk_size=LIGER_CHUNK_SIZE,
+            chunk_size=liger_chunk,
         )
         return lambda inp: liger(inp.hidden, inp.weight, inp.teacher_hidden, inp.teacher_weight, inp.labels)
     raise ValueError(f"Unknown case {case!r}.")
@@ -318,7 +344,7 @@ def run_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     size = Size(args.vocab, args.tokens[0], args.hidden, args.teacher_hidden)
     try:
-        loss_fn = build_case(args.case, args.beta, args.chunk_size, device)
+        loss_fn = build_case(args.case, args.beta, case_chunk(args.case, args), device, args.liger_chunk_size)
     except ImportError as error:
         emit(CaseResult(args.case, "skipped", message=f"not importable ({error})"))
         return
@@ -380,7 +406,7 @@ def default_mem_cap_gib(device: str) -> float:
     return 0.9 * mem_available_gib()
 
 
-def estimated_gib(case: str, size: Size, chunk_size: int | None) -> float:
+def estimated_gib(case: str, size: Size, args: argparse.Namespace) -> float:
     """Rough peak extra memory of a case, to skip those that cannot fit without running them."""
     from distill.losses import default_chunk_size
 
@@ -391,10 +417,11 @@ def estimated_gib(case: str, size: Size, chunk_size: int | None) -> float:
     if case == "trl":
         return 17 * logits / GIB
     if case == "liger":
-        rows = math.ceil(size.tokens / max(1, size.tokens // LIGER_CHUNK_SIZE))
+        rows = math.ceil(size.tokens / max(1, size.tokens // args.liger_chunk_size))
         return (18 * rows * size.vocab * 4 + grads) / GIB
-    rows = min(size.tokens, chunk_size or default_chunk_size(size.vocab))
-    fused = (10 * rows * size.vocab * 4 + grads) / GIB
+    rows = min(size.tokens, case_chunk(case, args) or default_chunk_size(size.vocab))
+    buffers = 14 if case == "fused_autograd" else 4
+    fused = (buffers * rows * size.vocab * 4 + grads) / GIB
     return 2 * fused if case == REFERENCE else fused
 
 
@@ -406,6 +433,7 @@ def child_command(args: argparse.Namespace, case: str, tokens: int, warmup: int,
         ("--device", args.device), ("--threads", args.threads), ("--seed", args.seed), ("--beta", args.beta),
         ("--repeats", args.repeats), ("--warmup", warmup), ("--mem-cap-gib", args.mem_cap_gib),
         ("--ref-dir", ref_dir), ("--chunk-size", args.chunk_size), ("--dtype", args.dtype),
+        ("--autograd-chunk-size", args.autograd_chunk_size), ("--liger-chunk-size", args.liger_chunk_size),
     ):  # fmt: skip
         if value is not None:
             command += [flag, str(value)]
@@ -414,7 +442,7 @@ def child_command(args: argparse.Namespace, case: str, tokens: int, warmup: int,
 
 def run_case(args: argparse.Namespace, case: str, size: Size, warmup: int, ref_dir: str) -> CaseResult:
     """Run one case in a subprocess (or skip it when its estimate is far over the cap)."""
-    estimate = estimated_gib(case, size, args.chunk_size)
+    estimate = estimated_gib(case, size, args)
     if estimate > 2 * args.mem_cap_gib:
         log(f"  [{case}] skipped: estimated {estimate:.0f} GiB > 2 x cap {args.mem_cap_gib:.1f} GiB")
         return CaseResult(case, "skipped", message=f"does not fit (est. {estimate:.0f} GiB)")
@@ -491,13 +519,31 @@ def size_heading(size: Size, unmasked: int | None, args: argparse.Namespace, war
     """The heading line of one size's table."""
     from distill.losses import default_chunk_size
 
-    chunk = args.chunk_size or default_chunk_size(size.vocab)
+    chunk = args.chunk_size or default_chunk_size(size.vocab, args.device)
+    autograd_chunk = case_chunk("fused_autograd", args)
     kept = "?" if unmasked is None else f"{unmasked:,}"
     return (
         f"### V={size.vocab:,}, N={size.tokens:,} tokens ({kept} unmasked), H_s={size.hidden}, "
-        f"H_t={size.teacher_hidden}; distill chunk {chunk}, Liger chunk {LIGER_CHUNK_SIZE}; "
-        f"{args.repeats} timed repeat(s) after {warmup} warm-up(s)"
+        f"H_t={size.teacher_hidden}; distill chunk {chunk} (closed form) / {autograd_chunk} (autograd), "
+        f"Liger chunk {args.liger_chunk_size}; {args.repeats} timed repeat(s) after {warmup} warm-up(s)"
     )
+
+
+def ratio_line(results: list[CaseResult]) -> str:
+    """The closed form's time and memory against every other case that ran, e.g. ``1.6x faster``."""
+    fused = next((r for r in results if r.case == "fused" and r.status == "ok"), None)
+    if fused is None or not fused.seconds:
+        return ""
+    assert fused.extra_gib is not None
+    parts = []
+    for other in results:
+        if other.case == "fused" or other.status != "ok" or other.seconds is None or other.extra_gib is None:
+            continue
+        parts.append(
+            f"{other.seconds / fused.seconds:.2f}x faster than {CASE_LABELS[other.case]} "
+            f"(peak memory {fused.extra_gib / other.extra_gib:.2f}x of it)"
+        )
+    return "distill fused (closed form): " + "; ".join(parts) + "." if parts else ""
 
 
 def table_notes(reference: CaseResult, cap_gib: float, device: str) -> str:
@@ -519,7 +565,7 @@ def table_notes(reference: CaseResult, cap_gib: float, device: str) -> str:
         "imports). Error: worst of the loss's relative error and max|g - g_ref| / max|g_ref| for the "
         "gradients of the student's hidden states (grad hidden) and head weight (grad W), against "
         "`distill fused` run in float64 on the same inputs (the test suite checks that float64 path "
-        f"independently against a float64 implementation written from the math); {ref}. All five compute "
+        f"independently against a float64 implementation written from the math); {ref}. All cases compute "
         "the same quantity: mean over unmasked positions of beta*KL(P||M) + (1-beta)*KL(Q||M), "
         "M = beta*P + (1-beta)*Q (P teacher, Q student); Liger and TRL were checked to use this "
         "normalisation and beta convention, so their errors need no rescaling. distill skips masked "
@@ -549,6 +595,8 @@ def run_size(args: argparse.Namespace, size: Size) -> str:
         "| case | fwd+bwd (s) | peak extra memory (GiB) | vs naive memory | max rel error |",
         "|---|---:|---:|---:|---|",
         *(table_row(r, naive_gib, args.mem_cap_gib) for r in results),
+        "",
+        ratio_line(results),
         "",
         table_notes(reference, args.mem_cap_gib, args.device),
     ]
@@ -593,6 +641,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, help="student hidden size H_s")
     parser.add_argument("--teacher-hidden", type=int, help="teacher hidden size H_t")
     parser.add_argument("--chunk-size", type=int, help="distill fused chunk (default: default_chunk_size(V))")
+    parser.add_argument(
+        "--autograd-chunk-size", type=int, help="chunk of the autograd case (default: the previous default chunk)"
+    )
+    parser.add_argument(
+        "--liger-chunk-size", type=int, default=LIGER_CHUNK_SIZE, help=f"Liger's chunk (default {LIGER_CHUNK_SIZE})"
+    )
     parser.add_argument("--cases", type=lambda s: s.split(","), default=list(CASE_LABELS), help=",".join(CASE_LABELS))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on cuda, fp32 on cpu")

@@ -14,6 +14,18 @@ Log-probabilities of ``-inf`` (a token or tail bucket with exactly zero mass) ar
 side. A zero-mass entry contributes ``0 * log 0 = 0``; its gradient is kept finite (never NaN) with
 the "double where" trick, so the same code serves a full vocabulary and a top-k support whose tail
 is empty.
+
+Beside each value sits its closed-form gradient (``*_value_and_grad``): the per-token value and
+``g = dD / d(student log-probs)``, the student's log-probabilities taken as free variables (the
+caller applies the chain rule through its log-softmax: ``g - q * sum(g)``). These functions serve the
+fused loss's chunk body, so with ``finite=True`` (a full vocabulary of finite logits) they work in
+place on ``[rows, V]`` buffers: ``student_logprobs`` and ``teacher_logprobs`` are consumed (the
+gradient is returned in one of their storages) and only the probabilities survive. With
+``finite=False`` (a top-k support, small) they allocate and guard the zero-mass entries as the values
+do, giving the same gradients as autograd through the "double where" values.
+
+The finite forms of the mixture divergences are written in terms of ``d = log q - log p`` (one
+buffer) rather than the mixture's log ``m`` (another one): ``m - log p = log(beta + (1 - beta) e^d)``.
 """
 
 from __future__ import annotations
@@ -28,12 +40,36 @@ __all__ = [
     "DIVERGENCE_NAMES",
     "Divergence",
     "forward_kl_per_token",
+    "forward_kl_value_and_grad",
     "generalized_jsd_per_token",
+    "generalized_jsd_value_and_grad",
     "reverse_kl_per_token",
+    "reverse_kl_value_and_grad",
     "skew_kl_per_token",
+    "skew_kl_value_and_grad",
     "skew_reverse_kl_per_token",
+    "skew_reverse_kl_value_and_grad",
     "total_variation_per_token",
+    "total_variation_value_and_grad",
 ]
+
+ValueAndGrad = tuple[Tensor, Tensor]
+
+
+def _log_mix_offset(d: Tensor, log_weight: float, log_other_weight: float, out: Tensor) -> Tensor:
+    """``out = log(exp(log_weight) + exp(log_other_weight + d))``: a mixture's log relative to one side."""
+    torch.add(d, log_other_weight, out=out)
+    return torch.logaddexp(out, out.new_tensor(log_weight), out=out)
+
+
+def _zero_where(values: Tensor, mask: Tensor | None) -> Tensor:
+    """``values`` with the entries where ``mask`` is True set to 0 (in place); no-op for no mask."""
+    return values if mask is None else values.masked_fill_(mask, 0.0)
+
+
+def _empty(logprobs: Tensor, finite: bool) -> Tensor | None:
+    """Where ``logprobs`` is ``-inf`` (zero mass), or ``None`` when ``finite`` promises there is none."""
+    return None if finite else logprobs == -math.inf
 
 
 def _plogp_ratio(p_logprobs: Tensor, q_logprobs: Tensor, finite: bool) -> Tensor:
@@ -84,12 +120,41 @@ def forward_kl_per_token(student_logprobs: Tensor, teacher_logprobs: Tensor, fin
     return _plogp_ratio(teacher_logprobs, student_logprobs, finite).sum(-1)
 
 
+def forward_kl_value_and_grad(
+    student_logprobs: Tensor, teacher_logprobs: Tensor, student_probs: Tensor, teacher_probs: Tensor, finite: bool
+) -> ValueAndGrad:
+    """Forward KL and ``g = -p`` (the student's ``q`` enters through the caller's chain rule: ``q - p``).
+
+    Args:
+        student_logprobs, teacher_logprobs: ``[..., support]``; consumed (used as scratch).
+        student_probs, teacher_probs: their exponentials ``q`` and ``p``, left unchanged.
+        finite: no ``-inf`` entries (see :func:`forward_kl_per_token`).
+
+    Returns:
+        ``([...] values in nats, [..., support] g)``, ``g`` in the storage of one of the log-prob tensors.
+    """
+    empty = _empty(teacher_logprobs, finite)
+    ratio = _zero_where(teacher_logprobs.sub_(student_logprobs), empty)  # log p - log q, 0 where p = 0
+    value = ratio.mul_(teacher_probs).sum(-1)
+    return value, torch.neg(teacher_probs, out=student_logprobs)
+
+
 def reverse_kl_per_token(student_logprobs: Tensor, teacher_logprobs: Tensor, finite: bool = False) -> Tensor:
     """Reverse KL, ``KL(Q_student || P_teacher) = sum_v q_v (log q_v - log p_v)`` (MiniLLM).
 
     Shapes as in :func:`forward_kl_per_token`.
     """
     return _plogp_ratio(student_logprobs, teacher_logprobs, finite).sum(-1)
+
+
+def reverse_kl_value_and_grad(
+    student_logprobs: Tensor, teacher_logprobs: Tensor, student_probs: Tensor, teacher_probs: Tensor, finite: bool
+) -> ValueAndGrad:
+    """Reverse KL and ``g = q * (log q - log p + 1)``; arguments as in :func:`forward_kl_value_and_grad`."""
+    empty = _empty(student_logprobs, finite)
+    ratio = _zero_where(student_logprobs.sub_(teacher_logprobs), empty)  # log q - log p, 0 where q = 0
+    weighted = torch.mul(ratio, student_probs, out=teacher_logprobs)
+    return weighted.sum(-1), weighted.add_(student_probs)
 
 
 def generalized_jsd_per_token(
@@ -118,6 +183,37 @@ def generalized_jsd_per_token(
     return beta * teacher_to_mixture + (1.0 - beta) * student_to_mixture
 
 
+def generalized_jsd_value_and_grad(
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    student_probs: Tensor,
+    teacher_probs: Tensor,
+    beta: float,
+    finite: bool,
+) -> ValueAndGrad:
+    """Generalized JSD and ``g = (1 - beta) * q * (log q - log m)``.
+
+    (The terms of ``d log m / d log q`` cancel against the ``+ q`` of ``d (q log q)``.) Arguments as in
+    :func:`forward_kl_value_and_grad`.
+    """
+    if beta == 0.0:
+        return forward_kl_value_and_grad(student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite)
+    if beta == 1.0:
+        return reverse_kl_value_and_grad(student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite)
+    if not finite:
+        value = generalized_jsd_per_token(student_logprobs, teacher_logprobs, beta, finite)
+        mixture_logprobs = _log_mixture(teacher_logprobs, beta, student_logprobs, finite)
+        student_minus_mixture = _zero_where(student_logprobs - mixture_logprobs, student_logprobs == -math.inf)
+        return value, student_minus_mixture.mul_(student_probs).mul_(1.0 - beta)
+    # d = log q - log p; log m - log p = log(beta + (1 - beta) e^d) =: a; log q - log m = d - a.
+    # The student's term sum q (d - a) is sum(g) / (1 - beta): no separate product needed.
+    d = student_logprobs.sub_(teacher_logprobs)
+    a = _log_mix_offset(d, math.log(beta), math.log1p(-beta), out=teacher_logprobs)
+    student_term = d.sub_(a).mul_(student_probs)
+    value = (1.0 - beta) * student_term.sum(-1) - beta * a.mul_(teacher_probs).sum(-1)
+    return value, student_term.mul_(1.0 - beta)
+
+
 def skew_kl_per_token(
     student_logprobs: Tensor, teacher_logprobs: Tensor, alpha: float, finite: bool = False
 ) -> Tensor:
@@ -134,6 +230,29 @@ def skew_kl_per_token(
     return _plogp_ratio(teacher_logprobs, mixture_logprobs, finite).sum(-1)
 
 
+def skew_kl_value_and_grad(
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    student_probs: Tensor,
+    teacher_probs: Tensor,
+    alpha: float,
+    finite: bool,
+) -> ValueAndGrad:
+    """Skew KL and ``g = -(1 - alpha) * p * q / m``; arguments as in :func:`forward_kl_value_and_grad`."""
+    if alpha == 0.0:
+        return forward_kl_value_and_grad(student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite)
+    if not finite:
+        value = skew_kl_per_token(student_logprobs, teacher_logprobs, alpha, finite)
+        mixture_logprobs = _log_mixture(teacher_logprobs, alpha, student_logprobs, finite)
+        student_over_mixture = _zero_where((student_logprobs - mixture_logprobs).exp_(), teacher_logprobs == -math.inf)
+        return value, student_over_mixture.mul_(teacher_probs).mul_(alpha - 1.0)
+    # d = log q - log p; log m - log p = log(alpha + (1 - alpha) e^d) =: a; q / m = e^(d - a).
+    d = student_logprobs.sub_(teacher_logprobs)
+    a = _log_mix_offset(d, math.log(alpha), math.log1p(-alpha), out=teacher_logprobs)
+    grad = d.sub_(a).exp_().mul_(teacher_probs).mul_(alpha - 1.0)
+    return -a.mul_(teacher_probs).sum(-1), grad
+
+
 def skew_reverse_kl_per_token(
     student_logprobs: Tensor, teacher_logprobs: Tensor, alpha: float, finite: bool = False
 ) -> Tensor:
@@ -147,6 +266,32 @@ def skew_reverse_kl_per_token(
     return _plogp_ratio(student_logprobs, mixture_logprobs, finite).sum(-1)
 
 
+def skew_reverse_kl_value_and_grad(
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    student_probs: Tensor,
+    teacher_probs: Tensor,
+    alpha: float,
+    finite: bool,
+) -> ValueAndGrad:
+    """Skew reverse KL and ``g = q * (log q - log m + 1 - alpha * q / m)``.
+
+    Arguments as in :func:`forward_kl_value_and_grad`.
+    """
+    if alpha == 0.0:
+        return reverse_kl_value_and_grad(student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite)
+    if not finite:
+        value = skew_reverse_kl_per_token(student_logprobs, teacher_logprobs, alpha, finite)
+        mixture_logprobs = _log_mixture(student_logprobs, alpha, teacher_logprobs, finite)
+        log_ratio = _zero_where(student_logprobs - mixture_logprobs, student_logprobs == -math.inf)
+        return value, (log_ratio + 1.0).sub_(log_ratio.exp().mul_(alpha)).mul_(student_probs)
+    # -d = log p - log q; log m - log q = log(alpha + (1 - alpha) e^-d) =: b; log q - log m = -b.
+    minus_d = torch.sub(teacher_logprobs, student_logprobs, out=teacher_logprobs)
+    b = _log_mix_offset(minus_d, math.log(alpha), math.log1p(-alpha), out=teacher_logprobs)
+    grad = torch.neg(b, out=student_logprobs).exp_().mul_(-alpha).sub_(b).add_(1.0).mul_(student_probs)
+    return -b.mul_(student_probs).sum(-1), grad
+
+
 def total_variation_per_token(student_logprobs: Tensor, teacher_logprobs: Tensor, finite: bool = False) -> Tensor:
     """Total variation distance, ``0.5 * sum_v |p_v - q_v|``, in [0, 1] (probability units, not nats).
 
@@ -154,6 +299,18 @@ def total_variation_per_token(student_logprobs: Tensor, teacher_logprobs: Tensor
     Shapes as in :func:`forward_kl_per_token`.
     """
     return 0.5 * (teacher_logprobs.exp() - student_logprobs.exp()).abs().sum(-1)
+
+
+def total_variation_value_and_grad(
+    student_logprobs: Tensor, teacher_logprobs: Tensor, student_probs: Tensor, teacher_probs: Tensor, finite: bool
+) -> ValueAndGrad:
+    """TVD and its subgradient ``g = 0.5 * q * sign(q - p)`` (0 where ``q == p``, as torch's ``abs``).
+
+    Arguments as in :func:`forward_kl_value_and_grad`; ``g`` is in the storage of ``teacher_logprobs``.
+    """
+    difference = torch.sub(student_probs, teacher_probs, out=student_logprobs)
+    sign = torch.sign(difference, out=teacher_logprobs)
+    return 0.5 * difference.abs_().sum(-1), sign.mul_(student_probs).mul_(0.5)
 
 
 _CANONICAL_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
@@ -167,6 +324,14 @@ _ALIASES = {
     "total_variation": "tvd",
 }
 DIVERGENCE_NAMES: tuple[str, ...] = _CANONICAL_NAMES + tuple(_ALIASES)
+_VALUE_AND_GRAD = {
+    "forward_kl": forward_kl_value_and_grad,
+    "reverse_kl": reverse_kl_value_and_grad,
+    "jsd": generalized_jsd_value_and_grad,
+    "skew_kl": skew_kl_value_and_grad,
+    "skew_reverse_kl": skew_reverse_kl_value_and_grad,
+    "tvd": total_variation_value_and_grad,
+}
 
 
 @dataclass(frozen=True)
@@ -196,6 +361,23 @@ class Divergence:
             raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL); got {self.beta}.")
         if not 0.0 <= self.alpha < 1.0:
             raise ValueError(f"alpha must be in [0, 1) (0 = plain KL); got {self.alpha}.")
+
+    def value_and_grad(
+        self,
+        student_logprobs: Tensor,
+        teacher_logprobs: Tensor,
+        student_probs: Tensor,
+        teacher_probs: Tensor,
+        finite: bool = False,
+    ) -> ValueAndGrad:
+        """Per-token values ``[...]`` and ``g = dD / d(student log-probs)`` ``[..., support]``, in closed form.
+
+        Consumes both log-prob tensors (see :func:`forward_kl_value_and_grad`).
+        """
+        parameter = {"jsd": self.beta, "skew_kl": self.alpha, "skew_reverse_kl": self.alpha}
+        function = _VALUE_AND_GRAD[self.name]
+        extra = (parameter[self.name],) if self.name in parameter else ()
+        return function(student_logprobs, teacher_logprobs, student_probs, teacher_probs, *extra, finite)
 
     def __call__(self, student_logprobs: Tensor, teacher_logprobs: Tensor, finite: bool = False) -> Tensor:
         """Divergence per token: ``[..., support]`` log-probs of both sides -> ``[...]``.

@@ -1,9 +1,11 @@
 """Fused form: student hidden states and head in, loss out, with no ``[tokens x vocab]`` logits alive.
 
-Tokens are processed in chunks. For each chunk the student's logits (and, for a dense teacher, the
-teacher's) are computed, the per-token loss of :class:`distill.losses.objective.Objective` is
-differentiated with respect to the chunk's student logits, and that gradient is immediately pushed
-through the head matmuls into the gradients of the hidden states, head weight and bias. Only those
+Tokens are processed in chunks (:mod:`distill.losses.chunk_loop`). For each chunk the student's logits
+(and, for a dense teacher, the teacher's) are computed, the per-token loss of
+:class:`distill.losses.objective.Objective` is differentiated with respect to the chunk's student
+logits (in closed form, :mod:`distill.losses.closed_form`, or by autograd as the reference), and that
+gradient is immediately pushed through the head matmuls into the gradients of the hidden states, head
+weight and bias. Only those
 gradients survive the loop, so peak extra memory is ``O(chunk_size x vocab)`` instead of
 ``O(tokens x vocab)``, and the backward pass is a multiplication by the incoming scalar gradient.
 Masked positions (``labels == ignore_index``, e.g. the prompt) are dropped before any logit is
@@ -15,9 +17,13 @@ chunks do not lose precision; it is cast to the weight's dtype at the end.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
+from distill.losses.chunk_loop import GRADIENTS, ChunkSettings, FusedDistillationFunction, Gradient, run_chunks
 from distill.losses.objective import (
     DistillationOutput,
     Objective,
@@ -26,137 +32,30 @@ from distill.losses.objective import (
     check_finite,
     select_valid_rows,
     summarize,
-    upcast,
 )
 from distill.losses.sparse import prepare_sparse_targets
 from distill.losses.targets import SparseTargets, TeacherHead
 from distill.losses.vocab import check_labels, resolve_vocab_size
 
-__all__ = ["FusedDistillationLoss", "default_chunk_size", "fused_distillation_loss"]
+__all__ = ["GRADIENTS", "FusedDistillationLoss", "Gradient", "default_chunk_size", "fused_distillation_loss"]
 
-# Elements of one [chunk x vocab] float32 buffer the default chunk size aims for. On a CPU small
-# chunks stay in cache (measured fastest, see docs/losses.md); a GPU needs tall matmuls to be busy.
-_TARGET_CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**26}
+# Elements of one [chunk x vocab] float32 buffer the default chunk size aims for; the closed-form body
+# keeps 4 of them (dense teacher). The head matmuls, ~80% of the time, need tall chunks: on a CPU
+# (measured, 1 thread, V = 151,936, H = 576) they run ~1.45x slower per FLOP at 32 rows than at 128,
+# while the elementwise passes stream from memory at any chunk size (a [32 x V] buffer is already
+# 18.5 MiB, past the L2 cache). 64 MiB gives 96 rows there (~4% slower than 128 in a whole step), so that
+# 4 buffers plus the head gradient stay under the peak of the autograd body (~14 buffers) at its old
+# default of 32 rows. A GPU gets 512 MiB (864 rows at V = 151,936, 1,024 at 128,256: Liger's chunk).
+_TARGET_CHUNK_ELEMENTS = {"cpu": 2**24, "cuda": 2**27}
 
 
 def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
-    """Tokens per chunk: one ``[chunk, vocab]`` float32 buffer of 16 MiB on a CPU, 256 MiB on a GPU.
+    """Tokens per chunk: one ``[chunk, vocab]`` float32 buffer of 64 MiB on a CPU, 512 MiB on a GPU.
 
-    A multiple of 32 between 32 and 4096, e.g. 32 (CPU) / 416 (GPU) tokens at a 151,936 vocabulary.
+    A multiple of 32 between 32 and 4096, e.g. 96 (CPU) / 864 (GPU) tokens at a 151,936 vocabulary.
     """
     target = _TARGET_CHUNK_ELEMENTS["cpu" if torch.device(device).type == "cpu" else "cuda"]
     return max(32, min(4096, (target // vocab_size) // 32 * 32))
-
-
-def _head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``hidden @ weight.T + bias``: ``[c, H] x [V, H] -> [c, V]`` in the inputs' dtype."""
-    if bias is None:
-        return hidden @ weight.t()
-    return torch.addmm(bias, hidden, weight.t())
-
-
-def _softcap(logits: Tensor, cap: float | None) -> Tensor:
-    """Gemma-2-style final-logit soft-capping, ``cap * tanh(logits / cap)``; identity when ``cap`` is None."""
-    return logits if cap is None else cap * torch.tanh(logits / cap)
-
-
-class _FusedDistillation(torch.autograd.Function):
-    """Loss and its gradients in one chunked pass; backward only rescales the stored gradients."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        hidden: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        labels: Tensor | None,
-        teacher: TeacherHead | SparseTargets,
-        objective: Objective,
-        student_softcap: float | None,
-        chunk_size: int,
-        scale: float,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        vocab = objective.vocab_size
-        assert vocab is not None
-        weight_used = weight[:vocab]
-        bias_used = None if bias is None else bias[:vocab]
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
-        accumulate_dtype = upcast(weight[:0]).dtype
-        grad_weight = weight.new_zeros(vocab, weight.shape[1], dtype=accumulate_dtype) if needs_weight else None
-        grad_bias = weight.new_zeros(vocab, dtype=accumulate_dtype) if needs_bias else None
-        sums = hidden.new_zeros(5, dtype=accumulate_dtype)  # loss, kd, ce, agreement, teacher entropy
-
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            hidden_chunk = hidden[rows]
-            raw_logits = upcast(_head_logits(hidden_chunk, weight_used, bias_used)).requires_grad_(True)
-            teacher_logits, teacher_sparse = None, None
-            if isinstance(teacher, TeacherHead):
-                teacher_bias = None if teacher.bias is None else teacher.bias[:vocab]
-                teacher_raw = _head_logits(teacher.hidden[rows], teacher.weight[:vocab], teacher_bias)
-                teacher_logits = _softcap(teacher_raw, teacher.softcap)
-            else:
-                teacher_sparse = teacher.take(rows)
-            with torch.enable_grad():
-                student_logits = _softcap(raw_logits, student_softcap)
-                per_token = objective.token_losses(
-                    student_logits, None if labels is None else labels[rows], teacher_logits, teacher_sparse
-                )
-                chunk_loss = objective.kd_weight * per_token.kd.sum()
-                if objective.ce_weight:
-                    chunk_loss = chunk_loss + objective.ce_weight * per_token.ce.sum()
-                (grad_logits,) = torch.autograd.grad(chunk_loss * scale, raw_logits)
-            sums += torch.stack(
-                [
-                    chunk_loss.detach(),
-                    per_token.kd.sum(),
-                    per_token.ce.sum(),
-                    per_token.agree.sum(),
-                    per_token.teacher_entropy.sum(),
-                ]
-            )
-            del student_logits, per_token, teacher_logits, raw_logits
-
-            if grad_hidden is not None:
-                grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight_used
-            if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), hidden_chunk.to(accumulate_dtype))
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
-
-        ctx.save_for_backward(*_full_rows(grad_hidden, grad_weight, grad_bias, weight, bias))
-        loss = sums[0] * scale
-        ctx.mark_non_differentiable(sums)
-        return loss, sums[1], sums[2], sums[3], sums[4]
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, *unused_metric_grads: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)  # type: ignore[attr-defined]
-        return (*grads, None, None, None, None, None, None)
-
-
-def _full_rows(
-    grad_hidden: Tensor | None,
-    grad_weight: Tensor | None,
-    grad_bias: Tensor | None,
-    weight: Tensor,
-    bias: Tensor | None,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients in the parameters' dtypes and full row counts (padding rows beyond the vocab get 0)."""
-
-    def pad(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
-        if grad is None or like is None:
-            return None
-        if grad.shape[0] == like.shape[0]:
-            return grad.to(like.dtype)
-        full = torch.zeros_like(like)
-        full[: grad.shape[0]] = grad
-        return full
-
-    return grad_hidden, pad(grad_weight, weight), pad(grad_bias, bias)
 
 
 def fused_distillation_loss(
@@ -178,6 +77,7 @@ def fused_distillation_loss(
     vocab_size: int | None = None,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    gradient: Gradient = "closed_form",
 ) -> DistillationOutput:
     """The distillation loss from the student's final hidden states, chunked over tokens.
 
@@ -204,13 +104,19 @@ def fused_distillation_loss(
         vocab_size: shared vocabulary range; required when the heads have different row counts.
         ignore_index: label value of masked positions.
         chunk_size: tokens per chunk; default :func:`default_chunk_size` of the vocabulary and device.
+        gradient: how each chunk's ``dLoss / d(logits)`` is computed: ``"closed_form"`` (default; the
+            formulas beside each divergence, in place, 2-4 ``[chunk, V]`` float32 buffers) or
+            ``"autograd"`` (the reference: autograd through :meth:`Objective.token_losses`, ~14 buffers).
 
     Returns:
         :class:`DistillationOutput`; ``.loss`` is differentiable with respect to ``student_hidden``,
-        ``student_weight`` and ``student_bias``. Teacher tensors never receive gradients.
+        ``student_weight`` and ``student_bias``. Teacher tensors never receive gradients. Under
+        ``torch.no_grad()`` only the forward runs: no gradient is computed or allocated.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"The fused loss supports reduction='mean' or 'sum'; got {reduction!r}.")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {', '.join(GRADIENTS)}; got {gradient!r}.")
     teacher_rows = teacher.weight.shape[0] if isinstance(teacher, TeacherHead) else None
     objective = Objective.from_kwargs(
         divergence, beta, alpha, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight, tail=tail,
@@ -237,12 +143,44 @@ def fused_distillation_loss(
     if isinstance(teacher, TeacherHead):
         check_finite(teacher.hidden, "Teacher hidden states")
     num_tokens = hidden_flat.shape[0]
-    scale = 1.0 / max(num_tokens, 1) if reduction == "mean" else 1.0
-    loss, kd_sum, ce_sum, agree_sum, entropy_sum = _FusedDistillation.apply(
-        hidden_flat, student_weight, student_bias, labels_flat, teacher, objective, student_softcap,
-        chunk_size or default_chunk_size(vocab, hidden_flat.device), scale,
+    settings = ChunkSettings(
+        objective, student_softcap, chunk_size or default_chunk_size(vocab, hidden_flat.device),
+        1.0 / max(num_tokens, 1) if reduction == "mean" else 1.0, gradient,
     )  # fmt: skip
+    differentiable = [t for t in (hidden_flat, student_weight, student_bias) if t is not None]
+    with _matmul_precision(student_hidden):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
+            inputs = (hidden_flat, student_weight, student_bias, labels_flat, teacher, settings)
+            outputs = FusedDistillationFunction.apply(*inputs)
+        else:
+            # Evaluation (no_grad / inference_mode) or nothing to train: the forward alone, no gradient work.
+            sums, *_ = run_chunks(
+                hidden_flat, student_weight, student_bias, labels_flat, teacher, settings, (False, False, False)
+            )
+            outputs = (sums[0] * settings.scale, *sums[1:])
+    loss, kd_sum, ce_sum, agree_sum, entropy_sum = outputs
     return summarize(loss, kd_sum, ce_sum, agree_sum, entropy_sum, num_tokens, labels is not None)
+
+
+@contextmanager
+def _matmul_precision(student_hidden: Tensor) -> Iterator[None]:
+    """On CUDA with 16-bit hidden states, let the loss's float32 matmuls use TF32 (restored on exit).
+
+    The head gradient ``grad_logits^T @ hidden`` accumulates in float32, and with a float32 head (a
+    QLoRA student's ``lm_head``) the forward matmuls are float32 too; their inputs carry bf16/fp16
+    precision already, so TF32's 10-bit mantissa loses nothing that was there, and tensor cores run them
+    several times faster. CPU arithmetic (and float32 hidden states anywhere) is left exact.
+    """
+    if student_hidden.device.type != "cuda" or student_hidden.dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.allow_tf32
+    matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = previous
 
 
 def _prepare_dense(objective: Objective, labels: Tensor | None, num_rows: int) -> tuple[Tensor | None, Tensor | None]:
@@ -302,6 +240,7 @@ class FusedDistillationLoss(nn.Module):
         ignore_index: int = -100,
         chunk_size: int | None = None,
         student_softcap: float | None = None,
+        gradient: Gradient = "closed_form",
     ) -> None:
         super().__init__()
         Objective.from_kwargs(divergence, beta, alpha, temperature=temperature, kd_weight=kd_weight,
@@ -310,7 +249,7 @@ class FusedDistillationLoss(nn.Module):
         self.settings = dict(
             beta=beta, alpha=alpha, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight, tail=tail,
             reduction=reduction, vocab_size=vocab_size, ignore_index=ignore_index, chunk_size=chunk_size,
-            student_softcap=student_softcap,
+            student_softcap=student_softcap, gradient=gradient,
         )  # fmt: skip
 
     def forward(

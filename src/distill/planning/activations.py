@@ -15,6 +15,8 @@ from distill.planning.models import ModelSpec
 from distill.planning.setup import RunSetup
 
 __all__ = [
+    "FUSED_LOSS_BUFFERS",
+    "FUSED_SPARSE_LOSS_BUFFERS",
     "LOSS_BUFFERS",
     "SPARSE_LOSS_BUFFERS",
     "backward_working_bytes",
@@ -68,10 +70,10 @@ _SAVED: dict[tuple[str, str], _SavedPerLayer] = {
     ("qlora", "bf16"): _SavedPerLayer(hidden=18, query=6, key_value=4, mlp=14, lora=2),
 }
 
-# Peak [rows x V] float32 buffers alive at once inside distill's loss (per chunk for the fused form, per
-# micro-batch for the dense form), forward and backward together, measured with fp32 logits: both
-# models' logits and log-softmaxes, the divergence's elementwise terms and the ones autograd keeps,
-# the teacher-entropy metric, and the gradient. 16-bit logits add one more (their copy before upcasting).
+# Peak [rows x V] float32 buffers alive at once inside distill's dense loss (per micro-batch), forward and
+# backward together, measured with fp32 logits: both models' logits and log-softmaxes, the divergence's
+# elementwise terms and the ones autograd keeps, the teacher-entropy metric, and the gradient. 16-bit
+# logits add one more (their copy before upcasting).
 LOSS_BUFFERS: dict[str, float] = {
     "forward_kl": 10.0,
     "reverse_kl": 11.0,
@@ -82,6 +84,13 @@ LOSS_BUFFERS: dict[str, float] = {
 }
 # A sparse (top-k) teacher: only the student's [rows x V] logits, log-softmax and their gradient.
 SPARSE_LOSS_BUFFERS = 5.0
+# The fused loss's closed-form chunk body (per chunk, every divergence alike; measured as peak RSS of
+# fused_distillation_loss forward+backward, fp32, [2048 tokens, V = 32,768], chunk 512): a dense teacher
+# 4.0 (student logits -> probs, log-probs -> gradient, the teacher's two), a sparse one 1.9. 16-bit
+# logits add half a buffer (the matmul's 16-bit output before its upcast). Soft-capping the student or a
+# CE term at a temperature other than 1 add one each (not modelled).
+FUSED_LOSS_BUFFERS = 4.0
+FUSED_SPARSE_LOSS_BUFFERS = 2.0
 _ALIASES = {"kl": "forward_kl", "fkl": "forward_kl", "rkl": "reverse_kl", "generalized_jsd": "jsd"}
 
 
@@ -166,24 +175,26 @@ def backward_working_bytes(setup: RunSetup) -> float:
 
 
 def _loss_buffer_count(setup: RunSetup) -> float:
-    if not setup.teacher_in_process:
-        count = SPARSE_LOSS_BUFFERS
-    else:
-        divergence = _ALIASES.get(setup.divergence, setup.divergence)
-        if divergence not in LOSS_BUFFERS:
-            raise ValueError(f"Unknown divergence {setup.divergence!r}; the planner knows {', '.join(LOSS_BUFFERS)}.")
-        count = LOSS_BUFFERS[divergence]
-    return count + (1.0 if setup.compute_bytes == 2 else 0.0)
+    divergence = _ALIASES.get(setup.divergence, setup.divergence)
+    if setup.teacher_in_process and divergence not in LOSS_BUFFERS:
+        raise ValueError(f"Unknown divergence {setup.divergence!r}; the planner knows {', '.join(LOSS_BUFFERS)}.")
+    sixteen_bit = setup.compute_bytes == 2
+    if setup.loss_impl == "fused":
+        count = FUSED_LOSS_BUFFERS if setup.teacher_in_process else FUSED_SPARSE_LOSS_BUFFERS
+        return count + (0.5 if sixteen_bit else 0.0)
+    count = LOSS_BUFFERS[divergence] if setup.teacher_in_process else SPARSE_LOSS_BUFFERS
+    return count + (1.0 if sixteen_bit else 0.0)
 
 
 def loss_buffer_bytes(setup: RunSetup) -> tuple[float, str]:
     """Peak bytes inside the distillation loss for one micro-batch, and a line saying what they are.
 
-    Fused: ``k`` float32 ``[chunk, V]`` buffers (``k`` from :data:`LOSS_BUFFERS`, or
-    :data:`SPARSE_LOSS_BUFFERS` for a cache/server teacher; +1 for 16-bit logits), the loss's copy of
+    Fused: ``k`` float32 ``[chunk, V]`` buffers (:data:`FUSED_LOSS_BUFFERS`, or
+    :data:`FUSED_SPARSE_LOSS_BUFFERS` for a cache/server teacher; +0.5 for 16-bit logits), the loss's copy of
     the student's hidden states and their gradient (``[tokens, H]`` each), and for a full fine-tune the
-    float32 gradient of the head ``[V, H]`` that the fused loss accumulates in its forward. Dense: the
-    same ``k`` buffers at ``[tokens, V]``. Every token is assumed to carry loss (with
+    float32 gradient of the head ``[V, H]`` that the fused loss accumulates in its forward. Dense: ``k``
+    buffers at ``[tokens, V]``, ``k`` from :data:`LOSS_BUFFERS` (or :data:`SPARSE_LOSS_BUFFERS`; +1 for
+    16-bit logits). Every token is assumed to carry loss (with
     ``completion_only_loss`` only completion tokens do, which makes the fused form smaller).
     """
     tokens = setup.tokens_per_micro_batch

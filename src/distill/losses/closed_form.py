@@ -1,0 +1,254 @@
+"""The fused loss's chunk body with closed-form gradients: values and ``dLoss / d(logits)`` without autograd.
+
+For one chunk of ``n`` tokens it takes the student's raw logits (the head matmul's output, before
+soft-capping) and the teacher's targets, and returns the per-token values of
+:meth:`distill.losses.objective.Objective.token_losses` plus the gradient of the chunk's weighted loss
+with respect to those raw logits. The divergence's own gradient, ``g = dD / d(log q)`` on its support,
+comes from :meth:`distill.losses.divergences.Divergence.value_and_grad`; this module applies the chain
+rule through everything between the logits and that support:
+
+* the student's log-softmax: ``g - q * sum(g)`` (``q`` the student's tempered probabilities);
+* a sparse teacher's support: the top-k entries map back to their ids; the tail bucket's log-mass is a
+  log-sum-exp over the other tokens, so its gradient spreads over them as ``q_v / q_tail``; a
+  renormalised top-k is a second log-softmax over the gathered ids;
+* temperature (``1 / T``), the CE term at ``T = 1`` (``softmax(z) - onehot(label)``), and soft-capping
+  (``1 - tanh^2``).
+
+Memory: every ``[n, V]`` tensor is a :class:`ChunkBuffers` buffer reused across chunks and computed in
+place. A dense teacher needs four (student logits -> student probs, student log-probs -> gradient,
+teacher logits -> teacher probs, teacher log-probs -> scratch), a sparse teacher two; soft-capping the
+student and a CE term at ``T != 1`` add one each. The autograd body (``gradient="autograd"``) keeps
+about fourteen.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from distill.losses.objective import Objective, TokenLosses, upcast
+from distill.losses.targets import SparseTargets
+
+__all__ = ["ChunkBuffers", "closed_form_chunk"]
+
+
+class ChunkBuffers:
+    """Named ``[chunk, V]`` buffers allocated once and reused by every chunk (the last may be shorter).
+
+    Reusing them avoids an allocation, and on a CPU fresh zeroed pages, per buffer and chunk.
+    """
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.rows, self.vocab, self.dtype, self.device = rows, vocab, dtype, device
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, rows: int) -> Tensor:
+        """The first ``rows`` rows of buffer ``name`` (contents undefined)."""
+        if name not in self._buffers:
+            self._buffers[name] = torch.empty(self.rows, self.vocab, dtype=self.dtype, device=self.device)
+        return self._buffers[name][:rows]
+
+    @property
+    def count(self) -> int:
+        """How many buffers exist so far."""
+        return len(self._buffers)
+
+
+def _softcap_(logits: Tensor, cap: float | None, slope: Tensor | None) -> None:
+    """``logits = cap * tanh(logits / cap)`` in place; writes ``d capped / d raw = 1 - tanh^2`` into ``slope``."""
+    if cap is None:
+        return
+    logits.div_(cap).tanh_()
+    if slope is not None:
+        torch.mul(logits, logits, out=slope).neg_().add_(1.0)
+    logits.mul_(cap)
+
+
+def _log_softmax_and_probs(logits: Tensor, temperature: float, logprobs_out: Tensor) -> tuple[Tensor, Tensor]:
+    """``log_softmax(logits / T)`` into ``logprobs_out`` and its exponential into ``logits``' storage."""
+    if temperature != 1.0:
+        logits.div_(temperature)
+    logprobs = torch.log_softmax(logits, dim=-1, out=logprobs_out)
+    return logprobs, torch.exp(logprobs, out=logits)
+
+
+def closed_form_chunk(
+    objective: Objective,
+    raw_logits: Tensor,
+    labels: Tensor | None,
+    teacher_logits: Tensor | None,
+    teacher_sparse: SparseTargets | None,
+    student_softcap: float | None,
+    grad_scale: float | None,
+    buffers: ChunkBuffers,
+) -> tuple[TokenLosses, Tensor | None]:
+    """Per-token values of one chunk and the gradient of its weighted loss w.r.t. the raw student logits.
+
+    Args:
+        objective: the loss settings, ``vocab_size`` resolved.
+        raw_logits: ``[n, V]`` the student head's output in the compute dtype (a ``buffers`` buffer named
+            ``"student"``); consumed.
+        labels: ``[n]`` label ids (``ignore_index`` where none) or ``None``.
+        teacher_logits: ``[n, V]`` the dense teacher's logits after its soft-capping (buffer
+            ``"teacher"``; consumed), or ``None``.
+        teacher_sparse: the sparse teacher's targets for these rows, or ``None``.
+        student_softcap: the student's final-logit soft-capping value, or ``None``.
+        grad_scale: multiplies the gradient of ``sum(kd_weight * kd + ce_weight * ce)``; ``None``
+            skips all gradient work (evaluation).
+        buffers: where every ``[n, V]`` tensor lives.
+
+    Returns:
+        (:class:`TokenLosses` with ``[n]`` tensors, ``[n, V]`` gradient or ``None``).
+    """
+    rows = raw_logits.shape[0]
+    temperature = objective.temperature
+    need_grad = grad_scale is not None
+    slope = buffers.get("softcap_slope", rows) if need_grad and student_softcap is not None else None
+    _softcap_(raw_logits, student_softcap, slope)
+    logits = raw_logits
+    student_top1 = logits.argmax(-1)
+
+    has_label = None if labels is None else labels != objective.ignore_index
+    safe_labels = None if labels is None else torch.where(has_label, labels, torch.zeros_like(labels))[:, None]
+    ce_probs, ce = None, None
+    if safe_labels is not None and temperature != 1.0:
+        # The CE term is at T = 1: softmax(z) and logsumexp(z) before the logits are tempered.
+        row_max = logits.amax(-1, keepdim=True)
+        ce_probs = torch.sub(logits, row_max, out=buffers.get("ce_probs", rows)).exp_()
+        sum_exp = ce_probs.sum(-1, keepdim=True)
+        ce_probs.div_(sum_exp)
+        ce = (sum_exp.log() - (logits.gather(-1, safe_labels) - row_max)).squeeze(-1)  # no cancellation in max
+
+    if teacher_sparse is not None and objective.tail == "renormalize":
+        student_topk_tempered = logits.gather(-1, teacher_sparse.topk_ids) / temperature
+    student_logprobs_out = buffers.get("student_logprobs", rows)
+    student_logprobs, student_probs = _log_softmax_and_probs(logits, temperature, student_logprobs_out)
+    if safe_labels is not None and ce is None:
+        ce = -student_logprobs.gather(-1, safe_labels).squeeze(-1)
+
+    if teacher_sparse is None:
+        assert teacher_logits is not None
+        teacher_top1 = teacher_logits.argmax(-1)
+        teacher_logprobs, teacher_probs = _log_softmax_and_probs(
+            teacher_logits, temperature, buffers.get("teacher_logprobs", rows)
+        )
+        # -sum p log p through the probabilities' buffer, then p again: no extra [n, V] buffer.
+        teacher_entropy = -torch.mul(teacher_probs, teacher_logprobs, out=teacher_probs).sum(-1)
+        torch.exp(teacher_logprobs, out=teacher_probs)
+        kd, grad = objective.divergence.value_and_grad(
+            student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite=True
+        )
+        if need_grad:
+            grad.addcmul_(student_probs, grad.sum(-1, keepdim=True), value=-1.0)  # through the log-softmax
+    else:
+        best = teacher_sparse.topk_logprobs.argmax(-1, keepdim=True)
+        teacher_top1 = teacher_sparse.topk_ids.gather(-1, best).squeeze(-1)
+        if objective.tail == "renormalize":
+            kd, teacher_entropy, grad = _renormalized_support(
+                objective, student_topk_tempered, teacher_sparse, student_logprobs, need_grad
+            )
+        else:
+            kd, teacher_entropy, grad = _bucket_support(
+                objective, student_logprobs, student_probs, teacher_sparse, need_grad
+            )
+
+    agree = (student_top1 == teacher_top1).to(kd.dtype)
+    if ce is None:
+        ce = torch.zeros_like(kd)
+    else:
+        assert has_label is not None
+        ce = torch.where(has_label, ce, torch.zeros_like(ce))
+    per_token = TokenLosses(kd, ce, agree, teacher_entropy)
+    if not need_grad:
+        return per_token, None
+    assert grad_scale is not None
+    grad.mul_(objective.kd_weight * grad_scale / temperature)
+    if objective.ce_weight and safe_labels is not None:
+        assert has_label is not None
+        ce_scale = (objective.ce_weight * grad_scale) * has_label.to(grad.dtype)[:, None]
+        grad.addcmul_(student_probs if ce_probs is None else ce_probs, ce_scale)
+        grad.scatter_add_(-1, safe_labels, -ce_scale)
+    if slope is not None:
+        grad.mul_(slope)
+    return per_token, grad
+
+
+def _support_entropy(teacher_support: Tensor) -> Tensor:
+    """``[n]`` entropy of the teacher over its support, ``0 * log 0`` taken as 0."""
+    probs = teacher_support.exp()
+    return -torch.special.xlogy(probs, probs).sum(-1)
+
+
+def _bucket_support(
+    objective: Objective,
+    student_logprobs: Tensor,
+    student_probs: Tensor,
+    teacher_sparse: SparseTargets,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """KD on the top-k + tail support: values, teacher entropy, and the ``[n, V]`` gradient w.r.t. ``z / T``.
+
+    The gradient is written over ``student_logprobs`` (no longer needed afterwards).
+    """
+    ids = teacher_sparse.topk_ids
+    vocab = student_logprobs.shape[-1]
+    teacher_topk_logprobs = upcast(teacher_sparse.topk_logprobs)
+    student_topk_logprobs = student_logprobs.gather(-1, ids)
+    student_topk_probs = student_probs.gather(-1, ids)
+    if ids.shape[-1] >= vocab:
+        # The top-k covers the whole vocabulary: the tail is empty on both sides.
+        student_tail_mass = torch.zeros_like(student_topk_logprobs[:, :1])
+        student_tail, teacher_tail = torch.full_like(student_tail_mass, -math.inf), None
+    else:
+        # The student's tail mass summed over the other tokens (no cancellation against the top-k):
+        # zero the top-k entries of q, sum, put them back.
+        student_tail_mass = student_probs.scatter_(-1, ids, 0.0).sum(-1, keepdim=True)
+        student_probs.scatter_(-1, ids, student_topk_probs)
+        # Floored at the dtype's tiny (a student tail below ~1e-38 in float32), so its log stays finite.
+        student_tail = student_tail_mass.clamp_min(torch.finfo(student_tail_mass.dtype).tiny).log()
+        teacher_tail = objective._teacher_tail_logmass(teacher_sparse, teacher_topk_logprobs)[:, None]
+    if teacher_tail is None:
+        teacher_tail = student_tail
+    student_support = torch.cat([student_topk_logprobs, student_tail], dim=-1)
+    teacher_support = torch.cat([teacher_topk_logprobs, teacher_tail], dim=-1)
+    entropy = _support_entropy(teacher_support)
+    student_support_probs = student_support.exp()
+    kd, grad_support = objective.divergence.value_and_grad(
+        student_support, teacher_support, student_support_probs, teacher_support.exp(), finite=False
+    )
+    if not need_grad:
+        return kd, entropy, None
+    grad_sum = grad_support.sum(-1, keepdim=True)
+    # Off the top-k: g_tail * q_v / q_tail - q_v * sum(g); on it: g_v - q_v * sum(g).
+    tiny = torch.finfo(student_tail_mass.dtype).tiny
+    tail_coefficient = grad_support[:, -1:] / student_tail_mass.clamp_min(tiny) - grad_sum
+    grad = torch.mul(student_probs, tail_coefficient, out=student_logprobs)
+    grad.scatter_(-1, ids, grad_support[:, :-1] - student_topk_probs * grad_sum)
+    return kd, entropy, grad
+
+
+def _renormalized_support(
+    objective: Objective,
+    student_topk_tempered: Tensor,
+    teacher_sparse: SparseTargets,
+    student_logprobs: Tensor,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """KD on the renormalised top-k: values, teacher entropy, and the ``[n, V]`` gradient w.r.t. ``z / T``.
+
+    The gradient is written over ``student_logprobs`` (zero off the top-k).
+    """
+    ids = teacher_sparse.topk_ids
+    student_support = torch.log_softmax(student_topk_tempered, dim=-1)
+    teacher_support = torch.log_softmax(upcast(teacher_sparse.topk_logprobs) / objective.temperature, dim=-1)
+    entropy = _support_entropy(teacher_support)
+    student_support_probs = student_support.exp()
+    kd, grad_support = objective.divergence.value_and_grad(
+        student_support, teacher_support, student_support_probs, teacher_support.exp(), finite=False
+    )
+    if not need_grad:
+        return kd, entropy, None
+    grad_support = grad_support - student_support_probs * grad_support.sum(-1, keepdim=True)
+    return kd, entropy, student_logprobs.zero_().scatter_(-1, ids, grad_support)
