@@ -46,6 +46,7 @@ from distill.teachers import (
 from distill.teachers.server import ServerError
 from distill.teachers.sharding import full_tensor, shard_teacher
 from distill.trainer.batching import completion_batch, next_token_labels
+from distill.trainer.cross_tokenizer import CrossTokenizer, uses_cross_tokenizer
 from distill.trainer.hidden import PROJECTIONS_FILE, HiddenDistillation, build_hidden_distillation, hidden_token_mask
 from distill.trainer.metrics import KDMetrics
 from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
@@ -108,9 +109,17 @@ class Trainer(transformers.Trainer):
             teacher_processing_class = transformers.AutoTokenizer.from_pretrained(teacher)
         # Everything that can be checked without the weights is checked before loading them: a bad row
         # or a mismatched tokenizer costs seconds, not a model load (or a run).
+        self.cross: CrossTokenizer | None = None
         if teacher_processing_class is not None:
-            check_tokenizers_match(tokenizer, teacher_processing_class)
+            if uses_cross_tokenizer(args, tokenizer, teacher_processing_class):
+                self.cross = CrossTokenizer(tokenizer, teacher_processing_class, args)
+            else:
+                check_tokenizers_match(tokenizer, teacher_processing_class)
         prepared, self.data_reports = prepare_splits(args, tokenizer, train_dataset, eval_dataset)
+        if self.cross is not None:
+            for split, raw in (("train", train_dataset), ("eval", eval_dataset)):
+                if prepared[split] is not None:
+                    prepared[split] = self.cross.add_teacher_columns(prepared[split], raw)
 
         if isinstance(model, str):
             model = load_causal_lm(model, dtype=resolve_dtype(args.student_dtype))
@@ -125,12 +134,18 @@ class Trainer(transformers.Trainer):
         check_student_trainable(model, peft_config)
         # Intermediate-layer distillation: layer map and projections now (a teacher without hidden states refuses).
         self.hidden: HiddenDistillation | None = build_hidden_distillation(model, self.teacher, args)
-        self.vocab_size = shared_vocabulary(model, self.teacher, tokenizer, args)
+        if self.cross is not None:
+            self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+            self.cross.bind(self.vocab_size, self.teacher.vocab_rows)
+        else:
+            self.vocab_size = shared_vocabulary(model, self.teacher, tokenizer, args)
         self.objective = args.objective(self.vocab_size)
         if args.loss_implementation == "fused":
             output_head_of(model)  # fail now, not at step 1, if the head cannot be fused
         if data_collator is None:
             data_collator = DistillCollator(pad_token_id=tokenizer.pad_token_id)
+            if self.cross is not None:
+                data_collator = self.cross.collator(data_collator)
 
         self._preemption = SigtermCheckpoint(self._any_process) if args.save_on_sigterm else None
         callbacks = list(kwargs.pop("callbacks", None) or [])
@@ -253,7 +268,10 @@ class Trainer(transformers.Trainer):
         try:
             # The student's mapped layer outputs are caught in the same (outer) forward that gives its logits.
             with catch_layer_outputs(model, hidden.student_layers if hidden else ()) as student_states:
-                output = self._loss(model, input_ids, attention_mask, position_ids, targets, teacher_targets)
+                if self.cross is not None:
+                    output = self.cross.loss(model, inputs, teacher_targets, self.objective)
+                else:
+                    output = self._loss(model, input_ids, attention_mask, position_ids, targets, teacher_targets)
             loss = output.loss
             if hidden is not None:
                 mask = hidden_token_mask(self.args.hidden_loss_tokens, attention_mask, targets)
@@ -276,6 +294,8 @@ class Trainer(transformers.Trainer):
         try:
             if prefetched is not None:
                 return prefetched.result().to(input_ids.device)
+            if self.cross is not None:
+                return self.cross.teacher_targets(self.teacher, inputs)
             return self.teacher.targets(input_ids, inputs["attention_mask"], inputs.get("position_ids"))
         except ServerError as error:
             where = self._save_last_good(model)
@@ -428,6 +448,8 @@ class Trainer(transformers.Trainer):
         """A prefetcher when the teacher answers remotely and every batch's tokens are known before its step."""
         args = self.args
         if not self.teacher.prefetchable or args.teacher_prefetch == 0 or args.seq_kd or args.lmbda > 0:
+            return None
+        if self.cross is not None:  # the prefetcher asks with the student's ids
             return None
         return TargetPrefetcher(self.teacher, args.teacher_prefetch)
 
