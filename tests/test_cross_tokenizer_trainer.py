@@ -1,4 +1,4 @@
-"""`Trainer` with a teacher whose tokenizer differs from the student's: it aligns, learns, and equals the usual loss."""
+"""`Trainer` with a teacher whose tokenizer differs from the student's: it aligns, learns, equals the usual loss."""
 
 from __future__ import annotations
 
