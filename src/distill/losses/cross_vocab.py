@@ -121,7 +121,7 @@ def project_logprobs(logprobs: Tensor, grouping: _Grouping, num_classes: int, el
     """
     out = logprobs.new_full((logprobs.shape[0], num_classes), -math.inf)
     if grouping.single_ids.numel():
-        out = out.index_copy(1, grouping.single_classes, logprobs.index_select(1, grouping.single_ids))
+        out.index_copy_(1, grouping.single_classes, logprobs.index_select(1, grouping.single_ids))
     if grouping.multi_ids.numel():
         members = logprobs.index_select(1, grouping.multi_ids)
         shift = members.amax(-1, keepdim=True).clamp_min(-1e30).detach()
@@ -129,10 +129,10 @@ def project_logprobs(logprobs: Tensor, grouping: _Grouping, num_classes: int, el
             1, grouping.multi_member_classes, (members - shift).exp()
         )
         summed = sums.index_select(1, grouping.multi_classes).log() + shift
-        out = out.index_copy(1, grouping.multi_classes, summed)
+        out.index_copy_(1, grouping.multi_classes, summed)
     if elsewhere is not None:
-        floored = out[:, elsewhere : elsewhere + 1].clamp_min(_LOG_TINY)
-        out = torch.cat([out[:, :elsewhere], floored, out[:, elsewhere + 1 :]], dim=-1)
+        column = torch.tensor([elsewhere], device=out.device)
+        out = out.index_copy(1, column, out.index_select(1, column).clamp_min(_LOG_TINY))
     return out
 
 

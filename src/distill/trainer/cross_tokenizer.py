@@ -22,7 +22,7 @@ from distill.cache import tokenizer_fingerprint
 from distill.config import DistillConfig
 from distill.data import DistillCollator, prepare_dataset
 from distill.data.alignment import align_token_ids, token_byte_table
-from distill.losses import DistillationOutput, Objective, SparseTargets, TeacherHead
+from distill.losses import DistillationOutput, Objective, SparseTargets, TeacherHead, default_chunk_size
 from distill.losses.cross_vocab import VocabProjection, cross_vocab_loss
 from distill.models import VocabularyMismatchError, check_tokenizers_match
 from distill.models.vocab_map import build_vocab_map, coverage_audit
@@ -200,7 +200,7 @@ class CrossTokenizer:
             hidden.reshape(-1, hidden.shape[-1])[rows], weight, targets[rows], span_of_row, teacher, self.projection,
             self.args.cross_tokenizer_loss, objective,
             student_bias=None if head.bias is None else full_tensor(head.bias), student_softcap=head.softcap,
-            chunk_size=self.args.loss_chunk_size or 256,
+            chunk_size=self.args.loss_chunk_size or default_chunk_size(self.projection.num_classes, weight.device),
         )  # fmt: skip
 
 
