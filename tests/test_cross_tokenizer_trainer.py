@@ -90,3 +90,39 @@ def test_mismatch_is_refused_when_off_and_unsupported_settings_are_refused(tmp_p
         _cross_trainer(tmp_path, tokenizer, packing=True)
     with pytest.raises(ValueError, match="cross_tokenizer_loss"):
         config(tmp_path, cross_tokenizer_loss="xtoken")
+
+
+def test_cross_tokenizer_from_a_cache_equals_the_live_topk_teacher(tmp_path, tokenizer) -> None:  # noqa: ANN001
+    """The cache holds the teacher's top-k on the teacher's own tokens (keyed by their hash, under its tokenizer's
+    fingerprint): the student trains from it with no teacher model, exactly as from the live top-k."""
+    from distill.cache import build_cache
+    from distill.cache.reader import CacheMismatchError
+    from distill.teachers import CachedTeacher, TopKTeacher
+
+    teacher_tokenizer = _teacher_tokenizer()
+    teacher = tiny_llama(len(teacher_tokenizer), num_layers=4, seed=3)
+    teacher.load_state_dict(_taught_cross_teacher_state())
+    data = arithmetic_dataset(16)
+    manifest = build_cache(teacher, data, tmp_path / "cache", tokenizer=teacher_tokenizer, top_k=16, encoding="fp16",
+                           max_length=64, progress=False)  # fmt: skip
+    assert manifest["config"]["tokenizer"]["size"] == len(teacher_tokenizer)
+    assert 0 < manifest["totals"]["file_bytes_per_token"] < 200
+    losses = {}
+    for name, source in (
+        ("cached", CachedTeacher(tmp_path / "cache")),
+        ("live", TopKTeacher(teacher, 16, encoding="fp16")),
+    ):
+        student = tiny_llama(len(tokenizer), seed=11)
+        trainer = Trainer(
+            model=student, teacher=source, args=config(tmp_path / name, max_steps=4, cross_tokenizer="auto",
+                                                       vocab_map_dir=str(tmp_path / "maps"), ce_weight=0.2),
+            train_dataset=data, processing_class=tokenizer, teacher_processing_class=teacher_tokenizer,
+        )  # fmt: skip
+        trainer.train()
+        losses[name] = logged(trainer, "loss")
+    assert losses["cached"] == pytest.approx(losses["live"], abs=1e-5)
+    assert losses["cached"][-1] < losses["cached"][0]
+    with pytest.raises(CacheMismatchError, match="another tokenizer"):  # the cache's fingerprint is the teacher's
+        Trainer(model=tiny_llama(len(tokenizer)), teacher=CachedTeacher(tmp_path / "cache"),
+                args=config(tmp_path / "x", cross_tokenizer="auto"), train_dataset=data, processing_class=tokenizer,
+                teacher_processing_class=byte_bpe(400, CORPUS))  # fmt: skip

@@ -34,7 +34,8 @@ __all__ = ["CrossTokenizer", "CrossTokenizerCollator", "span_positions", "uses_c
 
 logger = logging.getLogger(__name__)
 
-TEACHER_IDS, STUDENT_SPAN_POSITIONS, TEACHER_SPAN_POSITIONS = "teacher_input_ids", "xt_student_pos", "xt_teacher_pos"
+TEACHER_IDS, TEACHER_LABELS = "teacher_input_ids", "teacher_labels"
+STUDENT_SPAN_POSITIONS, TEACHER_SPAN_POSITIONS = "xt_student_pos", "xt_teacher_pos"
 
 
 def uses_cross_tokenizer(args: DistillConfig, student_tokenizer: Any, teacher_tokenizer: Any) -> bool:
@@ -161,8 +162,20 @@ class CrossTokenizer:
             unaligned += missed
         self.unaligned_tokens += unaligned
         prepared = prepared.add_column(TEACHER_IDS, teacher_rows["input_ids"])
+        prepared = prepared.add_column(TEACHER_LABELS, teacher_rows["labels"])
         prepared = prepared.add_column(STUDENT_SPAN_POSITIONS, student_positions)
         return prepared.add_column(TEACHER_SPAN_POSITIONS, teacher_positions)
+
+    @staticmethod
+    def teacher_rows(prepared: Any) -> dict[str, Any]:
+        """The teacher-side rows (``input_ids``, ``labels``) of prepared data, for the teacher's own checks."""
+        return {"input_ids": prepared[TEACHER_IDS], "labels": prepared[TEACHER_LABELS]}
+
+    def check_teacher(self, teacher: Any) -> None:
+        """A teacher that records the tokenizer it was built with (a cache) must have the teacher's tokenizer."""
+        check = getattr(teacher, "check_tokenizer", None)
+        if check is not None:
+            check(self.teacher_tokenizer)
 
     def collator(self, base: DistillCollator) -> CrossTokenizerCollator:
         pad = self.teacher_tokenizer.pad_token_id

@@ -126,9 +126,12 @@ class Trainer(transformers.Trainer):
         self.teacher = resolve_teacher(teacher, model, args, teacher_processing_class)
         # Teachers with limits (a cache: its rows and loss positions; sampled targets: the forward KL) refuse now.
         self.teacher.check_objective(args.objective(None))
+        if self.cross is not None:
+            self.cross.check_teacher(self.teacher)
         for split in ("train", "eval"):
             if prepared[split] is not None:
-                self.teacher.check_dataset(prepared[split])
+                rows = prepared[split] if self.cross is None else self.cross.teacher_rows(prepared[split])
+                self.teacher.check_dataset(rows)
         if peft_config is not None:
             model = apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
         check_student_trainable(model, peft_config)
