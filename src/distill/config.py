@@ -187,6 +187,17 @@ class DistillConfig(TrainingArguments):
             "vocabularies), 'uld' (sorted-probability Wasserstein), 'gold' (GOLD's hybrid)."
         },
     )
+    teacher_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "Several teachers: the weight of each one's KD term (default equal), mixed at every token."},
+    )
+    teacher_route_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Several teachers: a dataset column naming each row's teacher (by name or index); the row is "
+            "distilled from that teacher only, instead of from the weighted mixture."
+        },
+    )
     vocab_map_dir: str | None = field(
         default=None,
         metadata={"help": "Folder of cached student->teacher vocabulary maps (default ~/.cache/distill/vocab_maps)."},

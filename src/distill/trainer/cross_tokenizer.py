@@ -12,6 +12,7 @@ compares both at those positions, chunked.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from distill.cache import tokenizer_fingerprint
 from distill.config import DistillConfig
-from distill.data import DistillCollator, prepare_dataset
+from distill.data import prepare_dataset
 from distill.data.alignment import align_token_ids, token_byte_table
 from distill.losses import DistillationOutput, Objective, SparseTargets, TeacherHead, default_chunk_size
 from distill.losses.cross_vocab import VocabProjection, cross_vocab_loss
@@ -30,12 +31,36 @@ from distill.teachers import TeacherTargets, final_hidden_states, output_head_of
 from distill.teachers.sharding import full_tensor
 from distill.trainer.batching import IGNORE_INDEX, next_token_labels
 
-__all__ = ["CrossTokenizer", "CrossTokenizerCollator", "span_positions", "uses_cross_tokenizer"]
+__all__ = ["Columns", "CrossTokenizer", "CrossTokenizerCollator", "span_positions", "uses_cross_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
-TEACHER_IDS, TEACHER_LABELS = "teacher_input_ids", "teacher_labels"
-STUDENT_SPAN_POSITIONS, TEACHER_SPAN_POSITIONS = "xt_student_pos", "xt_teacher_pos"
+
+@dataclass(frozen=True)
+class Columns:
+    """Names of one teacher's columns in rows and batches (a prefix keeps several teachers' apart)."""
+
+    prefix: str = ""
+
+    @property
+    def teacher_ids(self) -> str:
+        return self.prefix + "teacher_input_ids"
+
+    @property
+    def teacher_mask(self) -> str:
+        return self.prefix + "teacher_attention_mask"
+
+    @property
+    def teacher_labels(self) -> str:
+        return self.prefix + "teacher_labels"
+
+    @property
+    def student_pos(self) -> str:
+        return self.prefix + "xt_student_pos"
+
+    @property
+    def teacher_pos(self) -> str:
+        return self.prefix + "xt_teacher_pos"
 
 
 def uses_cross_tokenizer(args: DistillConfig, student_tokenizer: Any, teacher_tokenizer: Any) -> bool:
@@ -92,17 +117,19 @@ class CrossTokenizerCollator:
     ``xt_teacher_pos`` ``[B, J]`` (-1 where a row has fewer spans).
     """
 
-    base: DistillCollator
+    base: Callable[[list[dict[str, Any]]], dict[str, Any]]
     teacher_pad_token_id: int
+    columns: Columns = Columns()
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.base(rows)
-        teacher_ids = [list(row[TEACHER_IDS]) for row in rows]
+        names = self.columns
+        teacher_ids = [list(row[names.teacher_ids]) for row in rows]
         length = max(len(ids) for ids in teacher_ids)
-        batch[TEACHER_IDS] = _pad(teacher_ids, length, self.teacher_pad_token_id)
-        batch["teacher_attention_mask"] = _pad([[1] * len(ids) for ids in teacher_ids], length, 0)
-        spans = max(1, max(len(row[STUDENT_SPAN_POSITIONS]) for row in rows))
-        for key in (STUDENT_SPAN_POSITIONS, TEACHER_SPAN_POSITIONS):
+        batch[names.teacher_ids] = _pad(teacher_ids, length, self.teacher_pad_token_id)
+        batch[names.teacher_mask] = _pad([[1] * len(ids) for ids in teacher_ids], length, 0)
+        spans = max(1, max(len(row[names.student_pos]) for row in rows))
+        for key in (names.student_pos, names.teacher_pos):
             batch[key] = _pad([list(row[key]) for row in rows], spans, -1)
         return batch
 
@@ -122,9 +149,12 @@ class CrossTokenizer:
         args: the run's config (``cross_tokenizer_loss``, ``vocab_map_dir``, ``max_length``, the loss fields).
     """
 
-    def __init__(self, student_tokenizer: Any, teacher_tokenizer: Any, args: DistillConfig) -> None:
+    def __init__(
+        self, student_tokenizer: Any, teacher_tokenizer: Any, args: DistillConfig, columns: Columns = Columns()
+    ) -> None:
         _refuse_unsupported(args)
         self.student_tokenizer, self.teacher_tokenizer, self.args = student_tokenizer, teacher_tokenizer, args
+        self.columns = columns
         fingerprints = (tokenizer_fingerprint(student_tokenizer), tokenizer_fingerprint(teacher_tokenizer))
         self.vocab_map = build_vocab_map(student_tokenizer, teacher_tokenizer, fingerprints, args.vocab_map_dir)
         self.audit = coverage_audit(student_tokenizer, teacher_tokenizer, self.vocab_map)
@@ -161,15 +191,15 @@ class CrossTokenizer:
             teacher_positions.append(t_pos)
             unaligned += missed
         self.unaligned_tokens += unaligned
-        prepared = prepared.add_column(TEACHER_IDS, teacher_rows["input_ids"])
-        prepared = prepared.add_column(TEACHER_LABELS, teacher_rows["labels"])
-        prepared = prepared.add_column(STUDENT_SPAN_POSITIONS, student_positions)
-        return prepared.add_column(TEACHER_SPAN_POSITIONS, teacher_positions)
+        names = self.columns
+        prepared = prepared.add_column(names.teacher_ids, teacher_rows["input_ids"])
+        prepared = prepared.add_column(names.teacher_labels, teacher_rows["labels"])
+        prepared = prepared.add_column(names.student_pos, student_positions)
+        return prepared.add_column(names.teacher_pos, teacher_positions)
 
-    @staticmethod
-    def teacher_rows(prepared: Any) -> dict[str, Any]:
+    def teacher_rows(self, prepared: Any) -> dict[str, Any]:
         """The teacher-side rows (``input_ids``, ``labels``) of prepared data, for the teacher's own checks."""
-        return {"input_ids": prepared[TEACHER_IDS], "labels": prepared[TEACHER_LABELS]}
+        return {"input_ids": prepared[self.columns.teacher_ids], "labels": prepared[self.columns.teacher_labels]}
 
     def check_teacher(self, teacher: Any) -> None:
         """A teacher that records the tokenizer it was built with (a cache) must have the teacher's tokenizer."""
@@ -177,31 +207,48 @@ class CrossTokenizer:
         if check is not None:
             check(self.teacher_tokenizer)
 
-    def collator(self, base: DistillCollator) -> CrossTokenizerCollator:
+    def collator(self, base: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> CrossTokenizerCollator:
+        """``base`` (e.g. a :class:`~distill.data.DistillCollator`) plus this teacher's columns."""
         pad = self.teacher_tokenizer.pad_token_id
         pad = pad if pad is not None else self.teacher_tokenizer.eos_token_id
-        return CrossTokenizerCollator(base, 0 if pad is None else pad)
+        return CrossTokenizerCollator(base, 0 if pad is None else pad, self.columns)
 
     def teacher_targets(self, teacher: Any, inputs: dict[str, Any]) -> TeacherTargets:
         """The teacher's targets on its own token ids: ``[B, L_t, ...]``."""
-        return teacher.targets(inputs[TEACHER_IDS], inputs["teacher_attention_mask"], None)
+        return teacher.targets(inputs[self.columns.teacher_ids], inputs[self.columns.teacher_mask], None)
 
     def loss(
-        self, model: nn.Module, inputs: dict[str, Any], teacher_targets: TeacherTargets, objective: Objective
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        teacher_targets: TeacherTargets,
+        objective: Objective,
+        hidden: Tensor | None = None,
+        targets: Tensor | None = None,
     ) -> DistillationOutput:
-        """The cross-tokenizer loss of one micro-batch (see :func:`~distill.losses.cross_vocab.cross_vocab_loss`)."""
+        """The cross-tokenizer loss of one micro-batch (see :func:`~distill.losses.cross_vocab.cross_vocab_loss`).
+
+        Args:
+            model: the student.
+            inputs: the batch (with this teacher's columns).
+            teacher_targets: the teacher's targets on its own tokens.
+            objective: the loss settings.
+            hidden: the student's ``[B, L, H]`` final hidden states when already computed (several teachers).
+            targets: ``[B, L]`` next-token labels to use instead of the batch's (rows routed elsewhere masked).
+        """
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        hidden = final_hidden_states(model, input_ids, attention_mask, None)
+        if hidden is None:
+            hidden = final_hidden_states(model, input_ids, attention_mask, None)
         head = output_head_of(model)
         weight = full_tensor(head.weight)
         assert self.projection is not None, "call bind() once both models are loaded"
         batch, length = input_ids.shape
-        targets = next_token_labels(inputs["labels"]).reshape(-1)
-        student_pos, teacher_pos = inputs[STUDENT_SPAN_POSITIONS], inputs[TEACHER_SPAN_POSITIONS]
+        targets = (next_token_labels(inputs["labels"]) if targets is None else targets).reshape(-1)
+        student_pos, teacher_pos = inputs[self.columns.student_pos], inputs[self.columns.teacher_pos]
         valid = student_pos >= 0
         row_of_span = torch.arange(batch, device=student_pos.device)[:, None].expand_as(student_pos)[valid]
         student_flat = row_of_span * length + student_pos[valid]
-        teacher_flat = row_of_span * inputs[TEACHER_IDS].shape[1] + teacher_pos[valid]
+        teacher_flat = row_of_span * inputs[self.columns.teacher_ids].shape[1] + teacher_pos[valid]
         span_of_position = torch.full((batch * length,), -1, dtype=torch.long, device=input_ids.device)
         span_of_position[student_flat] = torch.arange(student_flat.numel(), device=input_ids.device)
         rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)

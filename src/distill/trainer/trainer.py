@@ -49,6 +49,7 @@ from distill.trainer.batching import completion_batch, next_token_labels
 from distill.trainer.cross_tokenizer import CrossTokenizer, uses_cross_tokenizer
 from distill.trainer.hidden import PROJECTIONS_FILE, HiddenDistillation, build_hidden_distillation, hidden_token_mask
 from distill.trainer.metrics import KDMetrics
+from distill.trainer.multi_teacher import TeacherEnsemble, named_teachers
 from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
 from distill.trainer.prefetch import PREFETCHED_KEY, TargetPrefetcher
 from distill.trainer.setup import prepare_splits, resolve_teacher, shared_vocabulary
@@ -110,26 +111,35 @@ class Trainer(transformers.Trainer):
         # Everything that can be checked without the weights is checked before loading them: a bad row
         # or a mismatched tokenizer costs seconds, not a model load (or a run).
         self.cross: CrossTokenizer | None = None
-        if teacher_processing_class is not None:
+        self.ensemble: TeacherEnsemble | None = None
+        if isinstance(teacher, list | tuple | dict):
+            names, teachers, teacher_tokenizers = named_teachers(teacher, teacher_processing_class)
+            if len(teachers) > 1:
+                self.ensemble = TeacherEnsemble(names, teacher_tokenizers, tokenizer, args)
+            teacher, teacher_processing_class = teachers[0], teacher_tokenizers[0]
+        if self.ensemble is None and teacher_processing_class is not None:
             if uses_cross_tokenizer(args, tokenizer, teacher_processing_class):
                 self.cross = CrossTokenizer(tokenizer, teacher_processing_class, args)
             else:
                 check_tokenizers_match(tokenizer, teacher_processing_class)
         prepared, self.data_reports = prepare_splits(args, tokenizer, train_dataset, eval_dataset)
-        if self.cross is not None:
-            for split, raw in (("train", train_dataset), ("eval", eval_dataset)):
-                if prepared[split] is not None:
-                    prepared[split] = self.cross.add_teacher_columns(prepared[split], raw)
+        for split, raw in (("train", train_dataset), ("eval", eval_dataset)):
+            if prepared[split] is not None and self.cross is not None:
+                prepared[split] = self.cross.add_teacher_columns(prepared[split], raw)
+            elif prepared[split] is not None and self.ensemble is not None:
+                prepared[split] = self.ensemble.add_columns(prepared[split], raw)
 
         if isinstance(model, str):
             model = load_causal_lm(model, dtype=resolve_dtype(args.student_dtype))
         self.teacher = resolve_teacher(teacher, model, args, teacher_processing_class)
+        if self.ensemble is not None:
+            self._resolve_ensemble(teachers, teacher_tokenizers, model, args, prepared)
         # Teachers with limits (a cache: its rows and loss positions; sampled targets: the forward KL) refuse now.
         self.teacher.check_objective(args.objective(None))
         if self.cross is not None:
             self.cross.check_teacher(self.teacher)
         for split in ("train", "eval"):
-            if prepared[split] is not None:
+            if prepared[split] is not None and self.ensemble is None:
                 rows = prepared[split] if self.cross is None else self.cross.teacher_rows(prepared[split])
                 self.teacher.check_dataset(rows)
         if peft_config is not None:
@@ -137,7 +147,10 @@ class Trainer(transformers.Trainer):
         check_student_trainable(model, peft_config)
         # Intermediate-layer distillation: layer map and projections now (a teacher without hidden states refuses).
         self.hidden: HiddenDistillation | None = build_hidden_distillation(model, self.teacher, args)
-        if self.cross is not None:
+        if self.ensemble is not None:
+            self.ensemble.bind(self.teachers, model)
+            self.vocab_size = self.ensemble.vocab_size or int(model.get_output_embeddings().weight.shape[0])
+        elif self.cross is not None:
             self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
             self.cross.bind(self.vocab_size, self.teacher.vocab_rows)
         else:
@@ -149,6 +162,8 @@ class Trainer(transformers.Trainer):
             data_collator = DistillCollator(pad_token_id=tokenizer.pad_token_id)
             if self.cross is not None:
                 data_collator = self.cross.collator(data_collator)
+            elif self.ensemble is not None:
+                data_collator = self.ensemble.collator(data_collator)
 
         self._preemption = SigtermCheckpoint(self._any_process) if args.save_on_sigterm else None
         callbacks = list(kwargs.pop("callbacks", None) or [])
@@ -175,6 +190,25 @@ class Trainer(transformers.Trainer):
         self._prefetcher: TargetPrefetcher | None = None
 
     # ---- setup --------------------------------------------------------------------------------------
+
+    def _resolve_ensemble(
+        self,
+        teachers: list[Any],
+        tokenizers: list[Any],
+        model: nn.Module,
+        args: DistillConfig,
+        prepared: dict[str, Any],
+    ) -> None:
+        """Resolve every teacher of a multi-teacher run and run each one's checks on the rows it will see."""
+        assert self.ensemble is not None
+        self.teachers = [self.teacher] + [
+            resolve_teacher(t, model, args, tok) for t, tok in zip(teachers[1:], tokenizers[1:], strict=True)
+        ]
+        for index, teacher in enumerate(self.teachers):
+            teacher.check_objective(args.objective(None))
+            for split in ("train", "eval"):
+                if prepared[split] is not None:
+                    teacher.check_dataset(self.ensemble.teacher_rows(index, prepared[split]))
 
     def _place_teacher(self, args: DistillConfig) -> None:
         """Shard the teacher over the processes (FSDP2) when asked to, or when the student is sharded."""
@@ -266,12 +300,14 @@ class Trainer(transformers.Trainer):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         position_ids = inputs.get("position_ids")
         targets = next_token_labels(inputs["labels"], position_ids)
-        teacher_targets = self._teacher_targets(model, inputs)
+        teacher_targets = self._teacher_targets(model, inputs) if self.ensemble is None else None
         hidden = self.hidden
         try:
             # The student's mapped layer outputs are caught in the same (outer) forward that gives its logits.
             with catch_layer_outputs(model, hidden.student_layers if hidden else ()) as student_states:
-                if self.cross is not None:
+                if self.ensemble is not None:
+                    output, per_teacher = self.ensemble.loss(model, inputs, self.objective)
+                elif self.cross is not None:
                     output = self.cross.loss(model, inputs, teacher_targets, self.objective)
                 else:
                     output = self._loss(model, input_ids, attention_mask, position_ids, targets, teacher_targets)
@@ -286,6 +322,8 @@ class Trainer(transformers.Trainer):
             self._stop_on_nonfinite(model, inputs, f"the loss is {float(loss)}")
         metrics = self._train_metrics if model.training else self._eval_metrics
         metrics.add(output, _input_tokens(inputs), generated=bool(inputs.get("_generated", False)))
+        if self.ensemble is not None:
+            metrics.add_teachers(per_teacher)
         if hidden is not None:
             metrics.add_hidden(hidden_output, hidden.names)
         return (loss, output) if return_outputs else loss
@@ -452,7 +490,7 @@ class Trainer(transformers.Trainer):
         args = self.args
         if not self.teacher.prefetchable or args.teacher_prefetch == 0 or args.seq_kd or args.lmbda > 0:
             return None
-        if self.cross is not None:  # the prefetcher asks with the student's ids
+        if self.cross is not None or self.ensemble is not None:  # the prefetcher asks with the student's ids
             return None
         return TargetPrefetcher(self.teacher, args.teacher_prefetch)
 
