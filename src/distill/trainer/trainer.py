@@ -67,14 +67,16 @@ class Trainer(transformers.Trainer):
             ``args.student_dtype``).
         teacher: a ``PreTrainedModel`` (frozen and wrapped in :class:`~distill.teachers.ModelTeacher`),
             a path / hub name (loaded with ``args.teacher_dtype`` / ``teacher_quantization`` /
-            ``teacher_device``), or any :class:`~distill.teachers.Teacher`.
+            ``teacher_device``), or any :class:`~distill.teachers.Teacher`; or several of these as a list or a
+            ``{name: teacher}`` dict (see :mod:`distill.trainer.multi_teacher`).
         args: a :class:`~distill.DistillConfig`.
         train_dataset, eval_dataset: ``datasets.Dataset`` with ``messages``, ``prompt``/``completion``,
             ``text`` or ``input_ids`` rows (see :mod:`distill.data`); checked and tokenized here, so
             bad rows fail before any training.
         processing_class: the student's tokenizer (loaded from ``model`` when that is a path).
         teacher_processing_class: the teacher's tokenizer, checked to be the student's (loaded from
-            ``teacher`` when that is a path).
+            ``teacher`` when that is a path); with ``args.cross_tokenizer="auto"`` a different one is aligned
+            instead (docs/cross_tokenizer.md). A list or dict, one per teacher, for several teachers.
         peft_config: a ``peft`` config (e.g. ``LoraConfig``) to train adapters instead of the full
             student; required for a 4-bit / 8-bit student (QLoRA).
         kwargs: passed to ``transformers.Trainer`` (``callbacks``, ``optimizers``, ...).
