@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
-TRAINER_EXAMPLES = ["distill_full.py", "distill_lora.py", "distill_qlora_4bit_teacher.py", "distill_on_policy.py"]
+TRAINER_EXAMPLES = [
+    "distill_full.py",
+    "distill_lora.py",
+    "distill_qlora_4bit_teacher.py",
+    "distill_on_policy.py",
+    "distill_cross_tokenizer.py",
+]
 
 
 @pytest.mark.parametrize("script", TRAINER_EXAMPLES)

@@ -410,3 +410,29 @@ def test_sequence_level_kd_with_the_server_writing_the_completions(
     trainer.train()
     assert logged(trainer, "on_policy_fraction") == [1.0, 1.0]  # every micro-batch trained on generated text
     assert all(torch.isfinite(torch.tensor(logged(trainer, "loss"))))
+
+
+def test_cross_tokenizer_student_trains_from_the_server(server: str, smollm2: tuple[Any, Any], tmp_path: Path) -> None:
+    """A student with another tokenizer learns from the served SmolLM2: the teacher's ids are sent, the alignment
+    is computed client-side; the first step's loss equals the in-process top-k teacher's."""
+    from trainer_helpers import arithmetic_dataset, config, logged
+
+    from distill import Trainer
+    from distill.testing import tiny_llama
+
+    model, teacher_tokenizer = smollm2
+    student_tokenizer = train_tiny_tokenizer()
+    runs = {}
+    for name, teacher in (
+        ("server", ServerTeacher(server, "teacher", top_k=16, tokenizer=teacher_tokenizer)),
+        ("local", TopKTeacher(model, 16)),
+    ):
+        student = tiny_llama(len(student_tokenizer), seed=4)
+        args = config(tmp_path / name, max_steps=2, per_device_train_batch_size=2, loss="forward_kl", ce_weight=0.2,
+                      cross_tokenizer="auto", vocab_map_dir=str(tmp_path / "maps"))  # fmt: skip
+        trainer = Trainer(model=student, teacher=teacher, args=args, train_dataset=arithmetic_dataset(4),
+                          processing_class=student_tokenizer, teacher_processing_class=teacher_tokenizer)  # fmt: skip
+        trainer.train()
+        runs[name] = logged(trainer, "loss")
+        assert all(torch.isfinite(torch.tensor(runs[name])))
+    torch.testing.assert_close(runs["server"][0], runs["local"][0], atol=2e-3, rtol=0)

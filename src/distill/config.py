@@ -179,12 +179,45 @@ class DistillConfig(TrainingArguments):
         },
     )
 
+    # Cross-tokenizer distillation (docs/cross_tokenizer.md).
+    cross_tokenizer: Literal["off", "auto", "on"] = field(
+        default="off",
+        metadata={
+            "help": "Distil across tokenizers: 'off' refuses a teacher whose tokenizer differs from the student's; "
+            "'auto' aligns the two tokenizations (docs/cross_tokenizer.md) when they differ; 'on' always does "
+            "(identical tokenizers then give the usual loss)."
+        },
+    )
+    cross_tokenizer_loss: Literal["pkl", "uld", "gold"] = field(
+        default="pkl",
+        metadata={
+            "help": "Cross-tokenizer KD term at each aligned span: 'pkl' (the loss divergence over projected "
+            "vocabularies), 'uld' (sorted-probability Wasserstein), 'gold' (GOLD's hybrid)."
+        },
+    )
+    teacher_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "Several teachers: the weight of each one's KD term (default equal), mixed at every token."},
+    )
+    teacher_route_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Several teachers: a dataset column naming each row's teacher (by name or index); the row is "
+            "distilled from that teacher only, instead of from the weighted mixture."
+        },
+    )
+    vocab_map_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of cached student->teacher vocabulary maps (default ~/.cache/distill/vocab_maps)."},
+    )
+
     def __post_init__(self) -> None:
         # The collator needs the raw columns, and our batches carry keys the model's forward does not take.
         self.remove_unused_columns = False
         super().__post_init__()
         self._check()
         self._check_hidden()
+        self._check_cross_tokenizer()
 
     def _check(self) -> None:
         self._check_finite()
@@ -269,6 +302,14 @@ class DistillConfig(TrainingArguments):
         if not self.temperature > 0:
             raise InputError(
                 f"temperature must be a finite number > 0 (1: the models' own softmax); got {self.temperature}."
+            )
+
+    def _check_cross_tokenizer(self) -> None:
+        if self.cross_tokenizer not in ("off", "auto", "on"):
+            raise ValueError(f"cross_tokenizer must be 'off', 'auto' or 'on'; got {self.cross_tokenizer!r}.")
+        if self.cross_tokenizer_loss not in ("pkl", "uld", "gold"):
+            raise ValueError(
+                f"cross_tokenizer_loss must be 'pkl', 'uld' or 'gold'; got {self.cross_tokenizer_loss!r}."
             )
 
     @property

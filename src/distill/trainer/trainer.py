@@ -49,8 +49,10 @@ from distill.teachers.server import ServerError
 from distill.teachers.sharding import full_tensor, shard_teacher
 from distill.trainer.batching import completion_batch, next_token_labels
 from distill.trainer.checkpoints import check_resume_settings, remove_incomplete, resolve_resume, write_marker
+from distill.trainer.cross_tokenizer import CrossTokenizer, uses_cross_tokenizer
 from distill.trainer.hidden import PROJECTIONS_FILE, HiddenDistillation, build_hidden_distillation, hidden_token_mask
 from distill.trainer.metrics import KDMetrics
+from distill.trainer.multi_teacher import TeacherEnsemble, named_teachers
 from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
 from distill.trainer.prefetch import PREFETCHED_KEY, TargetPrefetcher
 from distill.trainer.setup import prepare_splits, resolve_teacher, shared_vocabulary
@@ -68,14 +70,16 @@ class Trainer(transformers.Trainer):
             ``args.student_dtype``).
         teacher: a ``PreTrainedModel`` (frozen and wrapped in :class:`~distill.teachers.ModelTeacher`),
             a path / hub name (loaded with ``args.teacher_dtype`` / ``teacher_quantization`` /
-            ``teacher_device``), or any :class:`~distill.teachers.Teacher`.
+            ``teacher_device``), or any :class:`~distill.teachers.Teacher`; or several of these as a list or a
+            ``{name: teacher}`` dict (see :mod:`distill.trainer.multi_teacher`).
         args: a :class:`~distill.DistillConfig`.
         train_dataset, eval_dataset: ``datasets.Dataset`` with ``messages``, ``prompt``/``completion``,
             ``text`` or ``input_ids`` rows (see :mod:`distill.data`); checked and tokenized here, so
             bad rows fail before any training.
         processing_class: the student's tokenizer (loaded from ``model`` when that is a path).
         teacher_processing_class: the teacher's tokenizer, checked to be the student's (loaded from
-            ``teacher`` when that is a path).
+            ``teacher`` when that is a path); with ``args.cross_tokenizer="auto"`` a different one is aligned
+            instead (docs/cross_tokenizer.md). A list or dict, one per teacher, for several teachers.
         peft_config: a ``peft`` config (e.g. ``LoraConfig``) to train adapters instead of the full
             student; required for a 4-bit / 8-bit student (QLoRA).
         kwargs: passed to ``transformers.Trainer`` (``callbacks``, ``optimizers``, ...).
@@ -114,29 +118,60 @@ class Trainer(transformers.Trainer):
             teacher_processing_class = load_tokenizer(teacher, "teacher")
         # Everything that can be checked without the weights is checked before loading them: a bad row
         # or a mismatched tokenizer costs seconds, not a model load (or a run).
-        if teacher_processing_class is not None:
-            check_tokenizers_match(tokenizer, teacher_processing_class)
+        self.cross: CrossTokenizer | None = None
+        self.ensemble: TeacherEnsemble | None = None
+        if isinstance(teacher, list | tuple | dict):
+            names, teachers, teacher_tokenizers = named_teachers(teacher, teacher_processing_class)
+            if len(teachers) > 1:
+                self.ensemble = TeacherEnsemble(names, teacher_tokenizers, tokenizer, args)
+            teacher, teacher_processing_class = teachers[0], teacher_tokenizers[0]
+        if self.ensemble is None and teacher_processing_class is not None:
+            if uses_cross_tokenizer(args, tokenizer, teacher_processing_class):
+                self.cross = CrossTokenizer(tokenizer, teacher_processing_class, args)
+            else:
+                check_tokenizers_match(tokenizer, teacher_processing_class)
         prepared, self.data_reports = prepare_splits(args, tokenizer, train_dataset, eval_dataset)
+        for split, raw in (("train", train_dataset), ("eval", eval_dataset)):
+            if prepared[split] is not None and self.cross is not None:
+                prepared[split] = self.cross.add_teacher_columns(prepared[split], raw)
+            elif prepared[split] is not None and self.ensemble is not None:
+                prepared[split] = self.ensemble.add_columns(prepared[split], raw)
 
         if isinstance(model, str):
             model = load_causal_lm(model, dtype=resolve_dtype(args.student_dtype))
         self.teacher = resolve_teacher(teacher, model, args, teacher_processing_class)
+        if self.ensemble is not None:
+            self._resolve_ensemble(teachers, teacher_tokenizers, model, args, prepared)
         # Teachers with limits (a cache: its rows and loss positions; sampled targets: the forward KL) refuse now.
         self.teacher.check_objective(args.objective(None))
+        if self.cross is not None:
+            self.cross.check_teacher(self.teacher)
         for split in ("train", "eval"):
-            if prepared[split] is not None:
-                self.teacher.check_dataset(prepared[split])
+            if prepared[split] is not None and self.ensemble is None:
+                rows = prepared[split] if self.cross is None else self.cross.teacher_rows(prepared[split])
+                self.teacher.check_dataset(rows)
         if peft_config is not None:
             model = apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
         check_student_trainable(model, peft_config)
         # Intermediate-layer distillation: layer map and projections now (a teacher without hidden states refuses).
         self.hidden: HiddenDistillation | None = build_hidden_distillation(model, self.teacher, args)
-        self.vocab_size = shared_vocabulary(model, self.teacher, tokenizer, args)
+        if self.ensemble is not None:
+            self.ensemble.bind(self.teachers, model)
+            self.vocab_size = self.ensemble.vocab_size or int(model.get_output_embeddings().weight.shape[0])
+        elif self.cross is not None:
+            self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+            self.cross.bind(self.vocab_size, self.teacher.vocab_rows)
+        else:
+            self.vocab_size = shared_vocabulary(model, self.teacher, tokenizer, args)
         self.objective = args.objective(self.vocab_size)
         if args.loss_implementation == "fused":
             output_head_of(model)  # fail now, not at step 1, if the head cannot be fused
         if data_collator is None:
             data_collator = DistillCollator(pad_token_id=tokenizer.pad_token_id)
+            if self.cross is not None:
+                data_collator = self.cross.collator(data_collator)
+            elif self.ensemble is not None:
+                data_collator = self.ensemble.collator(data_collator)
 
         self._preemption = SigtermCheckpoint(self._any_process) if args.save_on_sigterm else None
         callbacks = list(kwargs.pop("callbacks", None) or [])
@@ -163,6 +198,25 @@ class Trainer(transformers.Trainer):
         self._prefetcher: TargetPrefetcher | None = None
 
     # ---- setup --------------------------------------------------------------------------------------
+
+    def _resolve_ensemble(
+        self,
+        teachers: list[Any],
+        tokenizers: list[Any],
+        model: nn.Module,
+        args: DistillConfig,
+        prepared: dict[str, Any],
+    ) -> None:
+        """Resolve every teacher of a multi-teacher run and run each one's checks on the rows it will see."""
+        assert self.ensemble is not None
+        self.teachers = [self.teacher] + [
+            resolve_teacher(t, model, args, tok) for t, tok in zip(teachers[1:], tokenizers[1:], strict=True)
+        ]
+        for index, teacher in enumerate(self.teachers):
+            teacher.check_objective(args.objective(None))
+            for split in ("train", "eval"):
+                if prepared[split] is not None:
+                    teacher.check_dataset(self.ensemble.teacher_rows(index, prepared[split]))
 
     def _place_teacher(self, args: DistillConfig) -> None:
         """Shard the teacher over the processes (FSDP2) when asked to, or when the student is sharded."""
@@ -254,12 +308,17 @@ class Trainer(transformers.Trainer):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         position_ids = inputs.get("position_ids")
         targets = next_token_labels(inputs["labels"], position_ids)
-        teacher_targets = self._teacher_targets(model, inputs)
+        teacher_targets = self._teacher_targets(model, inputs) if self.ensemble is None else None
         hidden = self.hidden
         try:
             # The student's mapped layer outputs are caught in the same (outer) forward that gives its logits.
             with catch_layer_outputs(model, hidden.student_layers if hidden else ()) as student_states:
-                output = self._loss(model, input_ids, attention_mask, position_ids, targets, teacher_targets)
+                if self.ensemble is not None:
+                    output, per_teacher = self.ensemble.loss(model, inputs, self.objective)
+                elif self.cross is not None:
+                    output = self.cross.loss(model, inputs, teacher_targets, self.objective)
+                else:
+                    output = self._loss(model, input_ids, attention_mask, position_ids, targets, teacher_targets)
             loss = output.loss
             if hidden is not None:
                 mask = hidden_token_mask(self.args.hidden_loss_tokens, attention_mask, targets)
@@ -271,6 +330,8 @@ class Trainer(transformers.Trainer):
             self._stop_on_nonfinite(model, inputs, f"the loss is {float(loss)}")
         metrics = self._train_metrics if model.training else self._eval_metrics
         metrics.add(output, _input_tokens(inputs), generated=bool(inputs.get("_generated", False)))
+        if self.ensemble is not None:
+            metrics.add_teachers(per_teacher)
         if hidden is not None:
             metrics.add_hidden(hidden_output, hidden.names)
         return (loss, output) if return_outputs else loss
@@ -282,6 +343,8 @@ class Trainer(transformers.Trainer):
         try:
             if prefetched is not None:
                 return prefetched.result().to(input_ids.device)
+            if self.cross is not None:
+                return self.cross.teacher_targets(self.teacher, inputs)
             return self.teacher.targets(input_ids, inputs["attention_mask"], inputs.get("position_ids"))
         except ServerError as error:
             where = self._save_last_good(model)
@@ -450,6 +513,8 @@ class Trainer(transformers.Trainer):
         """A prefetcher when the teacher answers remotely and every batch's tokens are known before its step."""
         args = self.args
         if not self.teacher.prefetchable or args.teacher_prefetch == 0 or args.seq_kd or args.lmbda > 0:
+            return None
+        if self.cross is not None or self.ensemble is not None:  # the prefetcher asks with the student's ids
             return None
         return TargetPrefetcher(self.teacher, args.teacher_prefetch)
 
