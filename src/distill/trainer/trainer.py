@@ -53,7 +53,7 @@ from distill.trainer.hidden import PROJECTIONS_FILE, HiddenDistillation, build_h
 from distill.trainer.metrics import KDMetrics
 from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
 from distill.trainer.prefetch import PREFETCHED_KEY, TargetPrefetcher
-from distill.trainer.setup import prepare_splits, resolve_teacher, shared_vocabulary
+from distill.trainer.setup import pick_teacher, prepare_splits, resolve_teacher, shared_vocabulary, turn_off_dropout
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -68,7 +68,8 @@ class Trainer(transformers.Trainer):
             ``args.student_dtype``).
         teacher: a ``PreTrainedModel`` (frozen and wrapped in :class:`~distill.teachers.ModelTeacher`),
             a path / hub name (loaded with ``args.teacher_dtype`` / ``teacher_quantization`` /
-            ``teacher_device``), or any :class:`~distill.teachers.Teacher`.
+            ``teacher_device``), or any :class:`~distill.teachers.Teacher`. ``teacher_model=`` (TRL's name)
+            is the same argument; without either, ``args.teacher_model_name_or_path``.
         args: a :class:`~distill.DistillConfig`.
         train_dataset, eval_dataset: ``datasets.Dataset`` with ``messages``, ``prompt``/``completion``,
             ``text`` or ``input_ids`` rows (see :mod:`distill.data`); checked and tokenized here, so
@@ -84,8 +85,8 @@ class Trainer(transformers.Trainer):
     def __init__(
         self,
         model: nn.Module | str,
-        teacher: nn.Module | Teacher | str,
-        args: DistillConfig,
+        teacher: nn.Module | Teacher | str | None = None,
+        args: DistillConfig | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
@@ -99,19 +100,22 @@ class Trainer(transformers.Trainer):
                 f"args must be a distill.DistillConfig (it adds the loss, teacher and data fields); got "
                 f"{type(args).__name__}. Build it as DistillConfig(output_dir=..., ...)."
             )
+        teacher = pick_teacher(teacher, kwargs.pop("teacher_model", None), args)
         if isinstance(teacher, Teacher):  # what this teacher cannot train (e.g. a cache: no generation, no packing)
             teacher.check_config(args)
             teacher.check_objective(args.objective(None))
+        if args.model_init_kwargs and not isinstance(model, str):
+            raise ValueError("model_init_kwargs apply when the student is given as a name or path, not a model.")
         if processing_class is None:
             if not isinstance(model, str):
                 raise ValueError("processing_class (the student tokenizer) is required when model is a model object.")
-            processing_class = load_tokenizer(model, "model")
+            processing_class = load_tokenizer(model, "model", trust_remote_code=args.trust_remote_code)
         tokenizer = processing_class
         if tokenizer.pad_token_id is None:
             # Padding is masked everywhere, so any id works; eos is what most chat models use.
             tokenizer.pad_token = tokenizer.eos_token
         if teacher_processing_class is None and isinstance(teacher, str):
-            teacher_processing_class = load_tokenizer(teacher, "teacher")
+            teacher_processing_class = load_tokenizer(teacher, "teacher", trust_remote_code=args.trust_remote_code)
         # Everything that can be checked without the weights is checked before loading them: a bad row
         # or a mismatched tokenizer costs seconds, not a model load (or a run).
         if teacher_processing_class is not None:
@@ -119,7 +123,7 @@ class Trainer(transformers.Trainer):
         prepared, self.data_reports = prepare_splits(args, tokenizer, train_dataset, eval_dataset)
 
         if isinstance(model, str):
-            model = load_causal_lm(model, dtype=resolve_dtype(args.student_dtype))
+            model = load_causal_lm(model, dtype=resolve_dtype(args.student_dtype), **args.load_kwargs("student"))
         self.teacher = resolve_teacher(teacher, model, args, teacher_processing_class)
         # Teachers with limits (a cache: its rows and loss positions; sampled targets: the forward KL) refuse now.
         self.teacher.check_objective(args.objective(None))
@@ -129,6 +133,8 @@ class Trainer(transformers.Trainer):
         if peft_config is not None:
             model = apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
         check_student_trainable(model, peft_config)
+        if args.disable_dropout:
+            turn_off_dropout(model)
         # Intermediate-layer distillation: layer map and projections now (a teacher without hidden states refuses).
         self.hidden: HiddenDistillation | None = build_hidden_distillation(model, self.teacher, args)
         self.vocab_size = shared_vocabulary(model, self.teacher, tokenizer, args)
