@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 from peft import LoraConfig
-from trainer_helpers import arithmetic_dataset, config
+from trainer_helpers import arithmetic_dataset, config, logged
 from transformers import HfArgumentParser
 
 from distill import DistillConfig, Trainer
@@ -130,3 +130,57 @@ def test_disable_dropout_zeroes_every_dropout_of_the_student(tmp_path: Path, tok
     )
     probabilities = {module.p for module in trainer.model.modules() if type(module).__name__ == "Dropout"}
     assert probabilities == ({0.0} if disable else {0.25})
+
+
+def _stream(rows: list[dict]):
+    """``rows`` as a streaming dataset (an ``IterableDataset`` from a generator: no length, no known columns)."""
+    from datasets import IterableDataset
+
+    def generate():
+        yield from rows
+
+    return IterableDataset.from_generator(generate)
+
+
+def test_a_streaming_dataset_trains_with_max_steps(tmp_path: Path, tokenizer, tiny_pair) -> None:
+    teacher, student = tiny_pair
+    rows = list(arithmetic_dataset(80))  # more than the rows checked before training
+    args = config(tmp_path, max_steps=24, per_device_train_batch_size=4)  # 96 rows: the stream is read past its end
+    trainer = Trainer(student, teacher, args, train_dataset=_stream(rows), processing_class=tokenizer)
+    report = trainer.data_reports["train"]
+    assert report.streamed and report.num_rows == 64 and report.format == "messages"
+    assert str(report).startswith("streaming; its first 64 rows")
+    trainer.train()
+    assert trainer.state.global_step == 24
+    losses = logged(trainer, "loss")
+    assert len(losses) == 24 and all(loss > 0 for loss in losses)
+
+
+def test_a_stream_tokenizes_rows_as_a_dataset_does(tokenizer) -> None:
+    from distill.data import prepare_dataset, prepare_stream
+
+    rows = list(arithmetic_dataset(70, layout="prompt_completion"))
+    stream, _ = prepare_stream(_stream(rows), tokenizer, max_length=64, need_prompts=True)
+    table, _ = prepare_dataset(rows, tokenizer, max_length=64, need_prompts=True)
+    assert list(stream) == list(table)
+
+
+def test_a_stream_without_max_steps_or_with_packing_is_refused(tmp_path: Path, tokenizer, tiny_pair) -> None:
+    from distill.data import DataError
+
+    teacher, student = tiny_pair
+    stream = _stream(list(arithmetic_dataset(8)))
+    with pytest.raises(DataError, match=r"set max_steps=N .*stream\.take\(n\)"):
+        Trainer(student, teacher, config(tmp_path, max_steps=-1), train_dataset=stream, processing_class=tokenizer)
+    with pytest.raises(DataError, match="packing=True needs every row at once"):
+        Trainer(student, teacher, config(tmp_path, packing=True), train_dataset=stream, processing_class=tokenizer)
+
+
+def test_a_bad_row_past_the_checked_ones_is_named_when_read(tokenizer) -> None:
+    from distill.data import DataError, prepare_stream
+
+    rows = list(arithmetic_dataset(70, layout="prompt_completion"))
+    rows[66] = {"prompt": rows[66]["prompt"], "completion": ""}
+    stream, _ = prepare_stream(_stream(rows), tokenizer, max_length=64)  # the first 64 rows are fine
+    with pytest.raises(DataError, match="Streamed row 66: "):
+        list(stream)

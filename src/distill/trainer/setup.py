@@ -11,11 +11,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from torch import nn
 
 from distill.config import DistillConfig
-from distill.data import prepare_dataset
+from distill.data import STREAM_CHECKED_ROWS, DataError, is_stream, prepare_dataset, prepare_stream
 from distill.losses import VocabularyMismatchError
 from distill.models import load_causal_lm, resolve_dtype, shared_vocab_size
 from distill.teachers import ModelTeacher, Teacher
@@ -34,8 +35,26 @@ def prepare_splits(
         if dataset is None:
             prepared[split] = None
             continue
+        dataset = with_text_column(dataset, args.dataset_text_field)
+        if is_stream(dataset):
+            if split == "train" and args.max_steps <= 0:
+                raise DataError(
+                    "A streaming train_dataset (IterableDataset) has no length, so the run's length must be given: "
+                    "set max_steps=N (optimizer steps), or materialise the rows: "
+                    "Dataset.from_list(list(stream.take(n)))."
+                )
+            prepared[split], reports[split] = prepare_stream(
+                dataset,
+                tokenizer,
+                max_length=args.max_length,
+                completion_only_loss=args.completion_only_loss,
+                packing=args.packing,
+                need_prompts=args.uses_generation and split == "train",
+            )
+            logger.info("%s data: %s", split, reports[split])
+            continue
         prepared[split], reports[split] = prepare_dataset(
-            with_text_column(dataset, args.dataset_text_field),
+            dataset,
             tokenizer,
             max_length=args.max_length,
             completion_only_loss=args.completion_only_loss,
@@ -45,6 +64,13 @@ def prepare_splits(
         )
         logger.info("%s data: %s", split, reports[split])
     return prepared, reports
+
+
+def rows_to_check(rows: Any) -> Any:
+    """Prepared rows for ``Teacher.check_dataset``: all of them, or a stream's first ones (the rest are not read)."""
+    if is_stream(rows):
+        return datasets.Dataset.from_list(list(rows.take(STREAM_CHECKED_ROWS)))
+    return rows
 
 
 def pick_teacher(teacher: Any, teacher_model: Any, args: Any) -> Any:

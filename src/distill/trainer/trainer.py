@@ -53,7 +53,14 @@ from distill.trainer.hidden import PROJECTIONS_FILE, HiddenDistillation, build_h
 from distill.trainer.metrics import KDMetrics
 from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
 from distill.trainer.prefetch import PREFETCHED_KEY, TargetPrefetcher
-from distill.trainer.setup import pick_teacher, prepare_splits, resolve_teacher, shared_vocabulary, turn_off_dropout
+from distill.trainer.setup import (
+    pick_teacher,
+    prepare_splits,
+    resolve_teacher,
+    rows_to_check,
+    shared_vocabulary,
+    turn_off_dropout,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -129,7 +136,7 @@ class Trainer(transformers.Trainer):
         self.teacher.check_objective(args.objective(None))
         for split in ("train", "eval"):
             if prepared[split] is not None:
-                self.teacher.check_dataset(prepared[split])
+                self.teacher.check_dataset(rows_to_check(prepared[split]))
         if peft_config is not None:
             model = apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
         check_student_trainable(model, peft_config)
