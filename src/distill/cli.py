@@ -41,6 +41,10 @@ SUBCOMMANDS = {
         "prune a teacher into a smaller student (width + depth, by calibration importance)",
     ),
     "doctor": ("distill.sandbox.cli", "check the kernel layers the sandbox for model-written code needs"),
+    "merge": (
+        "distill.models.cli",
+        "merge a LoRA student's adapters into its base model (a standard transformers folder)",
+    ),
 }
 SUBCOMMAND_MODULES = tuple(module for module, _ in SUBCOMMANDS.values())
 EXIT_BAD_INPUT = 2

@@ -9,6 +9,7 @@ from distill.models.loading import (
     parameter_bytes,
     resolve_dtype,
 )
+from distill.models.merge import load_snippet, merge_adapters
 from distill.models.quantization import Quantization, is_quantized, make_trainable_4bit_safe, quantization_config
 from distill.models.shrink import evenly_spaced_layers, student_from_teacher
 from distill.models.vocab import VocabularyMismatchError, check_tokenizers_match, eos_token_ids, shared_vocab_size
@@ -27,7 +28,9 @@ __all__ = [
     "has_trainable_adapters",
     "is_quantized",
     "load_causal_lm",
+    "load_snippet",
     "make_trainable_4bit_safe",
+    "merge_adapters",
     "parameter_bytes",
     "quantization_config",
     "resolve_dtype",

@@ -36,6 +36,7 @@ from distill.models import (
     resolve_dtype,
 )
 from distill.models.loading import load_tokenizer
+from distill.models.merge import is_adapter_folder, load_snippet
 from distill.teachers import (
     ModelTeacher,
     Teacher,
@@ -465,6 +466,17 @@ class Trainer(transformers.Trainer):
         if not self.teacher.prefetchable or args.teacher_prefetch == 0 or args.seq_kd or args.lmbda > 0:
             return None
         return TargetPrefetcher(self.teacher, args.teacher_prefetch)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``transformers.Trainer.save_model``; when you call it (not for a checkpoint), it prints where the student
+        is and three lines that load it."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.args.should_save:
+            folder = Path(output_dir or self.args.output_dir)
+            kind = "LoRA adapters" if is_adapter_folder(folder) else "model"
+            print(
+                f"The student ({kind} and tokenizer) is in {folder.resolve()}. Load it with:\n{load_snippet(folder)}"
+            )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """``transformers.Trainer.train``; raises :class:`TrainingPreempted` after a SIGTERM checkpoint.
