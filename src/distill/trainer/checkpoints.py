@@ -57,6 +57,11 @@ _NOT_SETTINGS = frozenset(
         "allow_resume_changes",
         "loss_chunk_size",
         "loss_implementation",
+        # How the models are found and loaded (attention kernel, remote code): not what they compute.
+        "model_init_kwargs",
+        "teacher_model_init_kwargs",
+        "trust_remote_code",
+        "teacher_model_name_or_path",
     }
 )
 # TrainingArguments fields that change the optimisation a resumed run continues.
