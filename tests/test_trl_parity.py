@@ -184,3 +184,28 @@ def test_a_bad_row_past_the_checked_ones_is_named_when_read(tokenizer) -> None:
     stream, _ = prepare_stream(_stream(rows), tokenizer, max_length=64)  # the first 64 rows are fine
     with pytest.raises(DataError, match="Streamed row 66: "):
         list(stream)
+
+
+def test_a_checkpoint_saved_before_these_fields_existed_resumes(tmp_path: Path) -> None:
+    from distill.trainer.checkpoints import MARKER_NAME, check_resume_settings, write_marker
+
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    write_marker(folder, config(tmp_path))
+    record = json.loads((folder / MARKER_NAME).read_text())
+    new = ("dataset_text_field", "assistant_only_loss", "padding_free", "disable_dropout")
+    assert all(name in record["settings"] for name in new)
+    for name in new:  # as an older distill wrote it
+        del record["settings"][name]
+    (folder / MARKER_NAME).write_text(json.dumps(record))
+    check_resume_settings(folder, config(tmp_path))  # the defaults are what that run did
+    with pytest.raises(InputError, match="disable_dropout: False -> True"):
+        check_resume_settings(folder, config(tmp_path, disable_dropout=True))
+
+
+def test_dataset_text_field_renames_a_streamed_column_too(tmp_path: Path, tokenizer, tiny_pair) -> None:
+    teacher, student = tiny_pair
+    rows = [{"content": row["text"]} for row in arithmetic_dataset(8, layout="text")]
+    args = config(tmp_path, dataset_text_field="content", max_steps=1)
+    trainer = Trainer(student, teacher, args, train_dataset=_stream(rows), processing_class=tokenizer)
+    assert trainer.data_reports["train"].format == "text" and trainer.data_reports["train"].num_rows == 8

@@ -244,6 +244,11 @@ def check_resume_settings(folder: str | os.PathLike, args: Any) -> None:
     if not isinstance(saved, dict):
         return
     now = run_settings(args)
+    # A field added to DistillConfig after the checkpoint was saved: that run had the field's default behaviour.
+    defaults = {
+        spec.name: spec.default for spec in dataclasses.fields(args) if spec.default is not dataclasses.MISSING
+    }
+    saved = {**{name: _plain(defaults[name]) for name in now if name not in saved and name in defaults}, **saved}
     changed = [
         f"{name}: {saved.get(name, '<unset>')!r} -> {now.get(name, '<unset>')!r}"
         for name in sorted(saved.keys() | now.keys())

@@ -94,6 +94,8 @@ def with_text_column(dataset: Any, text_field: str) -> Any:
     """``dataset`` with its ``text_field`` column named ``text`` (TRL's ``dataset_text_field``), when it has one."""
     rows = dataset if isinstance(dataset, list) else None  # prepare_dataset takes a list of row dicts too
     columns = list(rows[0]) if rows else (getattr(dataset, "column_names", None) or [])
+    if not columns and is_stream(dataset):  # a stream from a generator does not know its columns: read one row
+        columns = list(next(iter(dataset.take(1)), {}))
     if text_field == "text" or text_field not in columns:
         return dataset
     if "text" in columns:
