@@ -239,3 +239,17 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path):
     assert len(keys) == len(set(keys)) == manifest["num_rows"]
     assert progress[0] < 16, progress  # the first kill landed mid-run
     print("shards complete after each kill:", progress)
+
+
+def test_progress_bar_counts_completions_with_rate_and_resumes_where_it_stopped(tmp_path, tokenizer, teacher, capsys):
+    settings = dict(num_completions=2, max_new_tokens=4, prompts_per_shard=2, batch_size=3)
+    generate_dataset(teacher, tokenizer, _prompts(3), tmp_path / "g", **settings)
+    err = capsys.readouterr().err
+    assert "Generating: 100%" in err and "6/6" in err and "completion/s" in err
+    (tmp_path / "g" / "shard-00001.json").unlink()  # as if the run had stopped after its first shard
+    generate_dataset(teacher, tokenizer, _prompts(3), tmp_path / "g", **settings)
+    err = capsys.readouterr().err
+    first_state = next(part for part in err.split("\r") if part.strip())
+    assert "4/6" in first_state and "6/6" in err  # starts at the finished shard
+    generate_dataset(teacher, tokenizer, _prompts(3), tmp_path / "q", progress=False, **settings)
+    assert "Generating" not in capsys.readouterr().err

@@ -1,7 +1,10 @@
 """The ``distill`` command: thin subcommands over the library.
 
 Each subcommand lives with the code it drives and exposes ``register(subparsers)``, which adds its
-parser and sets ``func`` (called with the parsed arguments, returning an exit code).
+parser and sets ``func`` (called with the parsed arguments, returning an exit code). Only the chosen
+subcommand's module is imported (several of them import torch, seconds on a cold start): the others are
+listed by name and one-line help from :data:`SUBCOMMANDS`, so ``distill --help`` and ``distill --version``
+load no model library.
 
 Bad input (a flag's value, a missing file, a folder that holds something else) ends the command with
 one line saying what is wrong and what to do, and exit code 2, before any model is loaded; no traceback.
@@ -13,19 +16,37 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Sequence
 from typing import NoReturn
 
 from distill.checks import InputError
 
-# Modules that provide a subcommand (``distill cache``, ``distill generate``, ...).
-SUBCOMMAND_MODULES = (
-    "distill.cache.cli",
-    "distill.generation.cli",
-    "distill.evaluation.cli",
-    "distill.planning.cli",
-    "distill.pruning.cli",
-    "distill.sandbox.cli",
-)
+# Subcommand -> (module that registers it, its one-line help as that module gives it; a test keeps them equal).
+SUBCOMMANDS = {
+    "cache": (
+        "distill.cache.cli",
+        "run a teacher once over a dataset and store its top-k log-probs (resumable)",
+    ),
+    "generate": ("distill.generation.cli", "sample teacher completions for prompts (sequence-level KD data)"),
+    "eval": (
+        "distill.evaluation.cli",
+        "compare a student with its teacher: quality kept vs cost saved (report card)",
+    ),
+    "plan": (
+        "distill.planning.cli",
+        "predict GPU memory, time and cost of a distillation run before launching it",
+    ),
+    "prune": (
+        "distill.pruning.cli",
+        "prune a teacher into a smaller student (width + depth, by calibration importance)",
+    ),
+    "doctor": ("distill.sandbox.cli", "check the kernel layers the sandbox for model-written code needs"),
+    "merge": (
+        "distill.models.cli",
+        "merge a LoRA student's adapters into its base model (a standard transformers folder)",
+    ),
+}
+SUBCOMMAND_MODULES = tuple(module for module, _ in SUBCOMMANDS.values())
 EXIT_BAD_INPUT = 2
 # Errors that mean "the input is wrong", by module and class, looked up only if their module was imported.
 _BAD_INPUT_ELSEWHERE = (
@@ -41,13 +62,41 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``distill`` argument parser with every subcommand registered."""
+def version() -> str:
+    """The installed package's version (its metadata), or ``distill.__version__`` when run from a source tree."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("distill")
+    except metadata.PackageNotFoundError:
+        from distill import __version__
+
+        return __version__
+
+
+def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``distill`` argument parser.
+
+    Args:
+        commands: subcommands whose modules are imported and whose full parsers are registered; the others
+            are listed by name and help only (their flags unknown). ``None``: every subcommand in full.
+    """
     parser = _Parser(prog="distill", description="Knowledge distillation of LLMs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for module in SUBCOMMAND_MODULES:
-        importlib.import_module(module).register(subparsers)
+    full = set(SUBCOMMANDS) if commands is None else set(commands)
+    for name, (module, help_line) in SUBCOMMANDS.items():
+        if name in full:
+            importlib.import_module(module).register(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_line, add_help=False)
     return parser
+
+
+def chosen_command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (its first word that is not an option), if it is a known one."""
+    first = next((word for word in argv if not word.startswith("-")), None)
+    return first if first in SUBCOMMANDS else None
 
 
 def is_bad_input(error: BaseException) -> bool:
@@ -66,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ``DISTILL_DEBUG=1`` shows the traceback of a bad-input error too.
     """
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = chosen_command(argv)
+    args = build_parser([command] if command else []).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except Exception as error:

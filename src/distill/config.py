@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal
 
 from transformers import TrainingArguments
 
+from distill import trl_compat
 from distill.checks import InputError, check_int
 from distill.losses import DIVERGENCE_NAMES, HIDDEN_LOSSES, Divergence, Objective
 
@@ -210,6 +211,40 @@ class DistillConfig(TrainingArguments):
         default=None,
         metadata={"help": "Folder of cached student->teacher vocabulary maps (default ~/.cache/distill/vocab_maps)."},
     )
+    # TRL's names (GKDConfig / DistillationConfig / SFTConfig), same meaning; docs/trainer.md "Porting from TRL".
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "When the student is given as a name: keywords for from_pretrained, as in TRL. Keys: "
+            "attn_implementation, trust_remote_code, dtype / torch_dtype (= student_dtype); others are refused "
+            "with the distill field to use."
+        },
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "The same for the teacher given as a name (dtype / torch_dtype = teacher_dtype)."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run model code shipped with a checkpoint, for student and teacher models and tokenizers."},
+    )
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The teacher's name or path when the Trainer is given no teacher (TRL)."}
+    )
+    dataset_text_field: str = field(
+        default="text", metadata={"help": "Column holding plain-text rows (TRL's SFTConfig); renamed to 'text'."}
+    )
+    assistant_only_loss: bool | None = field(
+        default=None,
+        metadata={"help": "TRL's name: True is completion_only_loss=True (distill's default); False is refused."},
+    )
+    padding_free: bool = field(
+        default=False, metadata={"help": "TRL's flattened batches: not available (True is refused; use packing)."}
+    )
+    disable_dropout: bool = field(
+        default=False,
+        metadata={"help": "Set every dropout of the student (adapters included) to p=0, as TRL does (GKDConfig: on)."},
+    )
 
     def __post_init__(self) -> None:
         # The collator needs the raw columns, and our batches carry keys the model's forward does not take.
@@ -218,6 +253,27 @@ class DistillConfig(TrainingArguments):
         self._check()
         self._check_hidden()
         self._check_cross_tokenizer()
+        self._check_trl_names()
+
+    def _check_trl_names(self) -> None:
+        student, self.student_dtype = trl_compat.init_kwargs(
+            self.model_init_kwargs, "model_init_kwargs", "student_dtype", self.student_dtype
+        )
+        teacher, self.teacher_dtype = trl_compat.init_kwargs(
+            self.teacher_model_init_kwargs, "teacher_model_init_kwargs", "teacher_dtype", self.teacher_dtype
+        )
+        self.model_init_kwargs, self.teacher_model_init_kwargs = student or None, teacher or None
+        for name in ("student_dtype", "teacher_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {_DTYPES}.")
+        trl_compat.check_data_keywords(self.assistant_only_loss, self.completion_only_loss, self.padding_free)
+        if not self.dataset_text_field:
+            raise InputError("dataset_text_field must name a column (default 'text').")
+
+    def load_kwargs(self, role: Literal["student", "teacher"]) -> dict[str, Any]:
+        """Keywords for :func:`distill.models.load_causal_lm` beyond the dtype, for a model given by name."""
+        given = self.model_init_kwargs if role == "student" else self.teacher_model_init_kwargs
+        return {"trust_remote_code": self.trust_remote_code, **(given or {})}
 
     def _check(self) -> None:
         self._check_finite()

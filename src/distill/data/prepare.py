@@ -39,6 +39,7 @@ class DataReport:
         max_length: the ``max_length`` used.
         format: the row layout, from :func:`detect_format`.
         num_packed_rows: rows after packing, or None without packing.
+        streamed: the rows are a stream's first rows, checked before training (the rest are read as it goes).
     """
 
     num_rows: int
@@ -48,9 +49,11 @@ class DataReport:
     max_length: int
     format: str
     num_packed_rows: int | None = None
+    streamed: bool = False
 
     def __str__(self) -> str:
-        line = (
+        line = "streaming; its first " if self.streamed else ""
+        line += (
             f"{_plural(self.num_rows, 'row')} ({self.format}), {self.num_truncated:,} truncated to "
             f"{self.max_length:,} tokens, {_plural(self.num_tokens, 'token')} of which {self.num_loss_tokens:,} "
             "carry loss"

@@ -21,33 +21,39 @@ Example:
     >>> print(card.headline)
 """
 
-from distill.evaluation.metrics import HeldoutMetrics, heldout_metrics, load_rows
-from distill.evaluation.passk import mean_pass_at_k, pass_at_k
-from distill.evaluation.report import (
-    ModelResult,
-    ReportCard,
-    higher_is_better,
-    kept,
-    quality,
-    summary_tables,
-    write_report,
-)
-from distill.evaluation.speed import (
-    SpeedResult,
-    cost_per_million_tokens,
-    gpu_price_per_hour,
-    measure_speed,
-    resolve_price,
-)
-from distill.evaluation.tasks import (
-    HumanEvalPassAtK,
-    PassAtKResult,
-    Sampler,
-    TaskMetric,
-    humaneval_problems,
-    run_tasks,
-    sample_completions,
-)
+from typing import TYPE_CHECKING
+
+from distill._lazy import lazy_exports
+
+# Imported on first use: metrics and speed import torch, and ``distill eval --help`` should not wait for it.
+if TYPE_CHECKING:
+    from distill.evaluation.metrics import HeldoutMetrics, heldout_metrics, load_rows
+    from distill.evaluation.passk import mean_pass_at_k, pass_at_k
+    from distill.evaluation.report import (
+        ModelResult,
+        ReportCard,
+        higher_is_better,
+        kept,
+        quality,
+        summary_tables,
+        write_report,
+    )
+    from distill.evaluation.speed import (
+        SpeedResult,
+        cost_per_million_tokens,
+        gpu_price_per_hour,
+        measure_speed,
+        resolve_price,
+    )
+    from distill.evaluation.tasks import (
+        HumanEvalPassAtK,
+        PassAtKResult,
+        Sampler,
+        TaskMetric,
+        humaneval_problems,
+        run_tasks,
+        sample_completions,
+    )
 
 __all__ = [
     "HeldoutMetrics",
@@ -75,3 +81,5 @@ __all__ = [
     "summary_tables",
     "write_report",
 ]
+
+__getattr__ = lazy_exports(__name__, ("metrics", "passk", "report", "speed", "tasks"), __all__)

@@ -6,9 +6,15 @@ Example:
     >>> dataset = load_generated(out)  # rows {"prompt", "completion"} or {"messages"}, ready for the Trainer
 """
 
-from distill.generation.filters import HumanEvalFilter
-from distill.generation.generate import RowFilter, generate_dataset, load_generated, read_manifest
-from distill.generation.sampling import sample_batch, sequence_seed
+from typing import TYPE_CHECKING
+
+from distill._lazy import lazy_exports
+
+# Imported on first use: generate imports torch, and ``distill generate --help`` should not wait for it.
+if TYPE_CHECKING:
+    from distill.generation.filters import HumanEvalFilter
+    from distill.generation.generate import RowFilter, generate_dataset, load_generated, read_manifest
+    from distill.generation.sampling import sample_batch, sequence_seed
 
 __all__ = [
     "HumanEvalFilter",
@@ -19,3 +25,5 @@ __all__ = [
     "sample_batch",
     "sequence_seed",
 ]
+
+__getattr__ = lazy_exports(__name__, ("filters", "generate", "sampling"), __all__)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from tqdm.auto import tqdm
 
 from distill.checks import InputError, check_float, check_int, check_writable_folder
 from distill.generation.sampling import sample_batch, sequence_seed
@@ -137,13 +138,19 @@ def _sample_jobs(
     settings: dict[str, Any],
     eos_ids: list[int],
     pad: int,
+    done: Callable[[int], object],
 ) -> list[list[int]]:
-    """The new token ids of every (prompt offset, completion index) job, in order, each with its own seed."""
+    """The new token ids of every (prompt offset, completion index) job, in order, each with its own seed.
+
+    ``done(n)`` is called as ``n`` more completions are finished (after each batch; a server's all at once).
+    """
     seeds = [sequence_seed(settings["seed"], first_index + p, c) for p, c in jobs]
     sampling = {key: settings[key] for key in ("max_new_tokens", "temperature", "top_p", "top_k")}
     if isinstance(teacher, ServerTeacher):  # the server batches concurrent requests itself
         prompts = [encoded[p] for p, _ in jobs]
-        return teacher.sample(prompts, seeds, stop=settings["stop"], stop_token_ids=eos_ids, **sampling)
+        sampled = teacher.sample(prompts, seeds, stop=settings["stop"], stop_token_ids=eos_ids, **sampling)
+        done(len(sampled))
+        return sampled
     outputs: list[list[int]] = []
     for start in range(0, len(jobs), settings["batch_size"]):
         batch = jobs[start : start + settings["batch_size"]]
@@ -151,6 +158,7 @@ def _sample_jobs(
         outputs += sample_batch(
             teacher, [encoded[p] for p, _ in batch], generators, eos_token_ids=eos_ids, pad_token_id=pad, **sampling
         )
+        done(len(batch))
     return outputs
 
 
@@ -162,6 +170,7 @@ def _generate_shard(
     settings: dict[str, Any],
     filter: Callable[[dict[str, Any]], bool] | None,
     filter_workers: int,
+    done: Callable[[int], object],
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Generate, cut, drop empties and filter one shard's rows. Returns (kept rows, counts)."""
     n = settings["num_completions"]
@@ -171,7 +180,7 @@ def _generate_shard(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = eos_token_ids(tokenizer, teacher)
     texts = []
-    for tokens in _sample_jobs(teacher, encoded, jobs, first_index, settings, eos_ids, pad):
+    for tokens in _sample_jobs(teacher, encoded, jobs, first_index, settings, eos_ids, pad, done):
         tokens = [t for t in tokens if t not in eos_ids]
         texts.append(cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), settings["stop"]))
 
@@ -274,6 +283,7 @@ def generate_dataset(
     filter: Callable[[dict[str, Any]], bool] | None = None,
     filter_workers: int = 1,
     teacher_name: str | None = None,
+    progress: bool = True,
 ) -> Path:
     """Sample ``num_completions`` teacher completions per prompt into a resumable parquet dataset.
 
@@ -304,6 +314,7 @@ def generate_dataset(
         filter_workers: Threads running ``filter`` (a sandboxed check spends its time in a subprocess).
         teacher_name: Recorded in the manifest; default ``teacher.config.name_or_path`` (a server: its
             served model name).
+        progress: Show a tqdm bar of completions (rate and ETA; a resumed run starts at its finished shards).
 
     Returns:
         ``out_dir`` as a ``Path``; read it with :func:`load_generated`.
@@ -357,9 +368,17 @@ def generate_dataset(
     was_training = not server and teacher.training
     if not server:
         teacher.eval()
+    starts = range(0, len(rows), prompts_per_shard)
+    finished = sum(  # by an earlier run: the bar starts there, so its rate and ETA are this run's
+        len(rows[first : first + prompts_per_shard]) * num_completions
+        for shard, first in enumerate(starts)
+        if (out / f"shard-{shard:05d}.json").exists()
+    )
+    total = len(rows) * num_completions
+    bar = tqdm(total=total, initial=finished, desc="Generating", unit="completion", disable=not progress)
     try:
         shards = []
-        for shard, first in enumerate(range(0, len(rows), prompts_per_shard)):
+        for shard, first in enumerate(starts):
             state_path = out / f"shard-{shard:05d}.json"
             if not state_path.exists():
                 kept, counts = _generate_shard(
@@ -370,6 +389,7 @@ def generate_dataset(
                     settings,
                     filter,
                     filter_workers,
+                    bar.update,
                 )
                 file = None
                 if kept:
@@ -387,6 +407,7 @@ def generate_dataset(
                 _atomic_write(state_path, _json_bytes(state))
             shards.append(json.loads(state_path.read_text(encoding="utf-8")))
     finally:
+        bar.close()
         if not server:
             teacher.train(was_training)
 

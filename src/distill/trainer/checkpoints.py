@@ -57,6 +57,11 @@ _NOT_SETTINGS = frozenset(
         "allow_resume_changes",
         "loss_chunk_size",
         "loss_implementation",
+        # How the models are found and loaded (attention kernel, remote code): not what they compute.
+        "model_init_kwargs",
+        "teacher_model_init_kwargs",
+        "trust_remote_code",
+        "teacher_model_name_or_path",
     }
 )
 # TrainingArguments fields that change the optimisation a resumed run continues.
@@ -239,6 +244,11 @@ def check_resume_settings(folder: str | os.PathLike, args: Any) -> None:
     if not isinstance(saved, dict):
         return
     now = run_settings(args)
+    # A field added to DistillConfig after the checkpoint was saved: that run had the field's default behaviour.
+    defaults = {
+        spec.name: spec.default for spec in dataclasses.fields(args) if spec.default is not dataclasses.MISSING
+    }
+    saved = {**{name: _plain(defaults[name]) for name in now if name not in saved and name in defaults}, **saved}
     changed = [
         f"{name}: {saved.get(name, '<unset>')!r} -> {now.get(name, '<unset>')!r}"
         for name in sorted(saved.keys() | now.keys())

@@ -11,14 +11,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from torch import nn
 
 from distill.config import DistillConfig
-from distill.data import prepare_dataset
+from distill.data import STREAM_CHECKED_ROWS, DataError, is_stream, prepare_dataset, prepare_stream
 from distill.losses import VocabularyMismatchError
 from distill.models import load_causal_lm, resolve_dtype, shared_vocab_size
 from distill.teachers import ModelTeacher, Teacher
+from distill.trl_compat import disable_dropout
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,24 @@ def prepare_splits(
         if dataset is None:
             prepared[split] = None
             continue
+        dataset = with_text_column(dataset, args.dataset_text_field)
+        if is_stream(dataset):
+            if split == "train" and args.max_steps <= 0:
+                raise DataError(
+                    "A streaming train_dataset (IterableDataset) has no length, so the run's length must be given: "
+                    "set max_steps=N (optimizer steps), or materialise the rows: "
+                    "Dataset.from_list(list(stream.take(n)))."
+                )
+            prepared[split], reports[split] = prepare_stream(
+                dataset,
+                tokenizer,
+                max_length=args.max_length,
+                completion_only_loss=args.completion_only_loss,
+                packing=args.packing,
+                need_prompts=args.uses_generation and split == "train",
+            )
+            logger.info("%s data: %s", split, reports[split])
+            continue
         prepared[split], reports[split] = prepare_dataset(
             dataset,
             tokenizer,
@@ -44,6 +64,54 @@ def prepare_splits(
         )
         logger.info("%s data: %s", split, reports[split])
     return prepared, reports
+
+
+def rows_to_check(rows: Any) -> Any:
+    """Prepared rows for ``Teacher.check_dataset``: all of them, or a stream's first ones (the rest are not read)."""
+    if is_stream(rows):
+        return datasets.Dataset.from_list(list(rows.take(STREAM_CHECKED_ROWS)))
+    return rows
+
+
+def pick_teacher(teacher: Any, teacher_model: Any, args: Any) -> Any:
+    """The teacher among ``teacher=``, TRL's ``teacher_model=`` and ``args.teacher_model_name_or_path``.
+
+    Raises:
+        ValueError: none of them, or two different ones.
+    """
+    given = [value for value in (teacher, teacher_model) if value is not None]
+    if len(given) == 2 and given[0] is not given[1]:
+        raise ValueError("teacher= and teacher_model= (TRL's name for it) are both given; pass one.")
+    if given:
+        return given[0]
+    name = getattr(args, "teacher_model_name_or_path", None)
+    if name is None:
+        raise ValueError("No teacher: pass teacher= (a model, a name or path, or a distill Teacher).")
+    return name
+
+
+def with_text_column(dataset: Any, text_field: str) -> Any:
+    """``dataset`` with its ``text_field`` column named ``text`` (TRL's ``dataset_text_field``), when it has one."""
+    rows = dataset if isinstance(dataset, list) else None  # prepare_dataset takes a list of row dicts too
+    columns = list(rows[0]) if rows else (getattr(dataset, "column_names", None) or [])
+    if not columns and is_stream(dataset):  # a stream from a generator does not know its columns: read one row
+        columns = list(next(iter(dataset.take(1)), {}))
+    if text_field == "text" or text_field not in columns:
+        return dataset
+    if "text" in columns:
+        raise ValueError(
+            f"dataset_text_field={text_field!r}, but the dataset has a 'text' column too; drop one of them."
+        )
+    if rows is not None:
+        return [{("text" if key == text_field else key): value for key, value in row.items()} for row in rows]
+    return dataset.rename_column(text_field, "text")
+
+
+def turn_off_dropout(model: nn.Module) -> None:
+    """``disable_dropout=True``: every dropout of the student at p=0, logged when that changed any."""
+    changed = disable_dropout(model)
+    if changed:
+        logger.info("disable_dropout=True: %d dropout modules of the student set to p=0 (as TRL does).", changed)
 
 
 def resolve_teacher(
@@ -66,8 +134,11 @@ def resolve_teacher(
             dtype=resolve_dtype(args.teacher_dtype),
             quantization=args.teacher_quantization,
             device=device,
+            **args.load_kwargs("teacher"),
         )
         return ModelTeacher(model, tokenizer=teacher_tokenizer, device=device)
+    if args.teacher_model_init_kwargs:
+        raise ValueError("teacher_model_init_kwargs apply when the teacher is given as a name or path; it is loaded.")
     if args.teacher_quantization != "none":
         raise ValueError(
             "teacher_quantization applies when the teacher is given as a path; this teacher is an already "

@@ -36,6 +36,7 @@ from distill.models import (
     resolve_dtype,
 )
 from distill.models.loading import load_tokenizer
+from distill.models.merge import is_adapter_folder, load_snippet
 from distill.teachers import (
     ModelTeacher,
     Teacher,
@@ -55,7 +56,14 @@ from distill.trainer.metrics import KDMetrics
 from distill.trainer.multi_teacher import TeacherEnsemble, named_teachers
 from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
 from distill.trainer.prefetch import PREFETCHED_KEY, TargetPrefetcher
-from distill.trainer.setup import prepare_splits, resolve_teacher, shared_vocabulary
+from distill.trainer.setup import (
+    pick_teacher,
+    prepare_splits,
+    resolve_teacher,
+    rows_to_check,
+    shared_vocabulary,
+    turn_off_dropout,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -71,7 +79,8 @@ class Trainer(transformers.Trainer):
         teacher: a ``PreTrainedModel`` (frozen and wrapped in :class:`~distill.teachers.ModelTeacher`),
             a path / hub name (loaded with ``args.teacher_dtype`` / ``teacher_quantization`` /
             ``teacher_device``), or any :class:`~distill.teachers.Teacher`; or several of these as a list or a
-            ``{name: teacher}`` dict (see :mod:`distill.trainer.multi_teacher`).
+            ``{name: teacher}`` dict (see :mod:`distill.trainer.multi_teacher`). ``teacher_model=`` (TRL's name)
+            is the same argument; without either, ``args.teacher_model_name_or_path``.
         args: a :class:`~distill.DistillConfig`.
         train_dataset, eval_dataset: ``datasets.Dataset`` with ``messages``, ``prompt``/``completion``,
             ``text`` or ``input_ids`` rows (see :mod:`distill.data`); checked and tokenized here, so
@@ -88,8 +97,8 @@ class Trainer(transformers.Trainer):
     def __init__(
         self,
         model: nn.Module | str,
-        teacher: nn.Module | Teacher | str,
-        args: DistillConfig,
+        teacher: nn.Module | Teacher | str | None = None,
+        args: DistillConfig | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
@@ -103,19 +112,22 @@ class Trainer(transformers.Trainer):
                 f"args must be a distill.DistillConfig (it adds the loss, teacher and data fields); got "
                 f"{type(args).__name__}. Build it as DistillConfig(output_dir=..., ...)."
             )
+        teacher = pick_teacher(teacher, kwargs.pop("teacher_model", None), args)
         if isinstance(teacher, Teacher):  # what this teacher cannot train (e.g. a cache: no generation, no packing)
             teacher.check_config(args)
             teacher.check_objective(args.objective(None))
+        if args.model_init_kwargs and not isinstance(model, str):
+            raise ValueError("model_init_kwargs apply when the student is given as a name or path, not a model.")
         if processing_class is None:
             if not isinstance(model, str):
                 raise ValueError("processing_class (the student tokenizer) is required when model is a model object.")
-            processing_class = load_tokenizer(model, "model")
+            processing_class = load_tokenizer(model, "model", trust_remote_code=args.trust_remote_code)
         tokenizer = processing_class
         if tokenizer.pad_token_id is None:
             # Padding is masked everywhere, so any id works; eos is what most chat models use.
             tokenizer.pad_token = tokenizer.eos_token
         if teacher_processing_class is None and isinstance(teacher, str):
-            teacher_processing_class = load_tokenizer(teacher, "teacher")
+            teacher_processing_class = load_tokenizer(teacher, "teacher", trust_remote_code=args.trust_remote_code)
         # Everything that can be checked without the weights is checked before loading them: a bad row
         # or a mismatched tokenizer costs seconds, not a model load (or a run).
         self.cross: CrossTokenizer | None = None
@@ -138,7 +150,7 @@ class Trainer(transformers.Trainer):
                 prepared[split] = self.ensemble.add_columns(prepared[split], raw)
 
         if isinstance(model, str):
-            model = load_causal_lm(model, dtype=resolve_dtype(args.student_dtype))
+            model = load_causal_lm(model, dtype=resolve_dtype(args.student_dtype), **args.load_kwargs("student"))
         self.teacher = resolve_teacher(teacher, model, args, teacher_processing_class)
         if self.ensemble is not None:
             self._resolve_ensemble(teachers, teacher_tokenizers, model, args, prepared)
@@ -149,10 +161,12 @@ class Trainer(transformers.Trainer):
         for split in ("train", "eval"):
             if prepared[split] is not None and self.ensemble is None:
                 rows = prepared[split] if self.cross is None else self.cross.teacher_rows(prepared[split])
-                self.teacher.check_dataset(rows)
+                self.teacher.check_dataset(rows_to_check(rows))
         if peft_config is not None:
             model = apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
         check_student_trainable(model, peft_config)
+        if args.disable_dropout:
+            turn_off_dropout(model)
         # Intermediate-layer distillation: layer map and projections now (a teacher without hidden states refuses).
         self.hidden: HiddenDistillation | None = build_hidden_distillation(model, self.teacher, args)
         if self.ensemble is not None:
@@ -517,6 +531,17 @@ class Trainer(transformers.Trainer):
         if self.cross is not None or self.ensemble is not None:  # the prefetcher asks with the student's ids
             return None
         return TargetPrefetcher(self.teacher, args.teacher_prefetch)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``transformers.Trainer.save_model``; when you call it (not for a checkpoint), it prints where the student
+        is and three lines that load it."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.args.should_save:
+            folder = Path(output_dir or self.args.output_dir)
+            kind = "LoRA adapters" if is_adapter_folder(folder) else "model"
+            print(
+                f"The student ({kind} and tokenizer) is in {folder.resolve()}. Load it with:\n{load_snippet(folder)}"
+            )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """``transformers.Trainer.train``; raises :class:`TrainingPreempted` after a SIGTERM checkpoint.

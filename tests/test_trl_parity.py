@@ -1,0 +1,211 @@
+"""TRL's GKDConfig / DistillationConfig / SFTConfig keywords: read with TRL's meaning, or refused naming distill's.
+
+The porting table is in docs/trainer.md ("Porting from TRL").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+from peft import LoraConfig
+from trainer_helpers import arithmetic_dataset, config, logged
+from transformers import HfArgumentParser
+
+from distill import DistillConfig, Trainer
+from distill.checks import InputError
+
+
+def test_trl_keywords_are_accepted_with_their_meaning(tmp_path: Path) -> None:
+    args = config(
+        tmp_path,
+        model_init_kwargs={"attn_implementation": "eager", "torch_dtype": "float32"},
+        teacher_model_init_kwargs='{"trust_remote_code": false, "dtype": "bfloat16"}',  # JSON text, as from a CLI
+        dataset_text_field="content",
+        assistant_only_loss=True,
+        padding_free=False,
+        disable_dropout=True,
+        trust_remote_code=True,
+    )
+    assert args.model_init_kwargs == {"attn_implementation": "eager"} and args.student_dtype == "float32"
+    assert args.teacher_model_init_kwargs == {"trust_remote_code": False} and args.teacher_dtype == "bfloat16"
+    assert args.load_kwargs("student") == {"trust_remote_code": True, "attn_implementation": "eager"}
+    assert args.load_kwargs("teacher") == {"trust_remote_code": False}  # the model's own keyword wins, as in TRL
+    assert args.completion_only_loss is True
+
+
+def test_trl_keywords_parse_from_the_command_line(tmp_path: Path) -> None:
+    flags = ["--output_dir", str(tmp_path), "--model_init_kwargs", json.dumps({"attn_implementation": "sdpa"})]
+    flags += ["--disable_dropout", "true", "--assistant_only_loss", "true", "--dataset_text_field", "body"]
+    (args,) = HfArgumentParser(DistillConfig).parse_args_into_dataclasses(flags)
+    assert args.model_init_kwargs == {"attn_implementation": "sdpa"}
+    assert args.disable_dropout and args.assistant_only_loss and args.dataset_text_field == "body"
+
+
+@pytest.mark.parametrize(
+    ("keywords", "named"),
+    [
+        ({"padding_free": True}, "packing=True"),
+        ({"assistant_only_loss": False}, "completion_only_loss=False"),
+        ({"assistant_only_loss": True, "completion_only_loss": False}, "completion_only_loss=True"),
+        ({"model_init_kwargs": {"device_map": "auto"}}, "the Trainer (accelerate) places the student"),
+        ({"teacher_model_init_kwargs": {"quantization_config": {}}}, "teacher_quantization='4bit'"),
+        ({"teacher_model_init_kwargs": {"device_map": "auto"}}, "teacher_device"),
+        ({"model_init_kwargs": {"revision": "main"}}, "load the model yourself"),
+        ({"model_init_kwargs": {"dtype": "float16"}, "student_dtype": "bfloat16"}, "student_dtype='bfloat16'"),
+        ({"model_init_kwargs": "attn_implementation=eager"}, "JSON text"),
+        ({"model_init_kwargs": {"torch_dtype": "float8"}}, "student_dtype='float8'"),
+    ],
+)
+def test_trl_keywords_without_a_distill_twin_are_refused_by_name(tmp_path: Path, keywords: dict, named: str) -> None:
+    with pytest.raises((InputError, ValueError)) as refused:
+        config(tmp_path, **keywords)
+    assert named in str(refused.value)
+
+
+@pytest.fixture
+def saved_pair(tmp_path: Path, tokenizer, tiny_pair) -> tuple[str, str]:
+    """The tiny teacher and student saved as folders (the way a user names them), each with the tokenizer."""
+    folders = []
+    for name, model in zip(("teacher", "student"), tiny_pair, strict=True):
+        folder = tmp_path / name
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders.append(str(folder))
+    return folders[0], folders[1]
+
+
+def test_models_by_name_get_their_init_kwargs_and_teacher_model_is_teacher(tmp_path: Path, saved_pair) -> None:
+    teacher, student = saved_pair
+    rows = [{"content": row["text"]} for row in arithmetic_dataset(8, layout="text")]
+    args = config(
+        tmp_path / "out",
+        model_init_kwargs={"attn_implementation": "eager"},
+        teacher_model_init_kwargs={"attn_implementation": "sdpa"},
+        dataset_text_field="content",
+        max_steps=1,
+    )
+    trainer = Trainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows))
+    assert trainer.model.config._attn_implementation == "eager"
+    assert trainer.teacher.model.config._attn_implementation == "sdpa"
+    assert trainer.data_reports["train"].format == "text" and trainer.data_reports["train"].num_rows == 8
+    trainer.train()
+
+    # No teacher argument: TRL's teacher_model_name_or_path.
+    named = config(tmp_path / "out2", teacher_model_name_or_path=teacher, max_steps=1)
+    trainer = Trainer(model=student, args=named, train_dataset=arithmetic_dataset(8))
+    assert trainer.teacher.model.config.num_hidden_layers != trainer.model.config.num_hidden_layers
+
+
+def test_teacher_arguments_conflicts_and_init_kwargs_for_loaded_models(tmp_path: Path, tokenizer, tiny_pair) -> None:
+    teacher, student = tiny_pair
+    data = arithmetic_dataset(8)
+    with pytest.raises(ValueError, match="teacher_model= .* both given"):
+        Trainer(
+            student, teacher, config(tmp_path), train_dataset=data, processing_class=tokenizer, teacher_model=student
+        )
+    with pytest.raises(ValueError, match="No teacher"):
+        Trainer(student, args=config(tmp_path), train_dataset=data, processing_class=tokenizer)
+    loaded = config(tmp_path, model_init_kwargs={"attn_implementation": "eager"})
+    with pytest.raises(ValueError, match="model_init_kwargs apply when the student is given as a name"):
+        Trainer(student, teacher, loaded, train_dataset=data, processing_class=tokenizer)
+    loaded = config(tmp_path, teacher_model_init_kwargs={"attn_implementation": "eager"})
+    with pytest.raises(ValueError, match="teacher_model_init_kwargs apply when the teacher is given as a name"):
+        Trainer(student, teacher, loaded, train_dataset=data, processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_disable_dropout_zeroes_every_dropout_of_the_student(tmp_path: Path, tokenizer, tiny_pair, disable) -> None:
+    teacher, student = tiny_pair
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.25, target_modules=["q_proj", "v_proj"])
+    trainer = Trainer(
+        student,
+        teacher_model=teacher,
+        args=config(tmp_path, disable_dropout=disable),
+        train_dataset=arithmetic_dataset(8),
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    probabilities = {module.p for module in trainer.model.modules() if type(module).__name__ == "Dropout"}
+    assert probabilities == ({0.0} if disable else {0.25})
+
+
+def _stream(rows: list[dict]):
+    """``rows`` as a streaming dataset (an ``IterableDataset`` from a generator: no length, no known columns)."""
+    from datasets import IterableDataset
+
+    def generate():
+        yield from rows
+
+    return IterableDataset.from_generator(generate)
+
+
+def test_a_streaming_dataset_trains_with_max_steps(tmp_path: Path, tokenizer, tiny_pair) -> None:
+    teacher, student = tiny_pair
+    rows = list(arithmetic_dataset(80))  # more than the rows checked before training
+    args = config(tmp_path, max_steps=24, per_device_train_batch_size=4)  # 96 rows: the stream is read past its end
+    trainer = Trainer(student, teacher, args, train_dataset=_stream(rows), processing_class=tokenizer)
+    report = trainer.data_reports["train"]
+    assert report.streamed and report.num_rows == 64 and report.format == "messages"
+    assert str(report).startswith("streaming; its first 64 rows")
+    trainer.train()
+    assert trainer.state.global_step == 24
+    losses = logged(trainer, "loss")
+    assert len(losses) == 24 and all(loss > 0 for loss in losses)
+
+
+def test_a_stream_tokenizes_rows_as_a_dataset_does(tokenizer) -> None:
+    from distill.data import prepare_dataset, prepare_stream
+
+    rows = list(arithmetic_dataset(70, layout="prompt_completion"))
+    stream, _ = prepare_stream(_stream(rows), tokenizer, max_length=64, need_prompts=True)
+    table, _ = prepare_dataset(rows, tokenizer, max_length=64, need_prompts=True)
+    assert list(stream) == list(table)
+
+
+def test_a_stream_without_max_steps_or_with_packing_is_refused(tmp_path: Path, tokenizer, tiny_pair) -> None:
+    from distill.data import DataError
+
+    teacher, student = tiny_pair
+    stream = _stream(list(arithmetic_dataset(8)))
+    with pytest.raises(DataError, match=r"set max_steps=N .*stream\.take\(n\)"):
+        Trainer(student, teacher, config(tmp_path, max_steps=-1), train_dataset=stream, processing_class=tokenizer)
+    with pytest.raises(DataError, match="packing=True needs every row at once"):
+        Trainer(student, teacher, config(tmp_path, packing=True), train_dataset=stream, processing_class=tokenizer)
+
+
+def test_a_bad_row_past_the_checked_ones_is_named_when_read(tokenizer) -> None:
+    from distill.data import DataError, prepare_stream
+
+    rows = list(arithmetic_dataset(70, layout="prompt_completion"))
+    rows[66] = {"prompt": rows[66]["prompt"], "completion": ""}
+    stream, _ = prepare_stream(_stream(rows), tokenizer, max_length=64)  # the first 64 rows are fine
+    with pytest.raises(DataError, match="Streamed row 66: "):
+        list(stream)
+
+
+def test_a_checkpoint_saved_before_these_fields_existed_resumes(tmp_path: Path) -> None:
+    from distill.trainer.checkpoints import MARKER_NAME, check_resume_settings, write_marker
+
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    write_marker(folder, config(tmp_path))
+    record = json.loads((folder / MARKER_NAME).read_text())
+    new = ("dataset_text_field", "assistant_only_loss", "padding_free", "disable_dropout")
+    assert all(name in record["settings"] for name in new)
+    for name in new:  # as an older distill wrote it
+        del record["settings"][name]
+    (folder / MARKER_NAME).write_text(json.dumps(record))
+    check_resume_settings(folder, config(tmp_path))  # the defaults are what that run did
+    with pytest.raises(InputError, match="disable_dropout: False -> True"):
+        check_resume_settings(folder, config(tmp_path, disable_dropout=True))
+
+
+def test_dataset_text_field_renames_a_streamed_column_too(tmp_path: Path, tokenizer, tiny_pair) -> None:
+    teacher, student = tiny_pair
+    rows = [{"content": row["text"]} for row in arithmetic_dataset(8, layout="text")]
+    args = config(tmp_path, dataset_text_field="content", max_steps=1)
+    trainer = Trainer(student, teacher, args, train_dataset=_stream(rows), processing_class=tokenizer)
+    assert trainer.data_reports["train"].format == "text" and trainer.data_reports["train"].num_rows == 8
