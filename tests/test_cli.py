@@ -49,7 +49,7 @@ def test_top_level_help_lists_every_command_without_importing_torch() -> None:
 
 
 # prune is left out: ``distill.pruning``'s package imports torch (its CLI module cannot be reached without it).
-@pytest.mark.parametrize("command", ["cache", "generate", "eval", "plan", "doctor", "merge"])
+@pytest.mark.parametrize("command", ["cache", "generate", "eval", "plan", "doctor", "merge", "prune"])
 def test_subcommand_help_imports_no_model_library(command: str) -> None:
     result, out = _probe(command, "--help")
     assert result == {"code": 0, "heavy": []}

@@ -7,16 +7,22 @@ squares, and returns a standard ``transformers`` model plus a record of what sur
 intermediate-layer distillation reads (``config.distill_pruning``). See ``docs/pruning.md``.
 """
 
-from distill.pruning.architecture import (
-    PruneShape,
-    UnsupportedArchitectureError,
-    check_prunable,
-    count_parameters,
-    shape_of,
-)
-from distill.pruning.importance import Importance, calibration_loss, measure_importance
-from distill.pruning.search import Candidate, PruneResult, calibration_batches, candidate_shapes, prune
-from distill.pruning.surgery import RECORD_KEY, PrunedModel, check_shape, kept_units, prune_to_shape, pruned_config
+from typing import TYPE_CHECKING
+
+from distill._lazy import lazy_exports
+
+# Imported on first use: the pruning modules import torch, and ``distill prune --help`` should not wait for it.
+if TYPE_CHECKING:
+    from distill.pruning.architecture import (
+        PruneShape,
+        UnsupportedArchitectureError,
+        check_prunable,
+        count_parameters,
+        shape_of,
+    )
+    from distill.pruning.importance import Importance, calibration_loss, measure_importance
+    from distill.pruning.search import Candidate, PruneResult, calibration_batches, candidate_shapes, prune
+    from distill.pruning.surgery import RECORD_KEY, PrunedModel, check_shape, kept_units, prune_to_shape, pruned_config
 
 __all__ = [
     "RECORD_KEY",
@@ -39,3 +45,5 @@ __all__ = [
     "pruned_config",
     "shape_of",
 ]
+
+__getattr__ = lazy_exports(__name__, ("architecture", "importance", "search", "surgery"), __all__)
