@@ -114,8 +114,9 @@ def test_identical_tokenizers_reproduce_the_same_vocabulary_loss(seed: int, dive
         assert torch.equal(cross_out.loss, same_out.loss)  # bit for bit
     else:  # the mixtures' log-sum-exp takes another (equally exact) route: float32 rounding only
         assert torch.allclose(cross_out.loss, same_out.loss, rtol=1e-6, atol=0)
-    # Autograd's backward through the copy-per-class takes another summation order: float32 rounding only.
-    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+    # The cross path's autograd backward through the copy-per-class and the same-vocabulary loss's closed-form
+    # gradient take other summation orders: float32 rounding only (gradients here are ~1e-2; 1e-6 is ~1e-4 of that).
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
     assert torch.allclose(cross_out.kd_loss, same_out.kd_loss, rtol=1e-6)
     assert torch.equal(cross_out.top1_agreement, same_out.top1_agreement)
 

@@ -97,6 +97,56 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
+def _pid_namespaces_below(pid: int) -> set[int]:
+    """Pid-namespace inodes of ``pid``'s children and grandchildren other than the host's (the run's init)."""
+    host = os.stat("/proc/self/ns/pid").st_ino
+    found, frontier = set(), [pid]
+    for _ in range(2):
+        children = []
+        for parent in frontier:
+            try:
+                for task in os.listdir(f"/proc/{parent}/task"):
+                    with open(f"/proc/{parent}/task/{task}/children", "rb") as f:
+                        children += [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+        for child in children:
+            try:
+                inode = os.stat(f"/proc/{child}/ns/pid").st_ino
+            except OSError:
+                continue
+            if inode != host:
+                found.add(inode)
+        frontier = children
+    return found
+
+
+def _wait_namespaces_empty(namespaces: set[int], deadline_s: float = 10.0) -> None:
+    """Wait until no live process is left in ``namespaces`` (the kernel kills them when their init dies)."""
+    end = time.monotonic() + deadline_s
+    while namespaces and time.monotonic() < end:
+        alive = False
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                if os.stat(f"/proc/{entry}/ns/pid").st_ino not in namespaces:
+                    continue
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    state = f.read().rsplit(b")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state not in (b"Z", b"X"):
+                alive = True
+                try:
+                    os.kill(int(entry), signal.SIGKILL)
+                except OSError:
+                    pass
+        if not alive:
+            return
+        time.sleep(0.005)
+
+
 def _kill_group(pgid: int, deadline_s: float = 5.0) -> None:
     """SIGKILL the launcher's process group until no live member is left.
 
@@ -274,9 +324,13 @@ def run_python(
             try:
                 timed_out = _wait(process, timeout_s)
             finally:
-                # Also after a clean exit: nothing of the run may outlive it.
+                # Also after a clean exit: nothing of the run may outlive it. The run's pid namespace is noted
+                # first: a process that left the group (setsid) dies with the namespace, which can take a moment
+                # on a loaded machine, so the namespace is also waited on until it is empty.
+                namespaces = _pid_namespaces_below(process.pid)
                 _kill_group(process.pid)
                 process.wait()
+                _wait_namespaces_empty(namespaces)
             duration_s = time.monotonic() - start
         status = _status(root / "status")
         if "error" in status:
