@@ -68,8 +68,21 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _survivors(stdout: str) -> list[int]:
-    """Live host processes in the run's pid namespace (reported by REPORT_NAMESPACE)."""
+def _survivors(stdout: str, grace_s: float = 1.0) -> list[int]:
+    """Live host processes in the run's pid namespace (reported by REPORT_NAMESPACE), after up to ``grace_s``.
+
+    The kernel tears a namespace down asynchronously; on a loaded machine its last processes can take a moment
+    to go. The grace stays below the escapees' 2 s lifetime, so a process that really escaped is still caught.
+    """
+    end = time.monotonic() + grace_s
+    while True:
+        found = _namespace_members(stdout)
+        if not found or time.monotonic() > end:
+            return found
+        time.sleep(0.05)
+
+
+def _namespace_members(stdout: str) -> list[int]:
     namespace = int(next(line.split()[1] for line in stdout.splitlines() if line.startswith("NS ")))
     assert namespace != os.stat("/proc/self/ns/pid").st_ino, "the run shared the host's pid namespace"
     found = []
