@@ -272,16 +272,29 @@ def _take_teacher_rows(targets: TeacherTargets, flat_positions: Tensor) -> Teach
     return TeacherHead(hidden, targets.weight, targets.bias, targets.softcap)
 
 
-def _refuse_unsupported(args: DistillConfig) -> None:
+def per_row_teacher_problems(args: DistillConfig, *, explained: bool) -> list[str]:
+    """Settings that teacher-side rows prepared per row (cross-tokenizer, several teachers) cannot serve.
+
+    Each entry names the setting, with the reason when ``explained`` (the cross-tokenizer message gives it).
+    """
+    table = (
+        (args.packing, "packing=True", " (rows are aligned one by one)"),
+        (args.uses_generation, "on-policy or sequence-level KD (lmbda > 0 / seq_kd",
+         ": generated text is not re-aligned yet"),
+        (args.hidden_loss_weight > 0, "hidden_loss_weight > 0", " (the two models' positions differ)"),
+        (args.loss_implementation != "fused", "loss_implementation='dense'",
+         " (the cross-tokenizer loss is chunked only)"),
+    )  # fmt: skip
     problems = []
-    if args.packing:
-        problems.append("packing=True (rows are aligned one by one)")
-    if args.uses_generation:
-        problems.append("on-policy or sequence-level KD (lmbda > 0 / seq_kd: generated text is not re-aligned yet)")
-    if args.hidden_loss_weight > 0:
-        problems.append("hidden_loss_weight > 0 (the two models' positions differ)")
-    if args.loss_implementation != "fused":
-        problems.append("loss_implementation='dense' (the cross-tokenizer loss is chunked only)")
+    for applies, setting, reason in table:
+        if applies:
+            closing = ")" if setting.endswith("seq_kd") else ""
+            problems.append(setting + (reason if explained else "") + closing)
+    return problems
+
+
+def _refuse_unsupported(args: DistillConfig) -> None:
+    problems = per_row_teacher_problems(args, explained=True)
     if problems:
         raise ValueError(
             "Cross-tokenizer distillation (the teacher's tokenizer differs from the student's) does not support "

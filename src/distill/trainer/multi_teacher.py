@@ -31,7 +31,7 @@ from distill.models import shared_vocab_size
 from distill.teachers import Teacher, final_hidden_states, output_head_of
 from distill.teachers.sharding import full_tensor
 from distill.trainer.batching import IGNORE_INDEX, next_token_labels
-from distill.trainer.cross_tokenizer import Columns, CrossTokenizer, uses_cross_tokenizer
+from distill.trainer.cross_tokenizer import Columns, CrossTokenizer, per_row_teacher_problems, uses_cross_tokenizer
 
 __all__ = ["ROUTE_KEY", "Route", "TeacherEnsemble", "named_teachers"]
 
@@ -219,15 +219,7 @@ def _combine(outputs: list[tuple[DistillationOutput, float, float]], total_token
 
 
 def _refuse_unsupported(args: DistillConfig) -> None:
-    problems = []
-    if args.packing:
-        problems.append("packing=True")
-    if args.uses_generation:
-        problems.append("on-policy or sequence-level KD (lmbda > 0 / seq_kd)")
-    if args.hidden_loss_weight > 0:
-        problems.append("hidden_loss_weight > 0")
-    if args.loss_implementation != "fused":
-        problems.append("loss_implementation='dense'")
+    problems = per_row_teacher_problems(args, explained=False)
     if args.teacher_sharding == "fsdp":
         problems.append("teacher_sharding='fsdp'")
     if problems:
