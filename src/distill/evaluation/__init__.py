@@ -1,7 +1,8 @@
 """Evaluation and the report card: how much of the teacher's quality a student keeps, and what it saves.
 
 * :func:`heldout_metrics`: forward KL, top-1 agreement, cross-entropy and perplexity of a student and
-  its teacher on held-out rows (any layout the Trainer accepts), chunked over tokens.
+  its teacher on held-out rows (any layout the Trainer accepts), chunked over tokens;
+  :func:`heldout_metrics_per_student` scores several students with one teacher pass per batch.
 * :class:`TaskMetric` and :class:`HumanEvalPassAtK`: task scores; code pass@k with the unbiased
   estimator (:func:`pass_at_k`), tests run in :mod:`distill.sandbox`.
 * :func:`measure_speed`: generation tokens/s, parameter bytes, peak memory, $ per million tokens.
@@ -27,7 +28,7 @@ from distill._lazy import lazy_exports
 
 # Imported on first use: metrics and speed import torch, and ``distill eval --help`` should not wait for it.
 if TYPE_CHECKING:
-    from distill.evaluation.metrics import HeldoutMetrics, heldout_metrics, load_rows
+    from distill.evaluation.metrics import HeldoutMetrics, heldout_metrics, heldout_metrics_per_student, load_rows
     from distill.evaluation.passk import mean_pass_at_k, pass_at_k
     from distill.evaluation.report import (
         ModelResult,
@@ -67,6 +68,7 @@ __all__ = [
     "cost_per_million_tokens",
     "gpu_price_per_hour",
     "heldout_metrics",
+    "heldout_metrics_per_student",
     "higher_is_better",
     "humaneval_problems",
     "kept",

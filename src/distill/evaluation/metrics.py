@@ -31,7 +31,7 @@ from distill.losses.vocab import check_labels
 from distill.models.vocab import shared_vocab_size
 from distill.teachers.decoder import UnsupportedModelError, decoder_of, final_hidden_states, output_head_of
 
-__all__ = ["HeldoutMetrics", "heldout_metrics", "load_rows"]
+__all__ = ["HeldoutMetrics", "heldout_metrics", "heldout_metrics_per_student", "load_rows"]
 
 IGNORE_INDEX = -100
 
@@ -162,12 +162,16 @@ def _scored(model: nn.Module, head: Any, batch: Mapping[str, Tensor], scored: Te
     return hidden[:, :-1][scored], to_logits
 
 
+def _logprobs(logits: Tensor, vocab_size: int) -> Tensor:
+    """``[c, vocab_size]`` float32 log-probabilities over the shared vocabulary from ``[c, >= vocab_size]`` logits."""
+    return logits[:, :vocab_size].float().log_softmax(-1)
+
+
 def _chunk_sums(
-    student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, vocab_size: int
+    student_logprobs: Tensor, teacher_logprobs: Tensor, targets: Tensor
 ) -> tuple[float, float, float, float]:
-    """Sums over a chunk of ``(forward KL, top-1 matches, student CE, teacher CE)``; logits ``[c, >= vocab_size]``."""
-    student_logprobs = student_logits[:, :vocab_size].float().log_softmax(-1)
-    teacher_logprobs = teacher_logits[:, :vocab_size].float().to(student_logprobs.device).log_softmax(-1)
+    """Sums over a chunk of ``(forward KL, top-1 matches, student CE, teacher CE)``; log-probs ``[c, vocab]``."""
+    teacher_logprobs = teacher_logprobs.to(student_logprobs.device)
     targets = targets.to(student_logprobs.device)[:, None]
     kl = forward_kl_per_token(student_logprobs, teacher_logprobs).sum()
     matches = (student_logprobs.argmax(-1) == teacher_logprobs.argmax(-1)).sum()
@@ -218,24 +222,61 @@ def heldout_metrics(
         distill.data.DataError: rows the Trainer would refuse.
         VocabularyMismatchError: the tokenizers differ, or a tokenizer is larger than a head.
     """
+    metrics = heldout_metrics_per_student(
+        {"student": student}, teacher, tokenizer, dataset, teacher_tokenizer=teacher_tokenizer,
+        max_length=max_length, batch_size=batch_size, max_rows=max_rows, chunk_size=chunk_size,
+        vocab_size=vocab_size,
+    )  # fmt: skip
+    return metrics["student"]
+
+
+@torch.no_grad()
+def heldout_metrics_per_student(
+    students: Mapping[str, nn.Module],
+    teacher: nn.Module,
+    tokenizer: Any,
+    dataset: datasets.Dataset | Sequence[Mapping[str, Any]] | str,
+    *,
+    teacher_tokenizer: Any = None,
+    max_length: int = 1024,
+    batch_size: int = 8,
+    max_rows: int | None = None,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+) -> dict[str, HeldoutMetrics]:
+    """:func:`heldout_metrics` of several students against one teacher, running the teacher once per batch.
+
+    Comparing N students costs N + 1 forward passes per batch instead of 2N (the teacher is usually the
+    largest model). The students share ``tokenizer``; arguments as :func:`heldout_metrics`.
+
+    Returns:
+        ``{name: HeldoutMetrics}`` in the order of ``students``.
+    """
+    if not students:
+        raise ValueError("heldout_metrics_per_student needs at least one student.")
     batch_size = check_int(batch_size, "batch_size")
     rows = load_rows(dataset, max_rows)
     prepared, report = prepare_dataset(rows, tokenizer, max_length=max_length)
-    student_head, student_rows = _split_head(student)
+    heads = {name: _split_head(model) for name, model in students.items()}
     teacher_head, teacher_rows = _split_head(teacher)
     if vocab_size is None:
-        vocab_size = shared_vocab_size(tokenizer, teacher_tokenizer or tokenizer, student_rows, teacher_rows)
-    chunk = chunk_size or default_chunk_size(vocab_size, _device(student))
+        vocab_size = min(
+            shared_vocab_size(tokenizer, teacher_tokenizer or tokenizer, rows_, teacher_rows)
+            for _, rows_ in heads.values()
+        )
+    chunk = chunk_size or default_chunk_size(vocab_size, _device(next(iter(students.values()))))
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     collate = DistillCollator(pad_token_id=pad_id)
     pairs = zip(prepared["input_ids"], prepared["labels"], strict=True)
     examples = [{"input_ids": ids, "labels": labels} for ids, labels in pairs]
     examples.sort(key=lambda row: len(row["input_ids"]))
 
-    was_training = student.training, teacher.training
-    student.eval()
-    teacher.eval()
-    totals = [0.0, 0.0, 0.0, 0.0]  # KL, top-1 matches, student CE, teacher CE; Python floats are float64
+    models = [teacher, *students.values()]
+    was_training = [model.training for model in models]
+    for model in models:
+        model.eval()
+    # Per student: KL, top-1 matches, student CE, teacher CE; Python floats are float64.
+    totals = {name: [0.0, 0.0, 0.0, 0.0] for name in students}
     num_tokens = 0
     try:
         for start in range(0, len(examples), batch_size):
@@ -244,28 +285,35 @@ def heldout_metrics(
             scored = shifted_labels != IGNORE_INDEX
             targets = shifted_labels[scored]
             check_labels(targets, vocab_size, IGNORE_INDEX)
-            student_features, student_logits = _scored(student, student_head, batch, scored)
             teacher_features, teacher_logits = _scored(teacher, teacher_head, batch, scored)
+            # Every student's features at once (hidden states: small beside a [chunk x vocab] block), so each
+            # chunk's teacher distribution is computed once for all of them.
+            scored_students = {name: _scored(model, heads[name][0], batch, scored) for name, model in students.items()}
             for first in range(0, len(targets), chunk):
                 last = first + chunk
-                sums = _chunk_sums(
-                    student_logits(student_features[first:last]),
-                    teacher_logits(teacher_features[first:last]),
-                    targets[first:last],
-                    vocab_size,
-                )
-                totals = [total + value for total, value in zip(totals, sums, strict=True)]
+                teacher_logprobs = _logprobs(teacher_logits(teacher_features[first:last]), vocab_size)
+                for name, (student_features, student_logits) in scored_students.items():
+                    sums = _chunk_sums(
+                        _logprobs(student_logits(student_features[first:last]), vocab_size),
+                        teacher_logprobs,
+                        targets[first:last],
+                    )
+                    totals[name] = [total + value for total, value in zip(totals[name], sums, strict=True)]
+            del scored_students
             num_tokens += len(targets)
     finally:
-        student.train(was_training[0])
-        teacher.train(was_training[1])
-    kl, matches, student_ce, teacher_ce = (total / max(num_tokens, 1) for total in totals)
-    return HeldoutMetrics(
-        forward_kl=kl,
-        top1_agreement=matches,
-        student_ce=student_ce,
-        teacher_ce=teacher_ce,
-        num_rows=report.num_rows,
-        num_tokens=num_tokens,
-        vocab_size=vocab_size,
-    )
+        for model, mode in zip(models, was_training, strict=True):
+            model.train(mode)
+    results = {}
+    for name, sums in totals.items():
+        kl, matches, student_ce, teacher_ce = (total / max(num_tokens, 1) for total in sums)
+        results[name] = HeldoutMetrics(
+            forward_kl=kl,
+            top1_agreement=matches,
+            student_ce=student_ce,
+            teacher_ce=teacher_ce,
+            num_rows=report.num_rows,
+            num_tokens=num_tokens,
+            vocab_size=vocab_size,
+        )
+    return results
