@@ -66,6 +66,7 @@ class Budget:
     prune_target: float | dict[str, int]
     speed_tokens: int
     layer_copy_steps: int | None = None  # the layer-copy pair's steps (default: ``steps``)
+    hidden_loss_weight: float = 1.0  # KD's hidden-state term (cosine, over the pruning record's layer map); 0: off
     bf16: bool = True  # train under bf16 autocast, KD from a bf16 copy of the teacher, where the CPU has bf16 math
 
 
@@ -178,7 +179,7 @@ def train(
         lr_scheduler_type="cosine", max_length=budget.max_length, logging_steps=max(1, steps // 8),
         save_strategy="no", report_to=[],
         use_cpu=True, bf16=budget.bf16, seed=seed, data_seed=seed, disable_tqdm=False, log_level="warning",
-        hidden_loss_weight=HIDDEN_LOSS_WEIGHT if kd else 0.0, hidden_loss="cosine",
+        hidden_loss_weight=budget.hidden_loss_weight if kd else 0.0, hidden_loss="cosine",
     )  # fmt: skip
     curve = QualityCurve(student, blocks, every=max(1, steps // budget.curve_points))
     trainer = Trainer(
@@ -192,10 +193,6 @@ def train(
         f"held-out CE probe {ce:.3f}"
     )
     return Run(start, method, seed, student, curve.points, trainer.state.log_history)
-
-
-# KD's hidden-state term (cosine, over the layer map the pruning record gives); 0 turns it off.
-HIDDEN_LOSS_WEIGHT = 1.0
 
 
 def token_blocks(tokenizer: Any, rows: list[dict[str, str]], rows_per_block: int) -> list[torch.Tensor]:
@@ -232,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--quick", action="store_true", help="the same path at a tiny budget (about a minute)")
     mode.add_argument("--long", action="store_true", help="every run 120 steps, ~30 minutes (docs/pruning.md)")
     parser.add_argument("--seeds", type=int, default=1, help="train the pruned student's KD and baseline N times")
+    parser.add_argument("--hidden-loss-weight", type=float, default=None,
+                        help="weight of KD's hidden-state term (default 1.0; 0 turns it off)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: every core)")
     parser.add_argument("--out", default="demo-output", help="folder for the report card and the students")
     args = parser.parse_args(argv)
@@ -243,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     # bf16 autocast: measured 1.35x on a student step and 2x on the teacher's forward (AVX512-BF16); a CPU
     # without bf16 instructions would be slower in it, so it stays fp32 there. Scoring is always fp32.
     budget = dataclasses.replace(budget, bf16=budget.bf16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if args.hidden_loss_weight is not None:
+        if args.hidden_loss_weight < 0:
+            parser.error(f"--hidden-loss-weight must be >= 0; got {args.hidden_loss_weight}")
+        budget = dataclasses.replace(budget, hidden_loss_weight=args.hidden_loss_weight)
     out = Path(args.out)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -347,7 +350,8 @@ def write_curve(
         "",
         f"Held-out CE (nats/token) on {budget.heldout_rows} rows of {budget.heldout_length} tokens; "
         f"teacher {teacher_ce:.3f}. Kept = exp(-(CE_student - CE_teacher)). Steps of "
-        f"{budget.batch_size} x {budget.max_length} tokens, lr {budget.learning_rate}"
+        f"{budget.batch_size} x {budget.max_length} tokens, lr {budget.learning_rate}, KD's hidden-state weight "
+        f"{budget.hidden_loss_weight:g}"
         + (", bf16 autocast (KD from a bf16 copy of the teacher)." if budget.bf16 else ", float32."),
         "",
         "| start + training | held-out CE | kept | probe CE at step 0 -> end | steps | training s |",
