@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -372,6 +373,12 @@ def write_curve(
         r.label + (f" (seed {r.seed})" if len(seeds) > 1 else ""): [(s, ce) for _, s, ce in r.curve] for r in runs
     }
     drawn = plot_quality_vs_time(out / "quality_vs_time.png", curves, teacher_ce=teacher_ce)
+    points = [
+        {"start": r.start, "method": r.method, "seed": r.seed,
+         "curve": [{"step": step, "seconds": seconds, "ce": ce} for step, seconds, ce in r.curve]}
+        for r in runs
+    ]  # fmt: skip
+    (out / "quality_vs_time.json").write_text(json.dumps({"teacher_ce": teacher_ce, "runs": points}, indent=1))
     with (out / "report.md").open("a", encoding="utf-8") as report:
         report.write("\n" + table + "\n")
         if drawn:

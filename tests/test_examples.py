@@ -71,5 +71,7 @@ def test_demo_quick_distills_the_real_teacher_and_writes_the_report_card(tmp_pat
         assert f"| {label} |" in curve_table
         student = tmp_path / "students" / label.replace(" + ", "-").replace(" ", "_")
         assert (student / "config.json").exists()
+    curves = json.loads((tmp_path / "quality_vs_time.json").read_text())
+    assert len(curves["runs"]) == 4 and all(run["curve"][0]["step"] == 0 for run in curves["runs"])
     pruned = json.loads((tmp_path / "students" / "pruned-KD" / "config.json").read_text())
     assert pruned["distill_pruning"]["hidden_channels"] is None or len(pruned["distill_pruning"]["hidden_channels"])
