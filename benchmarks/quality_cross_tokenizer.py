@@ -24,6 +24,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--arms", default="sft,cross_kd,cross_uld,same_kd")
     parser.add_argument("--workdir", default="/tmp/xtok_quality")
     parser.add_argument("--out", default="quality_cross_tokenizer.json")
+    parser.add_argument("--report", default="quality_cross_tokenizer_report", help="folder for the report card")
     args = parser.parse_args()
     torch.set_num_threads(2)
     train_texts, heldout_texts = code_files()
@@ -147,6 +149,49 @@ def main() -> None:
         results[arm] = result
         print(arm, json.dumps(result), flush=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
+    if "cross_kd" in results and "sft" in results:
+        print(write_card(results, Path(args.report)), flush=True)
+
+
+def write_card(results: dict[str, Any], folder: Path) -> str:
+    """The report card: the cross-tokenizer KD student vs the same student fine-tuned, then every arm's row."""
+    from distill.evaluation import ModelResult, write_report
+
+    def entry(name: str, arm: str) -> ModelResult:
+        return ModelResult.from_results(name, {"bits_per_byte": results[arm]["bpb"]}, log_history=None)
+
+    teacher = ModelResult.from_results("teacher: SmolLM2-135M-Instruct", {"bits_per_byte": results["teacher_bpb"]})
+    card = write_report(
+        folder, teacher=teacher, student=entry("student (code tokenizer), cross-tokenizer KD", "cross_kd"),
+        baseline=entry("the same student fine-tuned on the same data and budget", "sft"),
+        primary_metric="bits_per_byte", title="Cross-tokenizer KD: SmolLM2-135M-Instruct -> a code-tokenizer student",
+    )  # fmt: skip
+    labels = {
+        "sft": "code tokenizer, fine-tuned (CE only)",
+        "cross_kd": "code tokenizer, cross-tokenizer KD (P-KL)",
+        "cross_uld": "code tokenizer, cross-tokenizer KD (ULD)",
+        "same_kd": "SmolLM2's tokenizer, same-vocabulary KD",
+    }
+    lines = [
+        "## Every arm (same body, data, steps, optimizer and seed)",
+        "",
+        "| arm | parameters | non-embedding | held-out bits/byte | kept | train s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for arm, label in labels.items():
+        if arm in results:
+            r = results[arm]
+            lines.append(
+                f"| {label} | {r['params'] / 1e6:.1f}M | {r['non_embedding_params'] / 1e6:.1f}M | {r['bpb']:.3f} | "
+                f"{2.0 ** (results['teacher_bpb'] - r['bpb']):.1%} | {r['train_seconds']:.0f} |"
+            )
+    if "same_kd" in results:
+        gap = results["cross_kd"]["bpb"] - results["same_kd"]["bpb"]
+        lines += ["", f"Gap of cross-tokenizer KD to the same-tokenizer student: {gap:+.3f} bits/byte."]
+    table = "\n".join(lines)
+    with (folder / "report.md").open("a", encoding="utf-8") as report:
+        report.write("\n" + table + "\n")
+    return card.headline + "\n\n" + table
 
 
 if __name__ == "__main__":

@@ -362,6 +362,7 @@ def test_kept_per_metric():
     assert kept("humaneval/pass@1", 0.3, 0.0) is None
     assert kept("ce", 2.0, 1.0) == pytest.approx(math.exp(-1.0))
     assert kept("perplexity", 4.0, 2.0) == pytest.approx(0.5)
+    assert kept("bits_per_byte", 2.5, 1.0) == pytest.approx(2.0**-1.5)
     assert kept("top1_agreement", 0.5, 1.0) is None
 
 

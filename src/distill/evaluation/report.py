@@ -29,15 +29,23 @@ from distill.evaluation.speed import SpeedResult, cost_per_million_tokens
 __all__ = ["ModelResult", "ReportCard", "higher_is_better", "kept", "quality", "summary_tables", "write_report"]
 
 _MB = 1e6
-_LOWER_IS_BETTER = {"ce", "perplexity", "kl"}
+_LOWER_IS_BETTER = {"ce", "perplexity", "kl", "bits_per_byte"}
 _AGAINST_TEACHER = {"kl", "top1_agreement"}
-_UNITS = {"ce": "nats/token", "perplexity": "unitless", "kl": "nats/token", "top1_agreement": "fraction"}
+_UNITS = {
+    "ce": "nats/token",
+    "perplexity": "unitless",
+    "kl": "nats/token",
+    "top1_agreement": "fraction",
+    "bits_per_byte": "bits/byte",
+}
 _DEFINITIONS = {
     "ce": "cross-entropy of the reference completion tokens (nats/token); quality = exp(-CE), kept = "
     "exp(CE_teacher - CE_student) = perplexity_teacher / perplexity_student",
     "perplexity": "exp(CE) on the reference completions; kept = perplexity_teacher / perplexity_student",
     "kl": "forward KL(teacher || student) per completion token (nats/token); 0 means the same distribution",
     "top1_agreement": "fraction of completion tokens where the student's most likely token is the teacher's",
+    "bits_per_byte": "cross-entropy of the reference text per UTF-8 byte (bits/byte), comparable across tokenizers; "
+    "quality = 2^-bpb, kept = 2^(bpb_teacher - bpb_student)",
 }
 
 
@@ -47,18 +55,21 @@ def higher_is_better(metric: str) -> bool:
 
 
 def quality(metric: str, value: float) -> float:
-    """The value as "quality" (higher is better): ``exp(-ce)``, ``1 / perplexity``, else the value itself."""
+    """The value as "quality" (higher is better): ``exp(-ce)``, ``1 / perplexity``, ``2^-bits_per_byte``, or itself."""
     if metric == "ce":
         return math.exp(-value)
     if metric == "perplexity":
         return 1.0 / value
+    if metric == "bits_per_byte":
+        return 2.0**-value
     return value
 
 
 def kept(metric: str, student_value: float, teacher_value: float) -> float | None:
     """Fraction of the teacher's quality the student keeps on ``metric`` (1.0 = all of it).
 
-    ``ce``: ``exp(CE_t - CE_s)``; ``perplexity``: ``PPL_t / PPL_s``; task scores: ``student / teacher``.
+    ``ce``: ``exp(CE_t - CE_s)``; ``perplexity``: ``PPL_t / PPL_s``; ``bits_per_byte``: ``2^(bpb_t - bpb_s)``;
+    task scores: ``student / teacher``.
     None for ``kl`` and ``top1_agreement`` (measured against the teacher) and when the teacher scores 0.
     """
     if metric in _AGAINST_TEACHER:
@@ -153,7 +164,12 @@ def _primary_metric(teacher: ModelResult, student: ModelResult) -> str | None:
     # A metric the teacher scores 0 on gives no ratio (e.g. pass@1 of a small teacher on few problems).
     shared = [m for m in shared if quality(m, teacher.metrics[m]) > 0] or shared
     tasks = [m for m in shared if m not in _LOWER_IS_BETTER]
-    for candidates in ([m for m in tasks if m.endswith("pass@1")], tasks, [m for m in shared if m == "ce"], shared):
+    for candidates in (
+        [m for m in tasks if m.endswith("pass@1")],
+        tasks,
+        [m for m in shared if m in ("ce", "bits_per_byte")],
+        shared,
+    ):
         if candidates:
             return candidates[0]
     return None
@@ -305,7 +321,11 @@ def _plots(out: Path, models: dict[str, ModelResult], primary: str | None) -> tu
             )
             for role, m in models.items()
         ]
-        label = {"ce": "quality: exp(-CE)", "perplexity": "quality: 1 / perplexity"}.get(primary, primary)
+        label = {
+            "ce": "quality: exp(-CE)",
+            "perplexity": "quality: 1 / perplexity",
+            "bits_per_byte": "quality: 2^-bits/byte",
+        }.get(primary, primary)
         if plot_quality_vs_cost(out / "quality_vs_cost.png", points, label):
             written.append(out / "quality_vs_cost.png")
     return written, None
