@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distill.cache import tokenizer_fingerprint
 from distill.config import DistillConfig
 from distill.data import prepare_dataset
 from distill.data.alignment import align_token_ids, token_byte_table
+from distill.formats.reader import tokenizer_fingerprint
 from distill.losses import DistillationOutput, Objective, SparseTargets, TeacherHead, default_chunk_size
 from distill.losses.cross_vocab import VocabProjection, cross_vocab_loss
 from distill.models import VocabularyMismatchError, check_tokenizers_match

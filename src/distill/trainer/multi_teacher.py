@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from distill.config import DistillConfig
-from distill.losses import DistillationOutput, Objective, fused_distillation_loss
+from distill.losses import DistillationOutput, Objective
+from distill.losses.fused import fused_objective_loss
 from distill.models import shared_vocab_size
 from distill.teachers import Teacher, final_hidden_states, output_head_of
 from distill.teachers.sharding import full_tensor
@@ -182,12 +183,11 @@ class TeacherEnsemble:
             return route.cross.loss(model, inputs, teacher_targets, objective, hidden=hidden, targets=labels)
         teacher_targets = route.teacher.targets(inputs["input_ids"], inputs["attention_mask"], None)
         head = output_head_of(model)
-        return fused_distillation_loss(
-            hidden, full_tensor(head.weight), teacher_targets, labels, objective.divergence.name,
+        return fused_objective_loss(
+            hidden, full_tensor(head.weight), teacher_targets, labels,
+            dataclasses.replace(objective, vocab_size=self.vocab_size),  # the rows all the ensemble's heads share
             student_bias=None if head.bias is None else full_tensor(head.bias), student_softcap=head.softcap,
-            beta=objective.divergence.beta, alpha=objective.divergence.alpha, temperature=objective.temperature,
-            kd_weight=objective.kd_weight, ce_weight=objective.ce_weight, tail=objective.tail,
-            vocab_size=self.vocab_size, chunk_size=self.args.loss_chunk_size,
+            chunk_size=self.args.loss_chunk_size,
         )  # fmt: skip
 
 

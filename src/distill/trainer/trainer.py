@@ -25,8 +25,8 @@ from distill.losses import (
     NonFiniteInputError,
     TeacherHead,
     distillation_loss,
-    fused_distillation_loss,
 )
+from distill.losses.fused import fused_objective_loss
 from distill.models import (
     apply_peft,
     check_student_trainable,
@@ -379,32 +379,26 @@ class Trainer(transformers.Trainer):
         teacher_targets: TeacherTargets,
     ) -> DistillationOutput:
         objective = self.objective
-        common = dict(
-            divergence=objective.divergence.name,
-            beta=objective.divergence.beta,
-            alpha=objective.divergence.alpha,
-            temperature=objective.temperature,
-            kd_weight=objective.kd_weight,
-            ce_weight=objective.ce_weight,
-            vocab_size=self.vocab_size,
-        )
         if self.args.loss_implementation == "fused":
             hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
             head = output_head_of(model)
-            return fused_distillation_loss(
+            return fused_objective_loss(
                 hidden,
                 full_tensor(head.weight),  # an FSDP2 student's head is a DTensor shard: gather it (differentiably)
                 teacher_targets,
                 targets,
+                objective,
                 student_bias=None if head.bias is None else full_tensor(head.bias),
                 student_softcap=head.softcap,
-                tail=objective.tail,
                 chunk_size=self.args.loss_chunk_size,
-                **common,
             )
         student_logits = full_logits(model, input_ids, attention_mask, position_ids)
         teacher_logits = _materialize(teacher_targets)
-        return distillation_loss(student_logits, teacher_logits, targets, **common)
+        return distillation_loss(
+            student_logits, teacher_logits, targets, objective.divergence.name, beta=objective.divergence.beta,
+            alpha=objective.divergence.alpha, temperature=objective.temperature, kd_weight=objective.kd_weight,
+            ce_weight=objective.ce_weight, vocab_size=self.vocab_size,
+        )  # fmt: skip
 
     def prediction_step(
         self,
@@ -579,12 +573,7 @@ def _materialize(targets: TeacherTargets) -> Tensor:
     """``[batch, seq, V]`` teacher logits from dense targets (the dense path only)."""
     if not isinstance(targets, TeacherHead):
         raise ValueError("loss_implementation='dense' needs a dense teacher; sparse targets use the fused path.")
-    logits = targets.hidden @ targets.weight.T
-    if targets.bias is not None:
-        logits = logits + targets.bias
-    if targets.softcap is not None:
-        logits = targets.softcap * torch.tanh(logits / targets.softcap)
-    return logits
+    return targets.logits()
 
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainingPreempted"]
