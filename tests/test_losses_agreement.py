@@ -9,10 +9,12 @@ import math
 
 import pytest
 import torch
-from reference import DIVERGENCES, Rng, assert_close, dense_loss_ref, sparse_loss_ref
+from reference import Rng, assert_close, dense_loss_ref, sparse_loss_ref
 
 from distill.losses import (
+    DIVERGENCES,
     DistillationOutput,
+    Divergence,
     FusedDistillationLoss,
     SparseTargets,
     TeacherHead,
@@ -267,6 +269,21 @@ def test_sparse_target_checks(rng) -> None:
     a = sparse_distillation_loss(student, padded_ids, padded_logprobs, labels)
     b = sparse_distillation_loss(student, ids, logprobs, labels)
     assert torch.equal(a.loss, b.loss)
+
+
+def test_an_unknown_divergence_name_raises_instead_of_falling_through() -> None:
+    """The dispatch table has no default: a name outside it raises, even if it got past the constructor."""
+    divergence = Divergence("jsd")
+    object.__setattr__(divergence, "name", "not_a_divergence")  # what a frozen dataclass cannot stop
+    logprobs = torch.log_softmax(torch.randn(2, 5), dim=-1)
+    with pytest.raises(ValueError, match="Unknown divergence 'not_a_divergence'"):
+        divergence(logprobs, logprobs)
+    with pytest.raises(ValueError, match="Unknown divergence 'not_a_divergence'"):
+        divergence.value_and_grad(logprobs.clone(), logprobs.clone(), logprobs.exp(), logprobs.exp())
+    aliases = {"kl": "forward_kl", "fkl": "forward_kl", "rkl": "reverse_kl", "generalized_jsd": "jsd",
+               "skl": "skew_kl", "srkl": "skew_reverse_kl", "total_variation": "tvd"}  # fmt: skip
+    assert {alias: Divergence(alias).name for alias in aliases} == aliases
+    assert {Divergence(name).name for name in DIVERGENCES} == set(DIVERGENCES)
 
 
 def test_argument_checks(rng) -> None:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import math
 
 import pytest
+import reference
 import torch
 from reference import Rng, assert_close, dense_loss_ref, head_logits_ref, leaves64, sparse_loss_ref
 
 from distill.losses import (
+    DIVERGENCES,
+    Divergence,
     SparseTargets,
     TeacherHead,
     distillation_loss,
@@ -38,6 +41,20 @@ SPEC_IDS = [f"{n}-b{b}" if n == "jsd" else f"{n}-a{a}" if n.startswith("skew") e
 # (batch, seq, hidden, vocab)
 SHAPES = [(3, 47, 31, 123), (1, 1, 8, 5), (2, 17, 16, 1000)]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
+
+
+def test_the_reference_covers_every_divergence_the_package_ships() -> None:
+    """A divergence added to ``distill.losses`` fails here until ``tests/reference.py`` and :data:`SPECS` cover it."""
+    assert {name for name, _, _ in SPECS} == set(DIVERGENCES)
+    teacher = torch.tensor([[0.7, 0.2, 0.1], [0.25, 0.25, 0.5]], dtype=torch.float64)
+    student = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]], dtype=torch.float64)
+    for name in DIVERGENCES:
+        assert name in reference.DIVERGENCES
+        expected = reference.divergence_ref(name, teacher, student, beta=0.3, alpha=0.1)  # raises on a missing name
+        got = Divergence(name, beta=0.3, alpha=0.1)(student.log(), teacher.log())
+        assert_close(got, expected, 1e-12, name)
+
+
 # Below this relative gap between p and q somewhere, the TVD's gradient sign may legitimately differ
 # between float32 and float64: such draws are redrawn.
 TVD_GAP = 1e-5
