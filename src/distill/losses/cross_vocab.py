@@ -265,7 +265,7 @@ class _CrossVocabFused(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             raw_logits = upcast(student_head.logits(hidden[rows])).requires_grad_(True)
             spans = span_of_row[rows]
-            kd_rows = (spans >= 0).nonzero().squeeze(-1)
+            kd_rows = (spans >= 0).nonzero().squeeze(-1)  # host-device sync per chunk: which rows start a span
             with torch.enable_grad():
                 student_logits = (
                     raw_logits
@@ -377,7 +377,7 @@ def cross_vocab_loss(
     check_finite(student_hidden, "Student hidden states")
     projection = projection.to(student_hidden.device)
     num_rows = student_hidden.shape[0]
-    num_spans = int((span_of_row >= 0).sum())
+    num_spans = int((span_of_row >= 0).sum())  # host-device sync (the spans' mean)
     scale = 1.0 / max(num_rows, 1)
     body = _SpanKD(kind, objective, projection)
     loss, kd_sum, ce_sum, agree_sum, entropy_sum = _CrossVocabFused.apply(
@@ -388,6 +388,6 @@ def cross_vocab_loss(
     spans = max(num_spans, 1)
     out.kd_loss, out.top1_agreement = kd_sum.detach() / spans, agree_sum.detach() / spans
     out.teacher_entropy = entropy_sum.detach() / spans
-    labelled = max(int((labels != objective.ignore_index).sum()), 1)
+    labelled = max(int((labels != objective.ignore_index).sum()), 1)  # host-device sync (the CE's mean)
     out.ce_loss = ce_sum.detach() / labelled
     return out

@@ -251,7 +251,7 @@ class CrossTokenizer:
         teacher_flat = row_of_span * inputs[self.columns.teacher_ids].shape[1] + teacher_pos[valid]
         span_of_position = torch.full((batch * length,), -1, dtype=torch.long, device=input_ids.device)
         span_of_position[student_flat] = torch.arange(student_flat.numel(), device=input_ids.device)
-        rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+        rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)  # host-device sync: the loss tokens
         span_of_row = span_of_position[rows]
         kept = span_of_row[span_of_row >= 0]  # spans at loss positions, in row order
         span_of_row[span_of_row >= 0] = torch.arange(kept.numel(), device=kept.device)

@@ -140,13 +140,13 @@ class TeacherEnsemble:
 
     def loss(
         self, model: nn.Module, inputs: dict[str, Any], objective: Objective
-    ) -> tuple[DistillationOutput, dict[str, tuple[int, float, float]]]:
+    ) -> tuple[DistillationOutput, dict[str, tuple[int, Tensor | float, Tensor | float]]]:
         """The combined loss of one micro-batch, and per teacher that ran ``(tokens, KD, top-1 agreement)``."""
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         hidden = final_hidden_states(model, input_ids, attention_mask, None)
         targets = next_token_labels(inputs["labels"])
         route = inputs.get(ROUTE_KEY)
-        total_tokens = int((targets != IGNORE_INDEX).sum())
+        total_tokens = int((targets != IGNORE_INDEX).sum())  # host-device sync: each teacher's share of the tokens
         outputs, metrics = [], {}
         for index, route_spec in enumerate(self.routes):
             if route is None:
@@ -166,7 +166,7 @@ class TeacherEnsemble:
             outputs.append(
                 (output, 1.0 if route is None else token_share, route_spec.weight if route is None else token_share)
             )
-            metrics[route_spec.name] = (output.num_tokens, float(output.kd_loss), float(output.top1_agreement))
+            metrics[route_spec.name] = (output.num_tokens, output.kd_loss, output.top1_agreement)  # tensors: no sync
         return _combine(outputs, total_tokens), metrics
 
     def _teacher_loss(
