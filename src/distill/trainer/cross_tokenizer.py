@@ -26,8 +26,9 @@ from distill.formats.reader import tokenizer_fingerprint
 from distill.losses import DistillationOutput, Objective, SparseTargets, TeacherHead, default_chunk_size
 from distill.losses.cross_vocab import VocabProjection, cross_vocab_loss
 from distill.models import VocabularyMismatchError, check_tokenizers_match
+from distill.models.decoder import final_hidden_states, output_head_of
 from distill.models.vocab_map import build_vocab_map, coverage_audit
-from distill.teachers import TeacherTargets, final_hidden_states, output_head_of
+from distill.teachers import TeacherTargets
 from distill.teachers.sharding import full_tensor
 from distill.trainer.batching import IGNORE_INDEX, next_token_labels
 

@@ -29,7 +29,8 @@ from distill.config import DistillConfig
 from distill.losses import DistillationOutput, Objective
 from distill.losses.fused import fused_objective_loss
 from distill.models import shared_vocab_size
-from distill.teachers import Teacher, final_hidden_states, output_head_of
+from distill.models.decoder import final_hidden_states, output_head_of
+from distill.teachers import Teacher
 from distill.teachers.sharding import full_tensor
 from distill.trainer.batching import IGNORE_INDEX, next_token_labels
 from distill.trainer.cross_tokenizer import Columns, CrossTokenizer, per_row_teacher_problems, uses_cross_tokenizer

@@ -36,17 +36,10 @@ from distill.models import (
     load_causal_lm,
     resolve_dtype,
 )
+from distill.models.decoder import final_hidden_states, full_logits, output_head_of
 from distill.models.loading import load_tokenizer
 from distill.models.merge import is_adapter_folder, load_snippet
-from distill.teachers import (
-    ModelTeacher,
-    Teacher,
-    TeacherTargets,
-    catch_layer_outputs,
-    final_hidden_states,
-    full_logits,
-    output_head_of,
-)
+from distill.teachers import ModelTeacher, Teacher, TeacherTargets, catch_layer_outputs
 from distill.teachers.server import ServerError
 from distill.teachers.sharding import full_tensor, shard_teacher
 from distill.trainer.batching import GENERATED_KEY, completion_batch, next_token_labels
