@@ -17,8 +17,12 @@ from distill.losses import DistillationOutput, HiddenStateOutput
 
 
 def _add(sums: dict[str, Tensor], name: str, value: Tensor | float, weight: float = 1.0) -> None:
-    """``sums[name] += value * weight``, in float64 (the first value starts the sum); no host-device sync."""
-    value = torch.as_tensor(value).detach().to(torch.float64) * weight
+    """``sums[name] += value * weight`` on the value's device (the first value starts the sum); no host-device sync.
+
+    In float64, as the Python floats this replaced; float32 on Apple's MPS, which has no float64.
+    """
+    value = torch.as_tensor(value).detach()
+    value = value.to(torch.float32 if value.device.type == "mps" else torch.float64) * weight
     sums[name] = sums[name] + value if name in sums else value
 
 
@@ -81,7 +85,7 @@ class KDMetrics:
     def pop(self, reduce_sum: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
         """The metrics since the last call (summed over processes by ``reduce_sum``), then reset.
 
-        The only host-device sync of the metrics: every sum goes to the host in one ``tolist()``.
+        The only host-device sync of the metrics: every sum goes to the host in one transfer.
         """
         names = sorted(self.sums)
         hidden_names = sorted(self.hidden_sums)  # the same on every process: one layer map per run
@@ -92,10 +96,10 @@ class KDMetrics:
             + [self.teacher_sums[name] for name in teacher_names]
             + [torch.as_tensor(self.input_tokens)]
         )
-        device = values[0].device if len(values) > 1 else torch.device("cpu")
+        device, dtype = values[0].device, values[0].dtype
+        on_host = torch.stack([v.to(device, dtype) for v in values]).to("cpu", torch.float64)  # the one sync
         counts = [self.hidden_tokens, self.loss_tokens, self.micro_batches, self.generated_batches]
-        totals = torch.cat([torch.stack([v.to(device, torch.float64) for v in values]),
-                            torch.tensor(counts, dtype=torch.float64).to(device)])  # fmt: skip
+        totals = torch.cat([on_host, torch.tensor(counts, dtype=torch.float64)])
         if reduce_sum is not None:
             totals = reduce_sum(totals)
         *sums, input_tokens, hidden_tokens, loss_tokens, micro_batches, generated_batches = totals.tolist()
