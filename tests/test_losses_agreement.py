@@ -5,6 +5,7 @@ Fresh random inputs each run; the seed is printed (``DISTILL_TEST_SEED=<seed>`` 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -16,6 +17,7 @@ from distill.losses import (
     DistillationOutput,
     Divergence,
     FusedDistillationLoss,
+    Objective,
     SparseTargets,
     TeacherHead,
     VocabularyMismatchError,
@@ -23,6 +25,7 @@ from distill.losses import (
     fused_distillation_loss,
     sparse_distillation_loss,
 )
+from distill.losses.fused import fused_objective_loss
 
 TOL = 1e-5
 # Hidden-state gradients of the fused loss are a float32 contraction over the vocabulary whose
@@ -62,6 +65,28 @@ def test_fused_teacher_head_equals_dense(name, rng) -> None:
     _check_same(fused, dense)
     for what, g_fused, g_dense in zip(("hidden", "weight", "bias"), fused_grads, _grads(h, w, b), strict=True):
         assert_close(g_fused, g_dense, HIDDEN_GRAD_TOL if what == "hidden" else TOL, f"grad {what}")
+
+
+def test_fused_objective_loss_is_the_keyword_form_without_the_rebuild(rng) -> None:
+    """The trainer's entry point: an Objective handed over as is gives the keyword form's loss and gradients."""
+    batch, seq, hidden, vocab = SHAPE
+    labels = rng.labels((batch, seq), vocab)
+    h = rng.grid(batch, seq, hidden).requires_grad_(True)
+    w, b = _head(rng, vocab, hidden)
+    teacher = TeacherHead(rng.grid(batch, seq, 9), rng.grid(vocab + 3, 9, scale=0.7))  # 3 padding rows
+    kw = dict(beta=0.3, alpha=0.1, temperature=1.3, kd_weight=0.8, ce_weight=0.2, vocab_size=vocab)
+    by_keywords = fused_distillation_loss(h, w, teacher, labels, "jsd", student_bias=b, chunk_size=6, **kw)
+    by_keywords.loss.backward()
+    keyword_grads = _grads(h, w, b)
+    h.grad = w.grad = b.grad = None
+    objective = Objective.from_kwargs("jsd", **kw)
+    out = fused_objective_loss(h, w, teacher, labels, objective, student_bias=b, chunk_size=6)
+    out.loss.backward()
+    _check_same(out, by_keywords)
+    for got, want in zip(_grads(h, w, b), keyword_grads, strict=True):
+        assert torch.equal(got, want)  # the same computation, bit for bit
+    with pytest.raises(VocabularyMismatchError):  # no shared range given: the heads differ, as in the keyword form
+        fused_objective_loss(h, w, teacher, labels, dataclasses.replace(objective, vocab_size=None))
 
 
 def _check_same(a: DistillationOutput, b: DistillationOutput) -> None:
