@@ -6,11 +6,11 @@ first table is one kind of cached target at one ``k``:
 
 * **top-k** (``compact`` or ``fp16`` encoding): the ``k`` most likely tokens and the tail mass.
 * **sampled** (``compact`` encoding): ``k`` tokens priority-sampled per position with unbiased
-  weights (``distill.cache.sampling``); trains the forward KL only.
+  weights (``distill.formats.sampling``); trains the forward KL only.
 
 Columns:
 
-* **bytes/token**: encoded bytes per cached token (``distill.cache.encoding``), before file compression.
+* **bytes/token**: encoded bytes per cached token (``distill.formats.encoding``), before file compression.
 * **KL(teacher || cached)**: top-k only; mean over tokens, in nats, between the teacher's full
   distribution ``p`` and the one the cache implies: the decoded top-k probabilities, and the stored
   tail mass spread evenly over the other ``V - k`` tokens (the maximum-entropy completion).
@@ -53,8 +53,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.cache.encoding import Encoding
-from distill.cache.sampling import priority_sample
+from distill.formats.encoding import Encoding
+from distill.formats.sampling import priority_sample
 from distill.losses import distillation_loss, sparse_distillation_loss
 from distill.testing import smollm2_135m_instruct
 

@@ -35,9 +35,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the vLLM process manager lives with the tests
 from bench_cache import real_text  # noqa: E402
+from vllm_server import LocalVllmServer  # noqa: E402
 
-from distill.testing import SMOLLM2_DIR, LocalVllmServer, smollm2_135m_instruct  # noqa: E402
+from distill.testing import SMOLLM2_DIR, smollm2_135m_instruct  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -399,7 +399,7 @@ def cached_teacher(
     what lets a 32B teacher and a 14B student share one 24 GB card.
     """
     from distill.cache import build_cache
-    from distill.cache.reader import read_manifest
+    from distill.formats.reader import read_manifest
     from distill.teachers import CachedTeacher
 
     manifest = read_manifest(Path(cache_dir)) if Path(cache_dir, "manifest.json").exists() else None

@@ -21,11 +21,11 @@ from trainer_helpers import arithmetic_dataset, config
 
 from distill import DistillConfig, Trainer
 from distill.cache import build_cache
-from distill.cache.reader import CacheCorruptError, CacheError
 from distill.checks import InputError, check_bool, check_float, check_int
 from distill.cli import main as distill_main
 from distill.data import DataError, prepare_dataset
 from distill.evaluation.speed import resolve_price
+from distill.formats.reader import CacheCorruptError, CacheError
 from distill.generation.generate import generate_dataset
 from distill.models import VocabularyMismatchError, load_causal_lm
 from distill.models.files import IncompleteFilesError

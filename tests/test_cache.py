@@ -29,8 +29,8 @@ from distill.cache import (
     build_cache,
     bytes_per_token,
 )
-from distill.cache.encoding import GRID_MAX_NATS
 from distill.data import DistillCollator, prepare_dataset
+from distill.formats.encoding import GRID_MAX_NATS
 from distill.teachers import CachedTeacher, TopKTeacher
 from distill.testing import tiny_teacher_student, train_tiny_tokenizer
 from distill.trainer.batching import next_token_labels

@@ -96,7 +96,7 @@ def test_cross_tokenizer_from_a_cache_equals_the_live_topk_teacher(tmp_path, tok
     """The cache holds the teacher's top-k on the teacher's own tokens (keyed by their hash, under its tokenizer's
     fingerprint): the student trains from it with no teacher model, exactly as from the live top-k."""
     from distill.cache import build_cache
-    from distill.cache.reader import CacheMismatchError
+    from distill.formats.reader import CacheMismatchError
     from distill.teachers import CachedTeacher, TopKTeacher
 
     teacher_tokenizer = _teacher_tokenizer()

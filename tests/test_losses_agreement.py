@@ -5,15 +5,19 @@ Fresh random inputs each run; the seed is printed (``DISTILL_TEST_SEED=<seed>`` 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
-from reference import DIVERGENCES, Rng, assert_close, dense_loss_ref, sparse_loss_ref
+from reference import Rng, assert_close, dense_loss_ref, sparse_loss_ref
 
 from distill.losses import (
+    DIVERGENCES,
     DistillationOutput,
+    Divergence,
     FusedDistillationLoss,
+    Objective,
     SparseTargets,
     TeacherHead,
     VocabularyMismatchError,
@@ -21,6 +25,7 @@ from distill.losses import (
     fused_distillation_loss,
     sparse_distillation_loss,
 )
+from distill.losses.fused import fused_objective_loss
 
 TOL = 1e-5
 # Hidden-state gradients of the fused loss are a float32 contraction over the vocabulary whose
@@ -60,6 +65,28 @@ def test_fused_teacher_head_equals_dense(name, rng) -> None:
     _check_same(fused, dense)
     for what, g_fused, g_dense in zip(("hidden", "weight", "bias"), fused_grads, _grads(h, w, b), strict=True):
         assert_close(g_fused, g_dense, HIDDEN_GRAD_TOL if what == "hidden" else TOL, f"grad {what}")
+
+
+def test_fused_objective_loss_is_the_keyword_form_without_the_rebuild(rng) -> None:
+    """The trainer's entry point: an Objective handed over as is gives the keyword form's loss and gradients."""
+    batch, seq, hidden, vocab = SHAPE
+    labels = rng.labels((batch, seq), vocab)
+    h = rng.grid(batch, seq, hidden).requires_grad_(True)
+    w, b = _head(rng, vocab, hidden)
+    teacher = TeacherHead(rng.grid(batch, seq, 9), rng.grid(vocab + 3, 9, scale=0.7))  # 3 padding rows
+    kw = dict(beta=0.3, alpha=0.1, temperature=1.3, kd_weight=0.8, ce_weight=0.2, vocab_size=vocab)
+    by_keywords = fused_distillation_loss(h, w, teacher, labels, "jsd", student_bias=b, chunk_size=6, **kw)
+    by_keywords.loss.backward()
+    keyword_grads = _grads(h, w, b)
+    h.grad = w.grad = b.grad = None
+    objective = Objective.from_kwargs("jsd", **kw)
+    out = fused_objective_loss(h, w, teacher, labels, objective, student_bias=b, chunk_size=6)
+    out.loss.backward()
+    _check_same(out, by_keywords)
+    for got, want in zip(_grads(h, w, b), keyword_grads, strict=True):
+        assert torch.equal(got, want)  # the same computation, bit for bit
+    with pytest.raises(VocabularyMismatchError):  # no shared range given: the heads differ, as in the keyword form
+        fused_objective_loss(h, w, teacher, labels, dataclasses.replace(objective, vocab_size=None))
 
 
 def _check_same(a: DistillationOutput, b: DistillationOutput) -> None:
@@ -267,6 +294,21 @@ def test_sparse_target_checks(rng) -> None:
     a = sparse_distillation_loss(student, padded_ids, padded_logprobs, labels)
     b = sparse_distillation_loss(student, ids, logprobs, labels)
     assert torch.equal(a.loss, b.loss)
+
+
+def test_an_unknown_divergence_name_raises_instead_of_falling_through() -> None:
+    """The dispatch table has no default: a name outside it raises, even if it got past the constructor."""
+    divergence = Divergence("jsd")
+    object.__setattr__(divergence, "name", "not_a_divergence")  # what a frozen dataclass cannot stop
+    logprobs = torch.log_softmax(torch.randn(2, 5), dim=-1)
+    with pytest.raises(ValueError, match="Unknown divergence 'not_a_divergence'"):
+        divergence(logprobs, logprobs)
+    with pytest.raises(ValueError, match="Unknown divergence 'not_a_divergence'"):
+        divergence.value_and_grad(logprobs.clone(), logprobs.clone(), logprobs.exp(), logprobs.exp())
+    aliases = {"kl": "forward_kl", "fkl": "forward_kl", "rkl": "reverse_kl", "generalized_jsd": "jsd",
+               "skl": "skew_kl", "srkl": "skew_reverse_kl", "total_variation": "tvd"}  # fmt: skip
+    assert {alias: Divergence(alias).name for alias in aliases} == aliases
+    assert {Divergence(name).name for name in DIVERGENCES} == set(DIVERGENCES)
 
 
 def test_argument_checks(rng) -> None:

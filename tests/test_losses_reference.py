@@ -10,10 +10,14 @@ from __future__ import annotations
 import math
 
 import pytest
+import reference
 import torch
 from reference import Rng, assert_close, dense_loss_ref, head_logits_ref, leaves64, sparse_loss_ref
 
 from distill.losses import (
+    DIVERGENCES,
+    Divergence,
+    OutputHead,
     SparseTargets,
     TeacherHead,
     distillation_loss,
@@ -38,6 +42,40 @@ SPEC_IDS = [f"{n}-b{b}" if n == "jsd" else f"{n}-a{a}" if n.startswith("skew") e
 # (batch, seq, hidden, vocab)
 SHAPES = [(3, 47, 31, 123), (1, 1, 8, 5), (2, 17, 16, 1000)]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("bias", [False, True])
+def test_output_head_logits_match_the_reference(rng: Rng, bias: bool, softcap: float | None) -> None:
+    """The one head -> logits function: plain, into a float32 buffer, over leading rows, and a teacher's."""
+    hidden, weight, head_bias = (None if t is None else t.detach() for t in rng.head((2, 7, 16, 13), 4.0, bias))
+    head = OutputHead(weight, head_bias, softcap)
+    expected = head_logits_ref(hidden, weight, head_bias, softcap)
+    assert_close(head.logits(hidden), expected, TOL, "logits")
+    assert_close(TeacherHead(hidden, weight, head_bias, softcap).logits(), expected, TOL, "teacher logits")
+    flat, vocab = hidden.reshape(-1, 16), 11
+    buffer = torch.full((flat.shape[0], vocab), math.nan)
+    got = head.logits(flat, vocab, out=buffer)
+    assert got.data_ptr() == buffer.data_ptr()  # written in place: no [n, V] tensor allocated
+    assert_close(got, head_logits_ref(flat, weight, head_bias, softcap, vocab), TOL, "into a buffer")
+    half = OutputHead(weight.bfloat16(), None if head_bias is None else head_bias.bfloat16(), softcap)
+    upcast = half.logits(flat.bfloat16(), vocab, out=torch.empty(flat.shape[0], vocab))  # bf16 matmul, fp32 out
+    assert upcast.dtype == torch.float32
+    assert_close(upcast, head_logits_ref(flat, weight, head_bias, softcap, vocab), 3e-2, "bf16 head")
+
+
+def test_the_reference_covers_every_divergence_the_package_ships() -> None:
+    """A divergence added to ``distill.losses`` fails here until ``tests/reference.py`` and :data:`SPECS` cover it."""
+    assert {name for name, _, _ in SPECS} == set(DIVERGENCES)
+    teacher = torch.tensor([[0.7, 0.2, 0.1], [0.25, 0.25, 0.5]], dtype=torch.float64)
+    student = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]], dtype=torch.float64)
+    for name in DIVERGENCES:
+        assert name in reference.DIVERGENCES
+        expected = reference.divergence_ref(name, teacher, student, beta=0.3, alpha=0.1)  # raises on a missing name
+        got = Divergence(name, beta=0.3, alpha=0.1)(student.log(), teacher.log())
+        assert_close(got, expected, 1e-12, name)
+
+
 # Below this relative gap between p and q somewhere, the TVD's gradient sign may legitimately differ
 # between float32 and float64: such draws are redrawn.
 TVD_GAP = 1e-5

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill.cache import Encoding
-from distill.cache.sampling import priority_sample, row_generator
+from distill.formats.sampling import priority_sample, row_generator
 from distill.losses import (
     SparseTargets,
     fused_distillation_loss,

@@ -23,13 +23,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from datasets import Dataset
+from vllm_server import LocalVllmServer
 
 from distill.cache import CacheReader, build_cache
 from distill.generation import generate_dataset, load_generated
 from distill.generation import read_manifest as read_generation_manifest
 from distill.teachers import ServerTeacher, TopKTeacher
 from distill.teachers.server import ServerError, TokenizerMismatchError
-from distill.testing import SMOLLM2_DIR, LocalVllmServer, smollm2_135m_instruct, train_tiny_tokenizer
+from distill.testing import SMOLLM2_DIR, smollm2_135m_instruct, train_tiny_tokenizer
 
 # One server for the whole module: its tests stay on one xdist worker (`--dist loadgroup` in the Makefile).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vllm_server")]

@@ -5,14 +5,17 @@
   manifest; resumable after any interruption, byte-identical to an uninterrupted run.
 * :class:`distill.teachers.CachedTeacher`: train from such a cache with no teacher model loaded.
 * :class:`Encoding`: the byte encodings (``"compact"``, about 3 bytes per entry; ``"fp16"``, 6).
+
+The format itself (encoding, reader, sampled targets) lives in :mod:`distill.formats`, below the teachers;
+this package is the job that writes it (:mod:`distill.cache.writer`, :mod:`distill.cache.cli`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from distill.cache.encoding import ENCODINGS, EncodedTokens, Encoding, bytes_per_token
-from distill.cache.reader import (
+from distill.formats.encoding import ENCODINGS, EncodedTokens, Encoding, bytes_per_token
+from distill.formats.reader import (
     CacheCorruptError,
     CacheError,
     CacheMismatchError,
@@ -39,7 +42,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # The writer imports the teachers, which import this package's reader: loading it lazily avoids the cycle.
+    # The writer loads torch, the models and the teachers: imported on first use, so `distill cache --help` and
+    # readers of a cache do not pay for them.
     if name == "build_cache":
         from distill.cache.writer import build_cache
 

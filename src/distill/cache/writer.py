@@ -29,8 +29,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill.cache.encoding import ENCODINGS, Encoding
-from distill.cache.reader import (
+from distill.checks import InputError, check_int, check_writable_folder
+from distill.data import prepare_dataset
+from distill.formats.encoding import ENCODINGS, Encoding
+from distill.formats.reader import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -43,9 +45,7 @@ from distill.cache.reader import (
     spans_to_positions,
     tokenizer_fingerprint,
 )
-from distill.cache.sampling import row_generator
-from distill.checks import InputError, check_int, check_writable_folder
-from distill.data import prepare_dataset
+from distill.formats.sampling import row_generator
 from distill.losses import SparseTargets
 from distill.models import is_quantized, load_causal_lm, resolve_dtype
 from distill.models.loading import check_model_source, load_tokenizer
@@ -340,10 +340,10 @@ def build_cache(
         out_dir: the cache folder (created; an unfinished build of the same cache there is resumed).
         tokenizer: the teacher's (= the student's) tokenizer; loaded from ``teacher`` when it is a path.
         top_k: entries per token.
-        encoding: ``"compact"`` or ``"fp16"`` (see :mod:`distill.cache.encoding`).
+        encoding: ``"compact"`` or ``"fp16"`` (see :mod:`distill.formats.encoding`).
         targets: ``"top_k"`` (the ``top_k`` most likely tokens and the tail mass) or ``"sampled"``
             (``top_k`` tokens priority-sampled per position with unbiased weights, see
-            :mod:`distill.cache.sampling`; trains the forward KL only, without the top-k's bias).
+            :mod:`distill.formats.sampling`; trains the forward KL only, without the top-k's bias).
         seed: the sampled targets' seed (each row's draws are seeded by it and the row's key).
         max_length, completion_only_loss: as in ``DistillConfig``; must match the training run.
         vocab_size: softmax over the first ``vocab_size`` head rows; default ``len(tokenizer)`` (the

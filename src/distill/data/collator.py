@@ -23,7 +23,10 @@ import torch
 from distill.data.formatting import DataError
 from distill.data.tokenization import IGNORE_INDEX
 
-__all__ = ["DistillCollator", "packed_attention_mask"]
+__all__ = ["NUM_INPUT_TOKENS_KEY", "DistillCollator", "packed_attention_mask"]
+
+# Packed batches carry a 4D mask (or none): the collator counts their non-padding tokens under this key.
+NUM_INPUT_TOKENS_KEY = "num_input_tokens"
 
 
 def packed_attention_mask(position_ids: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
@@ -125,7 +128,7 @@ class DistillCollator:
                 position_ids[row, n:] = torch.arange(length - n)
             batch["position_ids"] = position_ids
             # transformers finds the documents from position_ids only without a 2D mask.
-            batch["num_input_tokens"] = torch.tensor(sum(lengths))
+            batch[NUM_INPUT_TOKENS_KEY] = torch.tensor(sum(lengths))
             batch["attention_mask"] = None
         if "prompt_input_ids" in rows[0]:
             prompts = [list(row["prompt_input_ids"]) for row in rows]

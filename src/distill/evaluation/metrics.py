@@ -20,7 +20,6 @@ from typing import Any
 
 import datasets
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.checks import check_int
@@ -28,8 +27,8 @@ from distill.data import DistillCollator, prepare_dataset
 from distill.losses import default_chunk_size
 from distill.losses.divergences import forward_kl_per_token
 from distill.losses.vocab import check_labels
+from distill.models.decoder import UnsupportedModelError, decoder_of, final_hidden_states, output_head_of
 from distill.models.vocab import shared_vocab_size
-from distill.teachers.decoder import UnsupportedModelError, decoder_of, final_hidden_states, output_head_of
 
 __all__ = ["HeldoutMetrics", "heldout_metrics", "heldout_metrics_per_student", "load_rows"]
 
@@ -155,11 +154,7 @@ def _scored(model: nn.Module, head: Any, batch: Mapping[str, Tensor], scored: Te
         return logits[:, :-1][scored], lambda chunk: chunk
     hidden = final_hidden_states(model, input_ids, attention_mask)
 
-    def to_logits(chunk: Tensor) -> Tensor:
-        logits = F.linear(chunk.to(head.weight.dtype), head.weight, head.bias)
-        return logits if head.softcap is None else head.softcap * torch.tanh(logits / head.softcap)
-
-    return hidden[:, :-1][scored], to_logits
+    return hidden[:, :-1][scored], head.logits
 
 
 def _logprobs(logits: Tensor, vocab_size: int) -> Tensor:

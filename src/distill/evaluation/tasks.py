@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from distill.evaluation.passk import mean_pass_at_k
-from distill.generation.cli import CODE_STOP
+from distill.generation.filters import CODE_STOP
 
 # The same eos set and stop-string cut as `distill generate`, so completions end the same way.
 from distill.generation.generate import cut_at_stop

@@ -6,11 +6,9 @@ import argparse
 import json
 from typing import Any
 
-from distill.cache.cli import add_server_arguments, check_server_arguments, server_teacher
 from distill.checks import arg_dtype, arg_float, arg_int
-
-# Stop strings for code completions, as HumanEval's evaluation uses.
-CODE_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+from distill.generation.filters import CODE_STOP
+from distill.job_options import add_server_arguments, check_server_arguments, load_rows, server_teacher
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,8 +63,6 @@ def _load_prompts(name: str, split: str, limit: int | None) -> list[dict[str, An
 
         rows = list(read_problems().values())
     else:
-        from distill.cache.cli import load_rows
-
         rows = list(load_rows(name, split))
     return rows[:limit] if limit is not None else rows
 

@@ -6,7 +6,11 @@ from typing import Any
 
 from distill.sandbox import check_humaneval
 
-__all__ = ["HumanEvalFilter"]
+__all__ = ["CODE_STOP", "HumanEvalFilter"]
+
+# Stop strings for code completions, as HumanEval's evaluation uses (`distill generate --filter humaneval`,
+# `distill eval --tasks humaneval`).
+CODE_STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 
 
 class HumanEvalFilter:

@@ -22,15 +22,16 @@ from distill.losses.dense import (
     skew_reverse_kl,
     total_variation,
 )
-from distill.losses.divergences import DIVERGENCE_NAMES, Divergence
+from distill.losses.divergences import DIVERGENCE_NAMES, DIVERGENCES, Divergence
 from distill.losses.fused import FusedDistillationLoss, default_chunk_size, fused_distillation_loss
 from distill.losses.hidden import HIDDEN_LOSSES, HiddenStateOutput, hidden_state_loss
 from distill.losses.objective import DistillationOutput, NonFiniteInputError, Objective
 from distill.losses.sparse import sparse_distillation_loss
-from distill.losses.targets import SparseTargets, TeacherHead
+from distill.losses.targets import OutputHead, SparseTargets, TeacherHead
 from distill.losses.vocab import VocabularyMismatchError
 
 __all__ = [
+    "DIVERGENCES",
     "DIVERGENCE_NAMES",
     "DistillationOutput",
     "HIDDEN_LOSSES",
@@ -39,6 +40,7 @@ __all__ = [
     "FusedDistillationLoss",
     "NonFiniteInputError",
     "Objective",
+    "OutputHead",
     "SparseTargets",
     "TeacherHead",
     "VocabularyMismatchError",

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from distill.losses.closed_form import ChunkBuffers, closed_form_chunk
 from distill.losses.objective import Objective, TokenLosses, upcast
-from distill.losses.targets import SparseTargets, TeacherHead
+from distill.losses.targets import OutputHead, SparseTargets, TeacherHead
 
 __all__ = ["GRADIENTS", "ChunkSettings", "FusedDistillationFunction", "Gradient", "run_chunks"]
 
@@ -26,29 +26,9 @@ Gradient = Literal["closed_form", "autograd"]
 GRADIENTS: tuple[str, ...] = ("closed_form", "autograd")
 
 
-def _head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
-    """``hidden @ weight.T + bias``: ``[c, H] x [V, H] -> [c, V]``, the matmul in the inputs' dtype.
-
-    Written into ``out`` (a float32 or float64 buffer) directly when the inputs have its dtype, else
-    computed in theirs (e.g. bf16) and upcast into it.
-    """
-    if hidden.dtype == out.dtype and weight.dtype == out.dtype:
-        if bias is None:
-            return torch.mm(hidden, weight.t(), out=out)
-        return torch.addmm(bias.to(out.dtype), hidden, weight.t(), out=out)
-    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
-    return out.copy_(logits)
-
-
 def _softcap(logits: Tensor, cap: float | None) -> Tensor:
     """Gemma-2-style final-logit soft-capping, ``cap * tanh(logits / cap)``; identity when ``cap`` is None."""
     return logits if cap is None else cap * torch.tanh(logits / cap)
-
-
-def _softcap_in_place(logits: Tensor, cap: float | None) -> None:
-    """:func:`_softcap` in place (the teacher's logits need no gradient)."""
-    if cap is not None:
-        logits.div_(cap).tanh_().mul_(cap)
 
 
 @dataclass(frozen=True)
@@ -88,7 +68,9 @@ def run_chunks(
     vocab = objective.vocab_size
     assert vocab is not None
     weight_used = weight[:vocab]
-    bias_used = None if bias is None else bias[:vocab]
+    # The student's raw logits: its soft-capping is part of the chunk body (differentiated there).
+    student_head = OutputHead(weight, bias)
+    teacher_head = teacher.head if isinstance(teacher, TeacherHead) else None
     needs_hidden, needs_weight, needs_bias = needs
     need_grad = any(needs)
     compute_dtype = upcast(weight[:0]).dtype
@@ -105,14 +87,11 @@ def run_chunks(
         count = hidden_chunk.shape[0]
         labels_chunk = None if labels is None else labels[rows]
         teacher_logits, teacher_sparse = None, None
-        if isinstance(teacher, TeacherHead):
-            teacher_bias = None if teacher.bias is None else teacher.bias[:vocab]
-            teacher_out = buffers.get("teacher", count)
-            teacher_logits = _head_logits(teacher.hidden[rows], teacher.weight[:vocab], teacher_bias, teacher_out)
-            _softcap_in_place(teacher_logits, teacher.softcap)
+        if teacher_head is not None:
+            teacher_logits = teacher_head.logits(teacher.hidden[rows], vocab, out=buffers.get("teacher", count))
         else:
             teacher_sparse = teacher.take(rows)
-        student_logits = _head_logits(hidden_chunk, weight_used, bias_used, buffers.get("student", count))
+        student_logits = student_head.logits(hidden_chunk, vocab, out=buffers.get("student", count))
         if settings.gradient == "autograd":
             per_token, grad_logits = _autograd_chunk(
                 objective, student_logits, labels_chunk, teacher_logits, teacher_sparse, settings, need_grad

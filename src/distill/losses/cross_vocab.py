@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from distill.losses.objective import DistillationOutput, Objective, check_finite, summarize, upcast
-from distill.losses.targets import SparseTargets, TeacherHead
+from distill.losses.targets import OutputHead, SparseTargets, TeacherHead
 
 __all__ = ["CROSS_VOCAB_LOSSES", "CrossVocabKind", "VocabProjection", "cross_vocab_loss", "project_logprobs"]
 
@@ -236,11 +236,6 @@ def _entropy(logprobs: Tensor) -> Tensor:
         return -torch.special.xlogy(logprobs.exp(), logprobs.exp()).sum(-1)
 
 
-def _head(hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None) -> Tensor:
-    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
-    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
-
-
 class _CrossVocabFused(torch.autograd.Function):
     """Loss and its gradients in one chunked pass over the student's loss tokens (as in the fused form)."""
 
@@ -265,11 +260,12 @@ class _CrossVocabFused(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=accumulate_dtype) if needs_weight else None
         grad_bias = torch.zeros_like(bias, dtype=accumulate_dtype) if needs_bias and bias is not None else None
         sums = hidden.new_zeros(5, dtype=accumulate_dtype)  # loss, kd, ce, agreement, teacher entropy
+        student_head = OutputHead(weight, bias)  # raw logits: the soft-capping is differentiated below
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            raw_logits = upcast(_head(hidden[rows], weight, bias, None)).requires_grad_(True)
+            raw_logits = upcast(student_head.logits(hidden[rows])).requires_grad_(True)
             spans = span_of_row[rows]
-            kd_rows = (spans >= 0).nonzero().squeeze(-1)
+            kd_rows = (spans >= 0).nonzero().squeeze(-1)  # host-device sync per chunk: which rows start a span
             with torch.enable_grad():
                 student_logits = (
                     raw_logits
@@ -290,7 +286,7 @@ class _CrossVocabFused(torch.autograd.Function):
                         torch.log_softmax(tempered, dim=-1) if objective.temperature != 1.0 else (logprobs_t1[kd_rows])
                     )
                     if isinstance(teacher, TeacherHead):
-                        teacher_logits = _head(teacher.hidden[span_ids], teacher.weight, teacher.bias, teacher.softcap)
+                        teacher_logits = teacher.head.logits(teacher.hidden[span_ids])
                         kd, entropy = body.dense(kd_logprobs, teacher_logits)
                         teacher_top1 = projected_top1(teacher_logits.argmax(-1), body.projection)
                     else:
@@ -381,7 +377,7 @@ def cross_vocab_loss(
     check_finite(student_hidden, "Student hidden states")
     projection = projection.to(student_hidden.device)
     num_rows = student_hidden.shape[0]
-    num_spans = int((span_of_row >= 0).sum())
+    num_spans = int((span_of_row >= 0).sum())  # host-device sync (the spans' mean)
     scale = 1.0 / max(num_rows, 1)
     body = _SpanKD(kind, objective, projection)
     loss, kd_sum, ce_sum, agree_sum, entropy_sum = _CrossVocabFused.apply(
@@ -392,6 +388,6 @@ def cross_vocab_loss(
     spans = max(num_spans, 1)
     out.kd_loss, out.top1_agreement = kd_sum.detach() / spans, agree_sum.detach() / spans
     out.teacher_entropy = entropy_sum.detach() / spans
-    labelled = max(int((labels != objective.ignore_index).sum()), 1)
+    labelled = max(int((labels != objective.ignore_index).sum()), 1)  # host-device sync (the CE's mean)
     out.ce_loss = ce_sum.detach() / labelled
     return out

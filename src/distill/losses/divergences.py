@@ -31,12 +31,14 @@ buffer) rather than the mixture's log ``m`` (another one): ``m - log p = log(bet
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "DIVERGENCES",
     "DIVERGENCE_NAMES",
     "Divergence",
     "forward_kl_per_token",
@@ -313,7 +315,26 @@ def total_variation_value_and_grad(
     return 0.5 * difference.abs_().sum(-1), sign.mul_(student_probs).mul_(0.5)
 
 
-_CANONICAL_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+@dataclass(frozen=True)
+class _Formulas:
+    """One divergence's two functions and the name of the :class:`Divergence` parameter they take, if any."""
+
+    per_token: Callable[..., Tensor]
+    value_and_grad: Callable[..., ValueAndGrad]
+    parameter: str | None = None
+
+
+# The dispatch table: one row per divergence. A name not in it raises (in Divergence and in _formulas), so a new
+# divergence cannot fall through to another's math; tests/reference.py must cover every row (tested).
+_FORMULAS: dict[str, _Formulas] = {
+    "forward_kl": _Formulas(forward_kl_per_token, forward_kl_value_and_grad),
+    "reverse_kl": _Formulas(reverse_kl_per_token, reverse_kl_value_and_grad),
+    "jsd": _Formulas(generalized_jsd_per_token, generalized_jsd_value_and_grad, "beta"),
+    "skew_kl": _Formulas(skew_kl_per_token, skew_kl_value_and_grad, "alpha"),
+    "skew_reverse_kl": _Formulas(skew_reverse_kl_per_token, skew_reverse_kl_value_and_grad, "alpha"),
+    "tvd": _Formulas(total_variation_per_token, total_variation_value_and_grad),
+}
+_CANONICAL_NAMES: tuple[str, ...] = tuple(_FORMULAS)
 _ALIASES = {
     "kl": "forward_kl",
     "fkl": "forward_kl",
@@ -324,14 +345,19 @@ _ALIASES = {
     "total_variation": "tvd",
 }
 DIVERGENCE_NAMES: tuple[str, ...] = _CANONICAL_NAMES + tuple(_ALIASES)
-_VALUE_AND_GRAD = {
-    "forward_kl": forward_kl_value_and_grad,
-    "reverse_kl": reverse_kl_value_and_grad,
-    "jsd": generalized_jsd_value_and_grad,
-    "skew_kl": skew_kl_value_and_grad,
-    "skew_reverse_kl": skew_reverse_kl_value_and_grad,
-    "tvd": total_variation_value_and_grad,
-}
+# The canonical names alone, in table order (what a test or a table keyed by divergence iterates over).
+DIVERGENCES: tuple[str, ...] = _CANONICAL_NAMES
+
+
+def _formulas(name: str) -> _Formulas:
+    """The table row of a canonical name; any other name raises ``ValueError`` (never a default)."""
+    try:
+        return _FORMULAS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown divergence {name!r}. Choose one of {', '.join(_CANONICAL_NAMES)} "
+            f"(aliases: {', '.join(_ALIASES)})."
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -351,12 +377,9 @@ class Divergence:
     alpha: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.name not in DIVERGENCE_NAMES:
-            raise ValueError(
-                f"Unknown divergence {self.name!r}. Choose one of {', '.join(_CANONICAL_NAMES)} "
-                f"(aliases: {', '.join(_ALIASES)})."
-            )
-        object.__setattr__(self, "name", _ALIASES.get(self.name, self.name))
+        name = _ALIASES.get(self.name, self.name)
+        _formulas(name)  # an unknown name raises here, naming the choices
+        object.__setattr__(self, "name", name)
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL); got {self.beta}.")
         if not 0.0 <= self.alpha < 1.0:
@@ -374,24 +397,17 @@ class Divergence:
 
         Consumes both log-prob tensors (see :func:`forward_kl_value_and_grad`).
         """
-        parameter = {"jsd": self.beta, "skew_kl": self.alpha, "skew_reverse_kl": self.alpha}
-        function = _VALUE_AND_GRAD[self.name]
-        extra = (parameter[self.name],) if self.name in parameter else ()
-        return function(student_logprobs, teacher_logprobs, student_probs, teacher_probs, *extra, finite)
+        formulas = _formulas(self.name)
+        extra = (getattr(self, formulas.parameter),) if formulas.parameter else ()
+        return formulas.value_and_grad(
+            student_logprobs, teacher_logprobs, student_probs, teacher_probs, *extra, finite
+        )
 
     def __call__(self, student_logprobs: Tensor, teacher_logprobs: Tensor, finite: bool = False) -> Tensor:
         """Divergence per token: ``[..., support]`` log-probs of both sides -> ``[...]``.
 
         ``finite=True`` promises no ``-inf`` entries (see :func:`forward_kl_per_token`).
         """
-        if self.name == "forward_kl":
-            return forward_kl_per_token(student_logprobs, teacher_logprobs, finite)
-        if self.name == "reverse_kl":
-            return reverse_kl_per_token(student_logprobs, teacher_logprobs, finite)
-        if self.name == "jsd":
-            return generalized_jsd_per_token(student_logprobs, teacher_logprobs, self.beta, finite)
-        if self.name == "skew_kl":
-            return skew_kl_per_token(student_logprobs, teacher_logprobs, self.alpha, finite)
-        if self.name == "skew_reverse_kl":
-            return skew_reverse_kl_per_token(student_logprobs, teacher_logprobs, self.alpha, finite)
-        return total_variation_per_token(student_logprobs, teacher_logprobs, finite)
+        formulas = _formulas(self.name)
+        extra = (getattr(self, formulas.parameter),) if formulas.parameter else ()
+        return formulas.per_token(student_logprobs, teacher_logprobs, *extra, finite)

@@ -17,6 +17,7 @@ chunks do not lose precision; it is cast to the weight's dtype at the end.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -37,7 +38,14 @@ from distill.losses.sparse import prepare_sparse_targets
 from distill.losses.targets import SparseTargets, TeacherHead
 from distill.losses.vocab import check_labels, resolve_vocab_size
 
-__all__ = ["GRADIENTS", "FusedDistillationLoss", "Gradient", "default_chunk_size", "fused_distillation_loss"]
+__all__ = [
+    "GRADIENTS",
+    "FusedDistillationLoss",
+    "Gradient",
+    "default_chunk_size",
+    "fused_distillation_loss",
+    "fused_objective_loss",
+]
 
 # Elements of one [chunk x vocab] float32 buffer the default chunk size aims for; the closed-form body
 # keeps 4 of them (dense teacher). The head matmuls, ~80% of the time, need tall chunks: on a CPU
@@ -113,17 +121,41 @@ def fused_distillation_loss(
         ``student_weight`` and ``student_bias``. Teacher tensors never receive gradients. Under
         ``torch.no_grad()`` only the forward runs: no gradient is computed or allocated.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"The fused loss supports reduction='mean' or 'sum'; got {reduction!r}.")
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient must be one of {', '.join(GRADIENTS)}; got {gradient!r}.")
-    teacher_rows = teacher.weight.shape[0] if isinstance(teacher, TeacherHead) else None
+    _check_modes(reduction, gradient)
     objective = Objective.from_kwargs(
         divergence, beta, alpha, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight, tail=tail,
-        vocab_size=resolve_vocab_size(student_weight.shape[0], teacher_rows, vocab_size), ignore_index=ignore_index,
+        vocab_size=resolve_vocab_size(student_weight.shape[0], _teacher_rows(teacher), vocab_size),
+        ignore_index=ignore_index,
     )  # fmt: skip
-    vocab = objective.vocab_size
-    assert vocab is not None
+    return fused_objective_loss(
+        student_hidden, student_weight, teacher, labels, objective, student_bias=student_bias,
+        student_softcap=student_softcap, reduction=reduction, chunk_size=chunk_size, gradient=gradient,
+    )  # fmt: skip
+
+
+def fused_objective_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher: TeacherHead | SparseTargets,
+    labels: Tensor | None,
+    objective: Objective,
+    *,
+    student_bias: Tensor | None = None,
+    student_softcap: float | None = None,
+    reduction: Reduction = "mean",
+    chunk_size: int | None = None,
+    gradient: Gradient = "closed_form",
+) -> DistillationOutput:
+    """:func:`fused_distillation_loss` for an :class:`Objective` built once (the trainer's), not from keywords.
+
+    Internal entry point: the trainer holds its loss settings as one checked :class:`Objective` and hands it
+    over as is. ``objective.vocab_size`` is checked against both heads here (``None``: all rows, which must
+    then be equal). Arguments and return value otherwise as :func:`fused_distillation_loss`.
+    """
+    _check_modes(reduction, gradient)
+    vocab = resolve_vocab_size(student_weight.shape[0], _teacher_rows(teacher), objective.vocab_size)
+    if vocab != objective.vocab_size:
+        objective = dataclasses.replace(objective, vocab_size=vocab)
     hidden_flat = student_hidden.reshape(-1, student_hidden.shape[-1])
     num_rows = hidden_flat.shape[0]
     if hidden_flat.shape[-1] != student_weight.shape[1]:
@@ -160,6 +192,19 @@ def fused_distillation_loss(
             outputs = (sums[0] * settings.scale, *sums[1:])
     loss, kd_sum, ce_sum, agree_sum, entropy_sum = outputs
     return summarize(loss, kd_sum, ce_sum, agree_sum, entropy_sum, num_tokens, labels is not None)
+
+
+def _check_modes(reduction: str, gradient: str) -> None:
+    """Refuse a reduction or gradient mode the fused form does not have."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"The fused loss supports reduction='mean' or 'sum'; got {reduction!r}.")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {', '.join(GRADIENTS)}; got {gradient!r}.")
+
+
+def _teacher_rows(teacher: TeacherHead | SparseTargets) -> int | None:
+    """Rows of a dense teacher's head; ``None`` for sparse targets (their ids are checked against the range)."""
+    return teacher.weight.shape[0] if isinstance(teacher, TeacherHead) else None
 
 
 @contextmanager

@@ -124,7 +124,7 @@ def hidden_state_loss(
         if mask.shape != student_states[0].shape[:-1]:
             leading = tuple(student_states[0].shape[:-1])
             raise ValueError(f"mask {tuple(mask.shape)} must have the states' leading shape {leading}.")
-        rows = mask.reshape(-1).bool().nonzero().squeeze(-1).to(student_states[0].device)
+        rows = mask.reshape(-1).bool().nonzero().squeeze(-1).to(student_states[0].device)  # host-device sync
         num_tokens = int(rows.numel())
     losses = []
     for index, (student, teacher) in enumerate(zip(student_states, teacher_states, strict=True)):

@@ -39,7 +39,7 @@ class NonFiniteInputError(ValueError):
 
 def check_finite(tensor: Tensor, what: str) -> None:
     """Refuse NaN or infinite values in ``tensor`` (e.g. an fp16 overflow upstream), naming ``what``."""
-    if not bool(torch.isfinite(tensor).all()):
+    if not bool(torch.isfinite(tensor).all()):  # host-device sync: a NaN must stop before it reaches the weights
         raise NonFiniteInputError(
             f"{what} contain NaN or infinite values; the loss would be NaN. Check the model's dtype (fp16 overflows; "
             "prefer bf16) and mask disallowed tokens through labels, not with -inf logits."
@@ -260,6 +260,7 @@ def select_valid_rows(labels: Tensor | None, num_rows: int, ignore_index: int) -
         return None
     if labels.numel() != num_rows:
         raise ValueError(f"labels have {labels.numel()} positions but the logits/hidden states have {num_rows}.")
+    # Host-device sync: the number of loss tokens sizes the chunk loop (and every gather after it).
     return (labels.reshape(-1) != ignore_index).nonzero().squeeze(-1)
 
 

@@ -64,7 +64,7 @@ def sparse_distillation_loss(
         divergence: as in :func:`distill.losses.distillation_loss`.
         teacher_tail_mass: optional ``[...]`` mass outside the top-k (derived when ``None``).
         tail: ``"bucket"`` or ``"renormalize"``; see the module docstring for the bias of each.
-        sampled: the ids and log-probs are sampled targets (:func:`distill.cache.sampling.priority_sample`),
+        sampled: the ids and log-probs are sampled targets (:func:`distill.formats.sampling.priority_sample`),
             an unbiased estimate of the teacher rather than its top-k: forward KL only, no tail.
         beta, alpha, temperature, kd_weight, ce_weight, reduction, vocab_size, ignore_index: as in
             :func:`distill.losses.distillation_loss`.

@@ -1,5 +1,8 @@
-"""The two shapes a teacher's targets take when they reach a loss.
+"""The two shapes a teacher's targets take when they reach a loss, and the output head they share.
 
+:class:`OutputHead` is a causal LM's head as tensors, with the one :meth:`OutputHead.logits` that turns
+hidden states into logits (bias, soft-capping) for every user: the fused loss's chunks, the cached and
+top-k teachers, the trainer's dense path and the held-out metrics.
 A dense teacher hands over its final hidden states and LM head (:class:`TeacherHead`), from which
 the fused loss computes teacher logits one chunk of tokens at a time. A sparse teacher, such as an
 offline cache or a server returning top-k log-probs, hands over its top-k token ids and
@@ -14,7 +17,49 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SparseTargets", "TeacherHead"]
+__all__ = ["OutputHead", "SparseTargets", "TeacherHead"]
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A causal LM's output head as tensors: ``logits = softcap(hidden @ weight.T + bias)``.
+
+    Attributes:
+        weight: ``[V, H]`` head weight (the input embedding when tied).
+        bias: ``[V]`` or ``None``.
+        softcap: final-logit soft-capping value (``softcap * tanh(logits / softcap)``, Gemma 2 style), or ``None``.
+    """
+
+    weight: Tensor
+    bias: Tensor | None = None
+    softcap: float | None = None
+
+    def logits(self, hidden: Tensor, vocab_size: int | None = None, out: Tensor | None = None) -> Tensor:
+        """Logits over head rows ``[0, vocab_size)`` (all rows when ``None``): ``[..., H] -> [..., vocab_size]``.
+
+        Args:
+            hidden: ``[..., H]`` final hidden states; 2-D ``[n, H]`` when ``out`` is given.
+            vocab_size: head rows to use (the vocabulary shared with the other model).
+            out: optional ``[n, vocab_size]`` float32/float64 buffer (the fused loss's chunks). The matmul then
+                runs in the inputs' dtypes (autocast applies), straight into ``out`` when they are its dtype,
+                else upcast into it; soft-capping is done in place; no gradient flows. Without ``out``
+                ``hidden`` is cast to the weight's dtype and the result, in that dtype, is differentiable.
+        """
+        weight = self.weight[:vocab_size]
+        bias = None if self.bias is None else self.bias[:vocab_size]
+        if out is None:
+            logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
+            return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
+        if hidden.dtype == out.dtype and weight.dtype == out.dtype:
+            if bias is None:
+                torch.mm(hidden, weight.t(), out=out)
+            else:
+                torch.addmm(bias.to(out.dtype), hidden, weight.t(), out=out)
+        else:
+            out.copy_(hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t()))
+        if self.softcap is not None:
+            out.div_(self.softcap).tanh_().mul_(self.softcap)
+        return out
 
 
 @dataclass
@@ -39,6 +84,15 @@ class TeacherHead:
     softcap: float | None = None
     layer_states: tuple[Tensor, ...] | None = None
 
+    @property
+    def head(self) -> OutputHead:
+        """The head alone (``weight``, ``bias``, ``softcap``), whose :meth:`OutputHead.logits` these targets use."""
+        return OutputHead(self.weight, self.bias, self.softcap)
+
+    def logits(self) -> Tensor:
+        """``[..., V_t]`` teacher logits of all of :attr:`hidden` at once (the dense, materialised path)."""
+        return self.head.logits(self.hidden)
+
 
 @dataclass
 class SparseTargets:
@@ -52,7 +106,7 @@ class SparseTargets:
         tail_mass: optional ``[...]`` probability mass outside the top-k. When ``None`` it is
             derived as ``1 - sum(exp(topk_logprobs))``; pass it when the log-probs were stored
             lossily (quantised) so the tail stays exact.
-        estimate: the entries are *sampled* targets (:func:`distill.cache.priority_sample`): their
+        estimate: the entries are *sampled* targets (:func:`distill.formats.sampling.priority_sample`): their
             exponentials are an unbiased estimate of the teacher's probabilities (zero for ids not
             listed), so they need not sum to 1 and nothing is left in a tail. Only the forward KL
             (and the CE it contains) is linear in the teacher's probabilities, so only its gradient

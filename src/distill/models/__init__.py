@@ -1,4 +1,5 @@
-"""Loading and checking student and teacher models: vocabularies, dtypes, quantization, LoRA, memory."""
+"""Loading and checking student and teacher models: vocabularies, dtypes, quantization, LoRA, memory; and the
+split of a causal LM into its decoder (final hidden states) and output head (:mod:`distill.models.decoder`)."""
 
 from typing import TYPE_CHECKING
 
@@ -7,6 +8,14 @@ from distill._lazy import lazy_exports
 # Imported on first use: loading imports torch and transformers, and ``distill merge --help`` should not wait.
 if TYPE_CHECKING:
     from distill.models.adapters import apply_peft, check_student_trainable, has_trainable_adapters
+    from distill.models.decoder import (
+        OutputHead,
+        UnsupportedModelError,
+        decoder_of,
+        final_hidden_states,
+        full_logits,
+        output_head_of,
+    )
     from distill.models.loading import (
         ModelDoesNotFitError,
         check_fits,
@@ -22,21 +31,27 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ModelDoesNotFitError",
+    "OutputHead",
     "Quantization",
+    "UnsupportedModelError",
     "VocabularyMismatchError",
     "apply_peft",
     "check_fits",
     "check_student_trainable",
     "check_tokenizers_match",
+    "decoder_of",
     "eos_token_ids",
     "evenly_spaced_layers",
+    "final_hidden_states",
     "freeze",
+    "full_logits",
     "has_trainable_adapters",
     "is_quantized",
     "load_causal_lm",
     "load_snippet",
     "make_trainable_4bit_safe",
     "merge_adapters",
+    "output_head_of",
     "parameter_bytes",
     "quantization_config",
     "resolve_dtype",
@@ -44,4 +59,6 @@ __all__ = [
     "student_from_teacher",
 ]
 
-__getattr__ = lazy_exports(__name__, ("adapters", "loading", "merge", "quantization", "shrink", "vocab"), __all__)
+__getattr__ = lazy_exports(
+    __name__, ("adapters", "decoder", "loading", "merge", "quantization", "shrink", "vocab"), __all__
+)

@@ -7,10 +7,7 @@
 * :class:`DataTeacher`: the next token of the data, one-hot (plain fine-tuning through the same trainer).
 """
 
-from distill.teachers.base import Teacher, TeacherTargets
-from distill.teachers.cached import CachedTeacher, TopKTeacher
-from distill.teachers.data import DataTeacher
-from distill.teachers.decoder import (
+from distill.models.decoder import (
     OutputHead,
     UnsupportedModelError,
     decoder_of,
@@ -18,6 +15,9 @@ from distill.teachers.decoder import (
     full_logits,
     output_head_of,
 )
+from distill.teachers.base import Teacher, TeacherTargets
+from distill.teachers.cached import CachedTeacher, TopKTeacher
+from distill.teachers.data import DataTeacher
 from distill.teachers.hidden import catch_layer_outputs, decoder_layers
 from distill.teachers.model import ModelTeacher
 from distill.teachers.server import ServerTeacher

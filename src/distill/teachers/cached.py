@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distill.cache.encoding import Encoding
-from distill.cache.reader import (
+from distill.formats.encoding import Encoding
+from distill.formats.reader import (
     CacheError,
     CacheMismatchError,
     CacheReader,
@@ -27,7 +27,7 @@ from distill.cache.reader import (
     row_key,
     tokenizer_fingerprint,
 )
-from distill.cache.sampling import priority_sample
+from distill.formats.sampling import priority_sample
 from distill.losses import Objective, SparseTargets, TeacherHead
 from distill.losses.sparse import check_estimate_objective
 from distill.teachers.base import Teacher
@@ -41,13 +41,13 @@ _TOPK_CHUNK = 128
 
 def _chunk_logprobs(hidden: Tensor, head: TeacherHead, vocab_size: int, chunk_size: int) -> Iterator[Tensor]:
     """The teacher's float32 log-softmax over head rows ``[0, vocab_size)``, ``chunk_size`` positions at a time."""
-    weight = head.weight[:vocab_size]
-    bias = None if head.bias is None else head.bias[:vocab_size]
+    output_head = head.head
     for start in range(0, hidden.shape[0], chunk_size):
-        chunk = hidden[start : start + chunk_size].to(weight.dtype)
-        logits = (chunk @ weight.t() if bias is None else torch.addmm(bias, chunk, weight.t())).float()
-        if head.softcap is not None:
-            logits = head.softcap * torch.tanh(logits / head.softcap)
+        # The matmul in the head's dtype, the logits (and their soft-capping) in float32.
+        chunk = hidden[start : start + chunk_size].to(head.weight.dtype)
+        logits = output_head.logits(
+            chunk, vocab_size, out=chunk.new_empty(chunk.shape[0], vocab_size, dtype=torch.float32)
+        )
         yield torch.log_softmax(logits, dim=-1)
 
 
@@ -90,7 +90,7 @@ def sampled_from_hidden(
     generator: torch.Generator,
     chunk_size: int = _TOPK_CHUNK,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Sampled targets (:func:`distill.cache.sampling.priority_sample`) at some positions.
+    """Sampled targets (:func:`distill.formats.sampling.priority_sample`) at some positions.
 
     Args and the chunked log-softmax as :func:`topk_from_hidden`; ``generator`` (on ``hidden``'s
     device) draws the positions' uniforms in order.

@@ -4,7 +4,7 @@ Intermediate-layer distillation compares the residual stream after student layer
 after teacher layer ``j``. Both are caught with forward hooks on the decoder layers while the model
 runs its ordinary (outermost) forward, the one that also gives the logit targets / final hidden
 states, so no second forward is needed and DDP / FSDP / DeepSpeed wrappers behave as usual (see
-:func:`distill.teachers.decoder.final_hidden_states`). Hooks rather than ``output_hidden_states``:
+:func:`distill.models.decoder.final_hidden_states`). Hooks rather than ``output_hidden_states``:
 that tuple holds every layer (all kept alive), starts with the embeddings, and its last entry is the
 *final-norm* output on most models, not the last layer's residual stream. Only the layers asked for
 are kept. The hooks are removed when the ``with`` block ends, before any backward, so gradient
@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-from distill.teachers.decoder import UnsupportedModelError, decoder_of
+from distill.models.decoder import UnsupportedModelError, decoder_of
 
 __all__ = ["catch_layer_outputs", "decoder_layers"]
 

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from distill.losses import TeacherHead
+from distill.models.decoder import OutputHead, final_hidden_states, output_head_of
 from distill.teachers.base import Teacher
-from distill.teachers.decoder import OutputHead, final_hidden_states, output_head_of
 from distill.teachers.hidden import catch_layer_outputs, decoder_layers
 from distill.teachers.sharding import full_tensor, is_sharded
 

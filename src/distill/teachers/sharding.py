@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distill.teachers.decoder import decoder_of
+from distill.models.decoder import decoder_of
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
+# Batch keys the step adds besides the collator's columns (a leading underscore: never a model input).
+GENERATED_KEY = "_generated"  # True when the batch's completions were generated this step (on-policy / seq-KD)
 
 
 def next_token_labels(labels: Tensor, position_ids: Tensor | None = None) -> Tensor:

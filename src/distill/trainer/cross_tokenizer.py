@@ -19,15 +19,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distill.cache import tokenizer_fingerprint
 from distill.config import DistillConfig
 from distill.data import prepare_dataset
 from distill.data.alignment import align_token_ids, token_byte_table
+from distill.formats.reader import tokenizer_fingerprint
 from distill.losses import DistillationOutput, Objective, SparseTargets, TeacherHead, default_chunk_size
 from distill.losses.cross_vocab import VocabProjection, cross_vocab_loss
 from distill.models import VocabularyMismatchError, check_tokenizers_match
+from distill.models.decoder import final_hidden_states, output_head_of
 from distill.models.vocab_map import build_vocab_map, coverage_audit
-from distill.teachers import TeacherTargets, final_hidden_states, output_head_of
+from distill.teachers import TeacherTargets
 from distill.teachers.sharding import full_tensor
 from distill.trainer.batching import IGNORE_INDEX, next_token_labels
 
@@ -251,7 +252,7 @@ class CrossTokenizer:
         teacher_flat = row_of_span * inputs[self.columns.teacher_ids].shape[1] + teacher_pos[valid]
         span_of_position = torch.full((batch * length,), -1, dtype=torch.long, device=input_ids.device)
         span_of_position[student_flat] = torch.arange(student_flat.numel(), device=input_ids.device)
-        rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+        rows = (targets != IGNORE_INDEX).nonzero().squeeze(-1)  # host-device sync: the loss tokens
         span_of_row = span_of_position[rows]
         kept = span_of_row[span_of_row >= 0]  # spans at loss positions, in row order
         span_of_row[span_of_row >= 0] = torch.arange(kept.numel(), device=kept.device)

@@ -25,8 +25,9 @@ from torch import Tensor, nn
 
 from distill.config import DistillConfig, parse_layer_map
 from distill.losses import HiddenStateOutput, hidden_state_loss
+from distill.models.decoder import decoder_of
 from distill.models.shrink import PRUNING_RECORD_KEY
-from distill.teachers import Teacher, decoder_layers, decoder_of
+from distill.teachers import Teacher, decoder_layers
 from distill.trainer.batching import IGNORE_INDEX
 
 __all__ = [

@@ -26,9 +26,11 @@ import torch
 from torch import Tensor, nn
 
 from distill.config import DistillConfig
-from distill.losses import DistillationOutput, Objective, fused_distillation_loss
+from distill.losses import DistillationOutput, Objective
+from distill.losses.fused import fused_objective_loss
 from distill.models import shared_vocab_size
-from distill.teachers import Teacher, final_hidden_states, output_head_of
+from distill.models.decoder import final_hidden_states, output_head_of
+from distill.teachers import Teacher
 from distill.teachers.sharding import full_tensor
 from distill.trainer.batching import IGNORE_INDEX, next_token_labels
 from distill.trainer.cross_tokenizer import Columns, CrossTokenizer, per_row_teacher_problems, uses_cross_tokenizer
@@ -139,13 +141,13 @@ class TeacherEnsemble:
 
     def loss(
         self, model: nn.Module, inputs: dict[str, Any], objective: Objective
-    ) -> tuple[DistillationOutput, dict[str, tuple[int, float, float]]]:
+    ) -> tuple[DistillationOutput, dict[str, tuple[int, Tensor | float, Tensor | float]]]:
         """The combined loss of one micro-batch, and per teacher that ran ``(tokens, KD, top-1 agreement)``."""
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         hidden = final_hidden_states(model, input_ids, attention_mask, None)
         targets = next_token_labels(inputs["labels"])
         route = inputs.get(ROUTE_KEY)
-        total_tokens = int((targets != IGNORE_INDEX).sum())
+        total_tokens = int((targets != IGNORE_INDEX).sum())  # host-device sync: each teacher's share of the tokens
         outputs, metrics = [], {}
         for index, route_spec in enumerate(self.routes):
             if route is None:
@@ -165,7 +167,7 @@ class TeacherEnsemble:
             outputs.append(
                 (output, 1.0 if route is None else token_share, route_spec.weight if route is None else token_share)
             )
-            metrics[route_spec.name] = (output.num_tokens, float(output.kd_loss), float(output.top1_agreement))
+            metrics[route_spec.name] = (output.num_tokens, output.kd_loss, output.top1_agreement)  # tensors: no sync
         return _combine(outputs, total_tokens), metrics
 
     def _teacher_loss(
@@ -182,12 +184,11 @@ class TeacherEnsemble:
             return route.cross.loss(model, inputs, teacher_targets, objective, hidden=hidden, targets=labels)
         teacher_targets = route.teacher.targets(inputs["input_ids"], inputs["attention_mask"], None)
         head = output_head_of(model)
-        return fused_distillation_loss(
-            hidden, full_tensor(head.weight), teacher_targets, labels, objective.divergence.name,
+        return fused_objective_loss(
+            hidden, full_tensor(head.weight), teacher_targets, labels,
+            dataclasses.replace(objective, vocab_size=self.vocab_size),  # the rows all the ensemble's heads share
             student_bias=None if head.bias is None else full_tensor(head.bias), student_softcap=head.softcap,
-            beta=objective.divergence.beta, alpha=objective.divergence.alpha, temperature=objective.temperature,
-            kd_weight=objective.kd_weight, ce_weight=objective.ce_weight, tail=objective.tail,
-            vocab_size=self.vocab_size, chunk_size=self.args.loss_chunk_size,
+            chunk_size=self.args.loss_chunk_size,
         )  # fmt: skip
 
 

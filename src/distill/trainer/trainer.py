@@ -20,13 +20,14 @@ from torch import Tensor, nn
 
 from distill.config import DistillConfig
 from distill.data import DistillCollator
+from distill.data.collator import NUM_INPUT_TOKENS_KEY
 from distill.losses import (
     DistillationOutput,
     NonFiniteInputError,
     TeacherHead,
     distillation_loss,
-    fused_distillation_loss,
 )
+from distill.losses.fused import fused_objective_loss
 from distill.models import (
     apply_peft,
     check_student_trainable,
@@ -35,20 +36,13 @@ from distill.models import (
     load_causal_lm,
     resolve_dtype,
 )
+from distill.models.decoder import final_hidden_states, full_logits, output_head_of
 from distill.models.loading import load_tokenizer
 from distill.models.merge import is_adapter_folder, load_snippet
-from distill.teachers import (
-    ModelTeacher,
-    Teacher,
-    TeacherTargets,
-    catch_layer_outputs,
-    final_hidden_states,
-    full_logits,
-    output_head_of,
-)
+from distill.teachers import ModelTeacher, Teacher, TeacherTargets, catch_layer_outputs
 from distill.teachers.server import ServerError
 from distill.teachers.sharding import full_tensor, shard_teacher
-from distill.trainer.batching import completion_batch, next_token_labels
+from distill.trainer.batching import GENERATED_KEY, completion_batch, next_token_labels
 from distill.trainer.checkpoints import check_resume_settings, remove_incomplete, resolve_resume, write_marker
 from distill.trainer.cross_tokenizer import CrossTokenizer, uses_cross_tokenizer
 from distill.trainer.hidden import PROJECTIONS_FILE, HiddenDistillation, build_hidden_distillation, hidden_token_mask
@@ -272,10 +266,10 @@ class Trainer(transformers.Trainer):
         self._micro_step_of = step
         if self.args.seq_kd:
             inputs = self._generated_batch(inputs, generator=None)
-            inputs["_generated"] = True
+            inputs[GENERATED_KEY] = True
         if self.args.lmbda > 0 and self._step_rng().random() < self.args.lmbda:
             inputs = self._generated_batch(inputs, generator=model)
-            inputs["_generated"] = True
+            inputs[GENERATED_KEY] = True
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _step_rng(self) -> random.Random:
@@ -340,10 +334,12 @@ class Trainer(transformers.Trainer):
                 loss = loss + self.args.hidden_loss_weight * hidden_output.loss
         except NonFiniteInputError as error:  # NaN hidden states / logits, caught before the loss math
             self._stop_on_nonfinite(model, inputs, str(error))
+        # Host-device sync (one per micro-batch, on purpose): a NaN loss must stop the run before the optimizer
+        # applies it. The fused loss syncs too: its finiteness checks and the count of loss tokens (nonzero).
         if not torch.isfinite(loss.detach()).item():
             self._stop_on_nonfinite(model, inputs, f"the loss is {float(loss)}")
         metrics = self._train_metrics if model.training else self._eval_metrics
-        metrics.add(output, _input_tokens(inputs), generated=bool(inputs.get("_generated", False)))
+        metrics.add(output, _input_tokens(inputs), generated=bool(inputs.get(GENERATED_KEY, False)))  # no sync
         if self.ensemble is not None:
             metrics.add_teachers(per_teacher)
         if hidden is not None:
@@ -379,32 +375,26 @@ class Trainer(transformers.Trainer):
         teacher_targets: TeacherTargets,
     ) -> DistillationOutput:
         objective = self.objective
-        common = dict(
-            divergence=objective.divergence.name,
-            beta=objective.divergence.beta,
-            alpha=objective.divergence.alpha,
-            temperature=objective.temperature,
-            kd_weight=objective.kd_weight,
-            ce_weight=objective.ce_weight,
-            vocab_size=self.vocab_size,
-        )
         if self.args.loss_implementation == "fused":
             hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
             head = output_head_of(model)
-            return fused_distillation_loss(
+            return fused_objective_loss(
                 hidden,
                 full_tensor(head.weight),  # an FSDP2 student's head is a DTensor shard: gather it (differentiably)
                 teacher_targets,
                 targets,
+                objective,
                 student_bias=None if head.bias is None else full_tensor(head.bias),
                 student_softcap=head.softcap,
-                tail=objective.tail,
                 chunk_size=self.args.loss_chunk_size,
-                **common,
             )
         student_logits = full_logits(model, input_ids, attention_mask, position_ids)
         teacher_logits = _materialize(teacher_targets)
-        return distillation_loss(student_logits, teacher_logits, targets, **common)
+        return distillation_loss(
+            student_logits, teacher_logits, targets, objective.divergence.name, beta=objective.divergence.beta,
+            alpha=objective.divergence.alpha, temperature=objective.temperature, kd_weight=objective.kd_weight,
+            ce_weight=objective.ce_weight, vocab_size=self.vocab_size,
+        )  # fmt: skip
 
     def prediction_step(
         self,
@@ -568,23 +558,21 @@ class Trainer(transformers.Trainer):
         return result
 
 
-def _input_tokens(inputs: dict[str, Any]) -> int:
-    """Non-padding tokens of a batch (packed batches carry a 4D mask; the collator counts their tokens)."""
-    if "num_input_tokens" in inputs:
-        return int(inputs["num_input_tokens"])
-    return int(inputs["attention_mask"].sum())
+def _input_tokens(inputs: dict[str, Any]) -> Tensor:
+    """0-d tensor: non-padding tokens of a batch (packed batches carry a 4D mask; the collator counts theirs).
+
+    Left on the device (no sync): :class:`~distill.trainer.metrics.KDMetrics` reads it back once per log line.
+    """
+    if NUM_INPUT_TOKENS_KEY in inputs:
+        return inputs[NUM_INPUT_TOKENS_KEY]
+    return inputs["attention_mask"].sum()
 
 
 def _materialize(targets: TeacherTargets) -> Tensor:
     """``[batch, seq, V]`` teacher logits from dense targets (the dense path only)."""
     if not isinstance(targets, TeacherHead):
         raise ValueError("loss_implementation='dense' needs a dense teacher; sparse targets use the fused path.")
-    logits = targets.hidden @ targets.weight.T
-    if targets.bias is not None:
-        logits = logits + targets.bias
-    if targets.softcap is not None:
-        logits = targets.softcap * torch.tanh(logits / targets.softcap)
-    return logits
+    return targets.logits()
 
 
 __all__ = ["NonFiniteLossError", "Trainer", "TrainingPreempted"]

@@ -12,7 +12,7 @@ encodings, both fixed-width per token so a row's bytes split into tokens by plai
 
 Entries are stored sorted by log-prob, highest first. All multi-byte values are little-endian.
 
-With ``sampled=True`` the entries are sampled targets (:func:`distill.cache.sampling.priority_sample`):
+With ``sampled=True`` the entries are sampled targets (:func:`distill.formats.sampling.priority_sample`):
 log-weights whose exponentials estimate the teacher's probabilities without bias and may sum above 1.
 The layout is the same; the compact mass field then holds ``log(sum of weights)`` unclamped, and the
 decoded tail mass is 0.

@@ -17,8 +17,8 @@ from typing import Any, NoReturn
 import numpy as np
 import pyarrow.parquet as pq
 
-from distill.cache.encoding import EncodedTokens, Encoding
 from distill.checks import InputError
+from distill.formats.encoding import EncodedTokens, Encoding
 
 __all__ = [
     "FORMAT",

@@ -3,33 +3,19 @@
 Running only the decoder gives the final hidden states ``[batch, seq, H]`` (after the final norm);
 the head's weight ``[V, H]`` then goes to the fused loss, which never builds ``[tokens x V]`` logits.
 Works for any ``transformers`` causal LM whose logits are ``softcap(hidden @ W.T + b)``, and through
-a ``peft`` wrapper (LoRA layers are injected in place, so the decoder found holds them).
+a ``peft`` wrapper (LoRA layers are injected in place, so the decoder found holds them). The head is an
+:class:`~distill.losses.OutputHead`, whose ``logits()`` is the one head -> logits function of the package.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor, nn
+
+from distill.losses.targets import OutputHead
 
 
 class UnsupportedModelError(ValueError):
     """The model's logits are not a plain (soft-capped) linear head over its decoder's hidden states."""
-
-
-@dataclass(frozen=True)
-class OutputHead:
-    """A model's LM head as tensors: ``logits = softcap(hidden @ weight.T + bias)``.
-
-    Attributes:
-        weight: ``[V, H]`` head weight (the input embedding when tied).
-        bias: ``[V]`` or ``None``.
-        softcap: final-logit soft-capping value (Gemma 2 style), or ``None``.
-    """
-
-    weight: Tensor
-    bias: Tensor | None
-    softcap: float | None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
