@@ -65,7 +65,7 @@ def _load_prompts(name: str, split: str, limit: int | None) -> list[dict[str, An
 
         rows = list(read_problems().values())
     else:
-        from distill.cache.cli import load_rows
+        from distill.data.rows import load_rows
 
         rows = list(load_rows(name, split))
     return rows[:limit] if limit is not None else rows
