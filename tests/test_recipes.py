@@ -161,7 +161,7 @@ def test_a_recipe_copied_elsewhere_runs_tiny(tmp_path: Path) -> None:
     out = tmp_path / "out"
     command = [sys.executable, str(copy), "--tiny", "--profile", "h100_80gb", "--output_dir", str(out)]
     command += ["--max_steps", "2"]
-    result = subprocess.run(command, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "heldout_metrics.json").read_text())["trainer_eval"]["eval_loss_tokens"] > 0
 
