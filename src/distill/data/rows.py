@@ -50,9 +50,12 @@ def _load_named(name: str, split: str, subset: str | None) -> Any:
 
     path = Path(name).expanduser()
     if not path.exists() and (is_path_like(name) or path.suffix in FILE_BUILDERS):
-        raise InputError(f"dataset {name!r}: no such file or folder (resolved to {path.resolve()}).")
+        raise InputError(f"No dataset at {name!r}: no such file or folder (resolved to {path.resolve()}).")
     if path.is_file() and path.suffix not in FILE_BUILDERS:
-        raise InputError(f"dataset {name!r}: unknown file type; give a {'/'.join(FILE_BUILDERS)} file.")
+        raise InputError(
+            f"No dataset at {name!r}: unknown file type; give a {'/'.join(FILE_BUILDERS)} file or a folder written by "
+            "Dataset.save_to_disk()."
+        )
     if path.is_dir() and any((path / marker).exists() for marker in ("dataset_info.json", "dataset_dict.json")):
         loaded = datasets.load_from_disk(str(path))
         return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded

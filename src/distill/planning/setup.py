@@ -107,8 +107,12 @@ class RunSetup:
     bases are kept in bf16 under ``mixed`` too; adapters are fp32 in every mode (peft's default).
     """
 
-    student: ModelSpec = field(metadata={"help": "the student: a catalogue name (e.g. Qwen/Qwen2.5-Coder-1.5B) or a "
-                                         "config.json file or folder (no weights are read)"})  # fmt: skip
+    student: ModelSpec = field(
+        metadata={
+            "help": "the student: a catalogue name (e.g. Qwen/Qwen2.5-Coder-1.5B) or a config.json file or folder "
+            "(no weights are read)"
+        }
+    )
     teacher: ModelSpec | None = field(
         metadata={"help": "the teacher, as --student; optional for a cache/server teacher"}
     )
