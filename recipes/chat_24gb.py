@@ -4,7 +4,8 @@ Profiles (``--profile``):
 
 * ``rtx_24gb`` (default): one 24 GB GPU (RTX 4090, L4, A10G). Qwen2.5-7B-Instruct in 4-bit nf4 (~5 GB)
   runs next to Qwen2.5-1.5B-Instruct, which trains through LoRA adapters (rank 64) on bf16 weights.
-* ``h100_80gb``: one 80 GB GPU. The teacher in bf16 (~15 GB) and a full fine-tune of the student.
+* ``h100_80gb``: one 80 GB GPU. The teacher in bf16 (~15 GB) and a full fine-tune of the student (fp32 master
+  weights, bf16 autocast).
 
 Data: any ``messages`` dataset (default ``HuggingFaceH4/ultrachat_200k``, split ``train_sft``); the loss
 covers every assistant turn.
@@ -17,24 +18,12 @@ covers every assistant turn.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))  # `common` sits next to this file, also under accelerate launch
-
-from common import (  # noqa: E402
-    Profile,
-    begin,
-    evaluate_and_report,
-    load_rows,
-    log,
-    split_heldout,
-    teacher_model_of,
-    train_student,
-)
+from distill.data.rows import load_rows, split_heldout
+from distill.recipes_support import Profile, begin, evaluate_and_report, log
 
 
 @dataclass
@@ -89,7 +78,10 @@ PROFILES: dict[str, Profile] = {
         lora_r=None,
         launch="accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/chat_24gb.py "
         "--profile h100_80gb",
-        training=dict(per_device_train_batch_size=8, gradient_accumulation_steps=4, learning_rate=1e-5),
+        # fp32 master weights under bf16 autocast: at lr 1e-5 pure bf16 weights would barely move.
+        training=dict(
+            student_dtype="float32", per_device_train_batch_size=8, gradient_accumulation_steps=4, learning_rate=1e-5
+        ),
     ),
 }
 
@@ -99,8 +91,10 @@ TINY_RECIPE: dict[str, Any] = dict(heldout_rows=8, max_train_rows=None)
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the recipe; returns the held-out metrics (also written to ``output_dir/heldout_metrics.json``)."""
     import datasets
+    from peft import LoraConfig
     from transformers import AutoTokenizer
 
+    from distill import Trainer
     from distill.testing import arithmetic_rows
 
     start = begin(ChatRecipe, PROFILES, argv, BASE_TRAINING, TINY_RECIPE)  # checks the plan before any load
@@ -119,9 +113,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train, heldout = split_heldout(rows, recipe.heldout_rows, recipe.max_train_rows, config.seed)
     log(f"{len(train)} training chats, {len(heldout)} held-out chats")
 
-    # The teacher as a path: loaded with teacher_dtype / teacher_quantization from the profile.
-    trainer = train_student(start, start.teacher, train, heldout, tokenizer)
-    return evaluate_and_report(trainer, heldout, tokenizer, teacher_model_of(trainer), f"chat-{profile.name}")
+    # Both models as paths: the Trainer loads the teacher with teacher_dtype / teacher_quantization and the
+    # student with student_dtype (bf16 under LoRA adapters, which peft keeps in fp32; fp32 for a full fine-tune).
+    lora = None
+    if profile.lora_r is not None:
+        lora = LoraConfig(
+            r=profile.lora_r, lora_alpha=2 * profile.lora_r, lora_dropout=0.0, target_modules="all-linear"
+        )
+    trainer = Trainer(
+        model=start.student,
+        teacher=start.teacher,
+        args=config,
+        train_dataset=train,
+        eval_dataset=heldout,
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
+    return evaluate_and_report(
+        trainer, heldout, tokenizer, getattr(trainer.teacher, "model", None), f"chat-{profile.name}"
+    )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ Profiles (``--profile``), each one GPU target:
 * ``rtx_24gb``: one 24 GB GPU. The teacher cannot share the card with the student, so it runs once, in
   4-bit, over the data and its top-64 targets are cached on disk (``distill cache``); it is freed, then
   the QLoRA student (rank 32) trains from the cache (``CachedTeacher``).
-* ``node_8xh100``: one node of 8 H100s. Full fine-tune of the 14B in bf16 under FSDP2; the bf16 32B teacher
-  is sharded over the 8 GPUs too (``teacher_sharding="fsdp"``).
+* ``node_8xh100``: one node of 8 H100s. Full fine-tune of the 14B under FSDP2 with fp32 master weights and bf16
+  autocast (at lr 1e-5 pure bf16 weights would barely move); the bf16 32B teacher is sharded over the 8 GPUs too
+  (``teacher_sharding="fsdp"``).
 
 Every ``DistillConfig`` field and every field of :class:`CodeRecipe` is a flag (or a key of a YAML file):
 
@@ -18,31 +19,25 @@ Every ``DistillConfig`` field and every field of :class:`CodeRecipe` is a flag (
     python recipes/code_14b.py my_run.yaml
     python recipes/code_14b.py --tiny --profile rtx_24gb   # the same steps, tiny random models, a CPU, seconds
 
+A standalone script: copy it and edit it; it needs only distill installed (``distill.recipes_support`` parses the
+flags and profiles, checks the plan and writes the report; the data, the student, LoRA and the ``Trainer`` are
+here). Profiles with 4-bit weights need bitsandbytes (``pip install 'distill[quant]'``); without it the recipe
+stops at start-up, before any data is read.
+
 At the end: held-out KD metrics in ``output_dir/heldout_metrics.json`` and, when the teacher runs in
 this process, a report card in ``output_dir/report/``.
 """
 
 from __future__ import annotations
 
-import sys
+import gc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))  # `common` sits next to this file, also under accelerate launch
-
-from common import (  # noqa: E402
-    Profile,
-    begin,
-    cached_teacher,
-    evaluate_and_report,
-    load_rows,
-    log,
-    split_heldout,
-    teacher_model_of,
-    train_student,
-)
+from distill.data.rows import load_rows, split_heldout
+from distill.recipes_support import Profile, begin, evaluate_and_report, log
 
 
 @dataclass
@@ -136,6 +131,9 @@ PROFILES: dict[str, Profile] = {
         sharding="fsdp2",
         training=dict(
             teacher_sharding="fsdp",
+            # fp32 master weights under bf16 autocast (the planner's "mixed"): at lr 1e-5 an Adam step is below
+            # half a bf16 ULP of most weights, so pure bf16 weights would barely move.
+            student_dtype="float32",
             per_device_train_batch_size=4,
             gradient_accumulation_steps=4,
             max_length=4096,
@@ -191,21 +189,62 @@ def to_messages(dataset: Any, recipe: CodeRecipe) -> Any:
     return dataset.map(row, remove_columns=dataset.column_names)
 
 
+def cached_teacher(cache_dir: str, teacher: str, tokenizer: Any, rows: Any, config: Any, top_k: int) -> Any:
+    """A ``CachedTeacher`` over ``rows``; the cache is built first (teacher loaded, run once, freed) if missing.
+
+    Only the teacher is on the GPU while the cache is built, and only the student while training: that is
+    what lets a 32B teacher and a 14B student share one 24 GB card.
+    """
+    import torch
+
+    from distill.cache import build_cache
+    from distill.formats.reader import read_manifest
+    from distill.teachers import CachedTeacher
+
+    manifest = read_manifest(Path(cache_dir)) if Path(cache_dir, "manifest.json").exists() else None
+    if manifest is None or not manifest.get("complete"):
+        log(
+            f"building the teacher cache in {cache_dir} (same as: distill cache --teacher {teacher} --dataset "
+            f"<rows> --out {cache_dir} --quantization {config.teacher_quantization} --max-length {config.max_length})"
+        )
+        build_cache(
+            teacher,
+            rows,
+            cache_dir,
+            tokenizer=tokenizer,
+            top_k=top_k,
+            max_length=config.max_length,
+            completion_only_loss=config.completion_only_loss,
+            dtype=config.teacher_dtype,
+            quantization=config.teacher_quantization,
+            device=None if config.use_cpu else config.device,
+            progress=not config.disable_tqdm,
+        )
+        gc.collect()  # the teacher is gone: give its memory back before the student loads
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return CachedTeacher(cache_dir, tokenizer=tokenizer)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the recipe; returns the held-out metrics (also written to ``output_dir/heldout_metrics.json``)."""
     import datasets
+    from peft import LoraConfig
     from transformers import AutoTokenizer
 
-    # 1-2. Models (real checkpoints, or tiny random ones with --tiny) and the planner's check that they fit,
-    # before any weight or data is loaded, so a bad profile costs seconds.
+    from distill import Trainer
+    from distill.models import load_causal_lm
+
+    # 1. Flags (or YAML) over the profile, models (tiny random ones with --tiny), and the planner's check that
+    # they fit, before any weight or data is loaded, so a bad profile costs seconds.
     start = begin(CodeRecipe, PROFILES, argv, BASE_TRAINING, TINY_RECIPE)
     recipe, config, profile = start.recipe, start.config, start.profile
     if recipe.plan_only:
         return start.plan_summary()
     tokenizer = AutoTokenizer.from_pretrained(start.student)
-    teacher = start.teacher
+    device = None if config.use_cpu else config.device  # this process's GPU under `accelerate launch`
 
-    # 3. Data: chat rows, a held-out split for the metrics at the end.
+    # 2. Data: chat rows, a held-out split for the metrics at the end.
     rows = (
         datasets.Dataset.from_list(tiny_code_rows(48))
         if recipe.tiny
@@ -214,17 +253,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train, heldout = split_heldout(to_messages(rows, recipe), recipe.heldout_rows, recipe.max_train_rows, config.seed)
     log(f"{len(train)} training rows, {len(heldout)} held-out rows")
 
-    # 4. The teacher's targets: the model itself every step, or its top-k computed once into a cache.
+    # 3. The teacher's targets: the model itself every step (loaded by the Trainer in teacher_dtype /
+    # teacher_quantization), or its top-k computed once into a cache.
+    teacher: Any = start.teacher
     if profile.teacher_mode == "cache":
         cache_dir = recipe.teacher_cache or str(Path(config.output_dir) / "teacher_cache")
         all_rows = datasets.concatenate_datasets([train, heldout])  # held-out rows too: evaluate() reads them
-        teacher = cached_teacher(cache_dir, teacher, tokenizer, all_rows, config, profile, recipe.cache_top_k)
+        teacher = cached_teacher(cache_dir, teacher, tokenizer, all_rows, config, recipe.cache_top_k)
 
-    # 5. Train.
-    trainer = train_student(start, teacher, train, heldout, tokenizer)
+    # 4. The student: QLoRA's 4-bit base is loaded here; a full-precision one is loaded by the Trainer in
+    # student_dtype (float32 for the full fine-tune: fp32 master weights, bf16 autocast).
+    student: Any = start.student
+    if profile.student_quantization == "4bit":
+        student = load_causal_lm(student, dtype=config.student_dtype, quantization="4bit", device=device)
+    lora = None
+    if profile.lora_r is not None:
+        lora = LoraConfig(
+            r=profile.lora_r, lora_alpha=2 * profile.lora_r, lora_dropout=0.0, target_modules="all-linear"
+        )
 
-    # 6. Held-out KD metrics and the report card.
-    return evaluate_and_report(trainer, heldout, tokenizer, teacher_model_of(trainer), f"code_14b-{profile.name}")
+    # 5. Train (resumes from --resume_from_checkpoint when given), then save the student (or its adapters).
+    trainer = Trainer(
+        model=student,
+        teacher=teacher,
+        args=config,
+        train_dataset=train,
+        eval_dataset=heldout,
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
+
+    # 6. Held-out KD metrics and, with the teacher model in this process, the report card.
+    teacher_model = getattr(trainer.teacher, "model", None)  # None for the cached teacher
+    return evaluate_and_report(trainer, heldout, tokenizer, teacher_model, f"code_14b-{profile.name}")
 
 
 if __name__ == "__main__":

@@ -26,28 +26,14 @@ Profiles (``--profile``):
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))  # `common` sits next to this file, also under accelerate launch
-
-from common import (  # noqa: E402
-    Profile,
-    check_plan,
-    device_for_this_process,
-    evaluate_and_report,
-    load_rows,
-    log,
-    parse,
-    split_heldout,
-    teacher_model_of,
-    tiny_models,
-)
-
-from distill import DistillConfig, Trainer  # noqa: E402
+from distill import DistillConfig, Trainer
+from distill.data.rows import load_rows, split_heldout
+from distill.recipes_support import Profile, check_plan, evaluate_and_report, log, parse, print_plan, tiny_models
 
 
 @dataclass
@@ -174,7 +160,7 @@ def prune_stage(teacher: str, target: str, rows: Any, folder: Path, recipe: Prun
     tokenizer = load_tokenizer(teacher)
     batches = calibration_batches(rows, tokenizer, max_length=min(config.max_length, 4096), batch_size=8,
                                   max_rows=recipe.calibration_rows)  # fmt: skip
-    device = None if config.use_cpu else device_for_this_process()
+    device = None if config.use_cpu else config.device  # this process's GPU under `accelerate launch`
     model = load_causal_lm(teacher, dtype=config.teacher_dtype, device=device)
     result = prune(model, batches, parse_target(target), progress=not config.disable_tqdm)
     log("prune:\n" + result.table())
@@ -201,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     plan = check_plan(heal, profile, teacher, planned_student(teacher, recipe.target))
     log_pruning_cost(teacher, recipe, config)
     if recipe.plan_only:
-        return {"plan": None if plan is None else plan.to_dict()}
+        print_plan(plan)
+        return {"plan": plan.to_dict()}
 
     if recipe.tiny:
         general = datasets.Dataset.from_list(arithmetic_rows(64, layout="text"))
@@ -232,7 +219,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       eval_dataset=heldout, processing_class=tokenizer)  # fmt: skip
     trainer.train(resume_from_checkpoint=_resume(task_config))
     trainer.save_model(task_config.output_dir)
-    return evaluate_and_report(trainer, heldout, tokenizer, teacher_model_of(trainer), f"pruned-{profile.name}")
+    return evaluate_and_report(
+        trainer, heldout, tokenizer, getattr(trainer.teacher, "model", None), f"pruned-{profile.name}"
+    )
 
 
 def _resume(config: DistillConfig) -> bool:

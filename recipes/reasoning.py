@@ -9,7 +9,8 @@ Two stages with one teacher load:
 2. Logit KD on those traces: ``distill.Trainer`` with the same teacher, token by token.
 
 Profiles (``--profile``): ``h100_80gb`` (bf16 Qwen2.5-7B-Instruct teacher, full fine-tune of
-Qwen2.5-1.5B-Instruct) and ``rtx_24gb`` (4-bit teacher, LoRA student). Default data: GSM8K.
+Qwen2.5-1.5B-Instruct with fp32 master weights and bf16 autocast) and ``rtx_24gb`` (4-bit teacher, LoRA
+student). Default data: GSM8K.
 
     python recipes/reasoning.py --profile h100_80gb --max_problems 2000
     python recipes/reasoning.py --profile rtx_24gb --dataset problems.jsonl --question_column q --answer_column a
@@ -19,24 +20,13 @@ Qwen2.5-1.5B-Instruct) and ``rtx_24gb`` (4-bit teacher, LoRA student). Default d
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))  # `common` sits next to this file, also under accelerate launch
-
-from common import (  # noqa: E402
-    Profile,
-    begin,
-    device_for_this_process,
-    evaluate_and_report,
-    load_rows,
-    log,
-    split_heldout,
-    train_student,
-)
+from distill.data.rows import load_rows, split_heldout
+from distill.recipes_support import Profile, begin, evaluate_and_report, log
 
 INSTRUCTION = "Solve the problem step by step. End with 'The answer is N.' where N is the final number."
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -85,7 +75,10 @@ PROFILES: dict[str, Profile] = {
         student_quantization="none",
         lora_r=None,
         launch="accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/reasoning.py",
-        training=dict(per_device_train_batch_size=8, gradient_accumulation_steps=4, learning_rate=1e-5),
+        # fp32 master weights under bf16 autocast: at lr 1e-5 pure bf16 weights would barely move.
+        training=dict(
+            student_dtype="float32", per_device_train_batch_size=8, gradient_accumulation_steps=4, learning_rate=1e-5
+        ),
     ),
     "rtx_24gb": Profile(
         name="rtx_24gb",
@@ -161,8 +154,10 @@ def traces_dataset(traces_dir: Path, problems: Any, fallback: bool) -> tuple[lis
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run both stages; returns the held-out metrics (also written to ``output_dir/heldout_metrics.json``)."""
     import datasets
+    from peft import LoraConfig
     from transformers import AutoTokenizer
 
+    from distill import Trainer
     from distill.generation import generate_dataset
     from distill.models import load_causal_lm
 
@@ -186,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         start.teacher,
         dtype=config.teacher_dtype,
         quantization=config.teacher_quantization,
-        device=None if config.use_cpu else device_for_this_process(),
+        device=None if config.use_cpu else config.device,  # this process's GPU under `accelerate launch`
     )
     traces_dir = Path(recipe.traces_dir or Path(config.output_dir) / "traces")
     generate_dataset(
@@ -211,7 +206,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     heldout = datasets.Dataset.from_list(
         [{"messages": [*p["messages"], {"role": "assistant", "content": p["solution"]}]} for p in heldout_problems]
     )
-    trainer = train_student(start, teacher, datasets.Dataset.from_list(rows), heldout, tokenizer)
+    lora = None
+    if profile.lora_r is not None:  # adapters on the bf16 student (peft keeps them in fp32)
+        lora = LoraConfig(
+            r=profile.lora_r, lora_alpha=2 * profile.lora_r, lora_dropout=0.0, target_modules="all-linear"
+        )
+    trainer = Trainer(
+        model=start.student,  # a path: loaded in student_dtype (float32 for the full fine-tune, bf16 under LoRA)
+        teacher=teacher,
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows),
+        eval_dataset=heldout,
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
     metrics = evaluate_and_report(trainer, heldout, tokenizer, teacher, f"reasoning-{profile.name}")
     return {**metrics, "traces": counts}
 

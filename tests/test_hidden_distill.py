@@ -496,7 +496,7 @@ def test_two_processes_with_hidden_loss_and_a_sharded_teacher(tmp_path) -> None:
 def test_planner_counts_the_hidden_state_loss() -> None:
     from distill.planning import plan_from_config, plan_run
 
-    common = dict(gpu="H100", seq_len=2048, per_device_batch=2, lora_rank=16, suggest=False)
+    common = dict(gpu="H100", max_length=2048, per_device_train_batch_size=2, lora_rank=16, suggest=False)
     pair = ("Qwen/Qwen2.5-Coder-7B", "Qwen/Qwen2.5-Coder-14B")
     off = plan_run(*pair, **common)
     learned = plan_run(*pair, hidden_layers=28, **common)
@@ -507,5 +507,5 @@ def test_planner_counts_the_hidden_state_loss() -> None:
     assert "hidden-state projections" not in {item.name for item in selected.memory.items}
     assert off.memory.total_bytes < selected.memory.total_bytes < learned.memory.total_bytes
     cfg = config("/tmp/unused", hidden_loss_weight=1.0, hidden_layer_map="0:3,27:47", max_length=2048)
-    from_config = plan_from_config(cfg, *pair, per_device_batch=2, lora_rank=16, suggest=False)
+    from_config = plan_from_config(cfg, *pair, per_device_train_batch_size=2, lora_rank=16, suggest=False)
     assert from_config.setup.hidden_layers == 2

@@ -37,7 +37,7 @@ SMALL = ModelSpec("small", 256, 688, 4, 4, 2, 64, 32768)
 
 
 def _setup(**overrides: Any) -> RunSetup:
-    settings = dict(student=SMALL, teacher=SMALL, gpu=get_gpu("H100"), teacher_mode="bf16", seq_len=128)
+    settings = dict(student=SMALL, teacher=SMALL, gpu=get_gpu("H100"), teacher_mode="bf16", max_length=128)
     settings.update(overrides)
     return RunSetup(**settings)
 
@@ -109,7 +109,7 @@ def test_one_billion_parameters_in_each_precision() -> None:
     mixed = estimate_memory(_setup(student=ONE_BILLION, precision="mixed"))
     assert (mixed.get("student weights"), mixed.get("gradients")) == (4e9, 4e9)
     assert mixed.get("optimizer states (AdamW)") == 8e9
-    eight_bit = estimate_memory(_setup(student=ONE_BILLION, optimizer="adamw_8bit"))
+    eight_bit = estimate_memory(_setup(student=ONE_BILLION, optim="adamw_bnb_8bit"))
     assert eight_bit.get("optimizer states (8-bit AdamW)") == 2e9
 
 
@@ -146,14 +146,14 @@ def test_cuda_context_is_an_item_on_gpus_only() -> None:
 
 
 def test_sharding_divides_weights_gradients_and_optimizer_states_only() -> None:
-    single = estimate_memory(_setup(per_device_batch=2))
-    fsdp = estimate_memory(_setup(per_device_batch=2, num_gpus=4, sharding="fsdp2"))
+    single = estimate_memory(_setup(per_device_train_batch_size=2))
+    fsdp = estimate_memory(_setup(per_device_train_batch_size=2, num_gpus=4, sharding="fsdp2"))
     for name in ("student weights", "gradients", "optimizer states (AdamW)", "teacher weights (bf16)"):
         assert fsdp.get(name) == pytest.approx(single.get(name) / 4), name
     for name in ("student activations", "loss buffers (fused)"):
         assert fsdp.get(name) == single.get(name), name
     assert fsdp.get("gathered student weights") > 0 and single.get("gathered student weights") == 0
-    kept = estimate_memory(_setup(num_gpus=4, sharding="fsdp2", shard_teacher=False))
+    kept = estimate_memory(_setup(num_gpus=4, sharding="fsdp2", teacher_sharding="none"))
     assert kept.get("teacher weights (bf16)") == single.get("teacher weights (bf16)")
     ddp = estimate_memory(_setup(num_gpus=4, sharding="ddp"))
     assert ddp.get("student weights") == single.get("student weights")
@@ -163,34 +163,36 @@ def test_sharding_divides_weights_gradients_and_optimizer_states_only() -> None:
 def test_zero3_needs_the_dense_loss() -> None:
     with pytest.raises(ValueError, match="ZeRO-3"):
         _setup(num_gpus=2, sharding="zero3")
-    assert estimate_memory(_setup(num_gpus=2, sharding="zero3", loss_impl="dense")).total_bytes > 0
+    assert estimate_memory(_setup(num_gpus=2, sharding="zero3", loss_implementation="dense")).total_bytes > 0
 
 
 def test_peak_sums_the_items_alive_at_it() -> None:
-    memory = estimate_memory(_setup(per_device_batch=4))
+    memory = estimate_memory(_setup(per_device_train_batch_size=4))
     assert memory.total_bytes == sum(item.bytes for item in memory.items if item.at_peak)
     assert memory.peak_phase == "forward/backward"
     # Without gradient accumulation the gradients are freed before the next forward; with it they stay.
     assert not next(item for item in memory.items if item.name == "gradients").at_peak
-    accumulating = estimate_memory(_setup(per_device_batch=4, gradient_accumulation_steps=2))
+    accumulating = estimate_memory(_setup(per_device_train_batch_size=4, gradient_accumulation_steps=2))
     assert next(item for item in accumulating.items if item.name == "gradients").at_peak
 
 
 def test_checkpointing_keeps_layer_inputs_plus_one_layer() -> None:
     tokens = 4 * 128
-    plain = estimate_memory(_setup(per_device_batch=4, padded=False, precision="fp32"))
+    plain = estimate_memory(_setup(per_device_train_batch_size=4, padded=False, precision="fp32"))
     checkpointed = estimate_memory(
-        _setup(per_device_batch=4, padded=False, precision="fp32", gradient_checkpointing=True)
+        _setup(per_device_train_batch_size=4, padded=False, precision="fp32", gradient_checkpointing=True)
     )
-    per_layer = layer_saved_bytes(_setup(per_device_batch=4, padded=False, precision="fp32"))
+    per_layer = layer_saved_bytes(_setup(per_device_train_batch_size=4, padded=False, precision="fp32"))
     saved = plain.get("student activations") - checkpointed.get("student activations")
     expected = tokens * (SMALL.num_layers * per_layer - SMALL.num_layers * 4 * SMALL.hidden_size - per_layer)
     assert saved == pytest.approx(expected)
 
 
 def test_fused_loss_buffers_scale_with_the_chunk_and_dense_with_the_tokens() -> None:
-    fused = estimate_memory(_setup(per_device_batch=4, loss_chunk_size=64, precision="fp32", padded=False))
-    dense = estimate_memory(_setup(per_device_batch=4, loss_impl="dense", precision="fp32", padded=False))
+    fused = estimate_memory(_setup(per_device_train_batch_size=4, loss_chunk_size=64, precision="fp32", padded=False))
+    dense = estimate_memory(
+        _setup(per_device_train_batch_size=4, loss_implementation="dense", precision="fp32", padded=False)
+    )
     vocab, tokens = SMALL.vocab_size, 4 * 128
     assert dense.get("loss buffers (dense)") == 14 * tokens * vocab * 4  # jsd: 14 [tokens x V] fp32 buffers
     hidden_copies = 2 * tokens * SMALL.hidden_size * 4
@@ -245,7 +247,9 @@ def _saved_bytes_per_layer(mode: str) -> float:
 )
 def test_layer_activations_match_what_autograd_saves(mode: str, overrides: dict[str, Any]) -> None:
     spec = ModelSpec("tiny", 64, 128, 2, 4, 2, 16, 300)
-    predicted = layer_saved_bytes(_setup(student=spec, seq_len=32, per_device_batch=2, padded=False, **overrides))
+    predicted = layer_saved_bytes(
+        _setup(student=spec, max_length=32, per_device_train_batch_size=2, padded=False, **overrides)
+    )
     measured = _saved_bytes_per_layer(mode)
     if mode == "mixed":  # autocast's bf16 weight copies are saved too; the planner counts them as their own item
         measured -= spec.layer_linear_params * 2 / 64
@@ -257,7 +261,7 @@ def test_layer_activations_match_what_autograd_saves(mode: str, overrides: dict[
 
 
 def test_70b_full_fine_tune_on_a_24gb_gpu_is_refused_with_advice() -> None:
-    plan = plan_run("meta-llama/Llama-3.1-70B", gpu="L4", teacher_mode="cache", seq_len=1024)
+    plan = plan_run("meta-llama/Llama-3.1-70B", gpu="L4", teacher_mode="cache", max_length=1024)
     assert not plan.fits
     assert plan.memory.biggest.name == "optimizer states (AdamW)"
     assert "optimizer states (AdamW)" in plan.message
@@ -267,7 +271,7 @@ def test_70b_full_fine_tune_on_a_24gb_gpu_is_refused_with_advice() -> None:
 
 
 def test_a_suggestion_that_fits_is_listed_first() -> None:
-    plan = plan_run("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-32B", gpu="H100", lora_rank=16, seq_len=4096)
+    plan = plan_run("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-32B", gpu="H100", lora_rank=16, max_length=4096)
     assert not plan.fits
     assert plan.suggestions[0].fits
     assert "makes it fit" in plan.message
@@ -276,7 +280,7 @@ def test_a_suggestion_that_fits_is_listed_first() -> None:
 def test_flops_per_token_follow_the_formula() -> None:
     setup = _setup(teacher_mode="cache")
     linear, head = SMALL.linear_params, SMALL.hidden_size * SMALL.vocab_size
-    attention = 2 * setup.seq_len * SMALL.q_dim * SMALL.num_layers
+    attention = 2 * setup.max_length * SMALL.q_dim * SMALL.num_layers
     flops = flops_per_token(setup)
     assert flops["student forward"] + flops["student backward"] == 6 * linear + 6 * head + 3 * attention
     assert flops["recompute"] == flops["teacher forward"] == 0
@@ -289,7 +293,7 @@ def test_flops_per_token_follow_the_formula() -> None:
 def test_cost_is_gpu_hours_times_price() -> None:
     catalogue = with_prices({"A100-80GB": 2.0})
     plan = plan_run("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-1.5B", gpu="A100-80GB", num_gpus=2, sharding="ddp",
-                    tokens=1e8, epochs=2, catalogue=catalogue)  # fmt: skip
+                    tokens=1e8, num_train_epochs=2, catalogue=catalogue)  # fmt: skip
     cost = plan.cost
     assert cost is not None and cost.hourly_usd == 2.0 and GPUS["A100-80GB"].hourly_usd != 2.0
     assert cost.tokens == 2e8
@@ -308,9 +312,10 @@ def test_plan_from_config_reads_the_distill_config(tmp_path: Path) -> None:
     )  # fmt: skip
     plan = plan_from_config(config, "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-7B", gpu="L4", lora_rank=8)
     setup = plan.setup
-    assert (setup.per_device_batch, setup.gradient_accumulation_steps, setup.seq_len) == (2, 4, 512)
-    assert setup.gradient_checkpointing and setup.loss_chunk_size == 256 and setup.divergence == "forward_kl"
-    assert (setup.teacher_mode, setup.optimizer, setup.on_policy_fraction) == ("4bit", "adamw_8bit", 0.5)
+    assert (setup.per_device_train_batch_size, setup.gradient_accumulation_steps, setup.max_length) == (2, 4, 512)
+    assert setup.gradient_checkpointing and setup.loss_chunk_size == 256 and setup.loss == "forward_kl"
+    assert (setup.teacher_mode, setup.optim, setup.lmbda) == ("4bit", "adamw_bnb_8bit", 0.5)
+    assert setup.eight_bit_optimizer
     assert setup.lora_rank == 8 and setup.precision == "fp32"
 
 
@@ -318,7 +323,7 @@ def test_plan_from_config_reads_the_distill_config(tmp_path: Path) -> None:
 
 
 def test_cli_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
-    small = ["plan", "--student", "Qwen/Qwen2.5-0.5B", "--teacher", "Qwen/Qwen2.5-1.5B", "--seq-len", "1024"]
+    small = ["plan", "--student", "Qwen/Qwen2.5-0.5B", "--teacher", "Qwen/Qwen2.5-1.5B", "--max-length", "1024"]
     assert main([*small, "--gpu", "H100", "--tokens", "1e7"]) == 0
     out = capsys.readouterr().out
     assert "fits" in out and "GPU-hours" in out
@@ -340,3 +345,85 @@ def test_cli_json_all_gpus_and_prices(capsys: pytest.CaptureFixture[str], tmp_pa
     assert main([*args, "--all-gpus"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert all(any(line.startswith(name) for line in lines) for name in GPUS)
+
+
+# ---- one name per knob ---------------------------------------------------------------------------------
+
+
+def test_loss_buffers_cover_exactly_the_losses_layers_divergences() -> None:
+    from distill.losses import DIVERGENCE_NAMES, Divergence
+    from distill.planning.activations import LOSS_BUFFERS
+
+    assert set(LOSS_BUFFERS) == {Divergence(name).name for name in DIVERGENCE_NAMES}
+
+
+@pytest.mark.parametrize("name", __import__("distill.losses", fromlist=["x"]).DIVERGENCE_NAMES)
+def test_distill_plan_accepts_every_divergence_distill_config_accepts(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The round-1 bug: `distill plan --divergence skl` (and srkl, total_variation) exited 2."""
+    from distill import DistillConfig
+    from distill.losses import Divergence
+
+    DistillConfig(output_dir=str(tmp_path), loss=name, use_cpu=True, report_to=[])  # the config accepts it
+    args = ["plan", "--student", "Qwen/Qwen2.5-0.5B", "--teacher", "Qwen/Qwen2.5-1.5B", "--loss", name, "--json"]
+    assert main([*args, "--loss-implementation", "dense"]) == 0  # dense: the divergence's own buffer count
+    assert json.loads(capsys.readouterr().out)["setup"]["loss"] == Divergence(name).name
+
+
+def test_an_unknown_divergence_is_refused_with_the_losses_layers_names(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--student", "Qwen/Qwen2.5-0.5B", "--teacher-mode", "cache", "--loss", "kld"]) == 2
+    err = capsys.readouterr().err
+    assert "'kld'" in err and "skew_reverse_kl" in err and "total_variation" in err
+
+
+def test_every_setup_field_is_a_flag_with_its_help_and_bounds(capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import fields
+
+    from distill.planning.cli import flag_names
+
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    out = capsys.readouterr().out
+    for spec in fields(RunSetup):
+        for flag in flag_names(spec.name):
+            assert flag in out, flag
+    # The declaration's bounds reach the flag and the keyword alike, with the same message.
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", "--student", "Qwen/Qwen2.5-0.5B", "--teacher-mode", "cache", "--max_length", "0"])
+    assert exited.value.code == 2 and "must be >= 1; got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_length must be >= 1; got 0"):
+        _setup(max_length=0)
+    with pytest.raises(ValueError, match="optim must be one of"):
+        _setup(optim="sgd")
+
+
+def test_round_one_flags_name_their_new_spelling(capsys: pytest.CaptureFixture[str]) -> None:
+    from distill.planning.cli import RENAMED_FLAGS
+
+    for old, new in RENAMED_FLAGS.items():
+        with pytest.raises(SystemExit) as exited:
+            main(["plan", "--student", "Qwen/Qwen2.5-0.5B", old, "1"])
+        assert exited.value.code == 2
+        assert f"{old} is now {new}" in capsys.readouterr().err
+
+
+def test_plan_run_refuses_a_setting_that_is_not_a_field() -> None:
+    with pytest.raises(TypeError, match=r"\['seq_len'\]"):
+        plan_run("Qwen/Qwen2.5-0.5B", teacher_mode="cache", seq_len=1024)
+
+
+def test_plan_from_config_copies_the_config_fields_by_name(tmp_path: Path) -> None:
+    """Every field the planner shares with DistillConfig is read from it, whatever its value."""
+    from distill import DistillConfig
+    from distill.planning.setup import CONFIG_FIELDS
+
+    changed = dict(
+        max_length=777, per_device_train_batch_size=3, gradient_accumulation_steps=5, gradient_checkpointing=True,
+        loss_implementation="dense", loss_chunk_size=99, loss="srkl", teacher_sharding="none",
+        optim="paged_adamw_8bit", lmbda=0.25, max_new_tokens=33, num_train_epochs=3.0, hidden_projection="learned",
+    )  # fmt: skip
+    assert set(changed) == set(CONFIG_FIELDS)
+    config = DistillConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], **changed)
+    setup = plan_from_config(config, "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-1.5B", suggest=False).setup
+    assert {name: getattr(setup, name) for name in CONFIG_FIELDS} == {**changed, "loss": "skew_reverse_kl"}

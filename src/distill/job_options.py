@@ -1,4 +1,4 @@
-"""Inputs shared by the jobs' command lines: rows named by ``--dataset``, and a teacher behind ``--server``.
+"""Inputs shared by the jobs' command lines: a teacher behind ``--server`` (rows come from :mod:`distill.data.rows`).
 
 Used by ``distill cache``, ``distill generate`` and ``distill prune``, so that no command imports another's CLI
 module. Light on purpose: ``datasets`` and the teachers are imported inside the functions, so a command's
@@ -8,32 +8,11 @@ module. Light on purpose: ``datasets`` and the teachers are imported inside the 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from distill.checks import InputError, arg_float, arg_int, check_device, is_path_like
+from distill.checks import InputError, arg_float, arg_int, check_device
 
-__all__ = ["add_server_arguments", "check_server_arguments", "load_rows", "server_teacher"]
-
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-def load_rows(name: str, split: str) -> Any:
-    """A ``datasets.Dataset`` from a ``save_to_disk`` folder, a json/jsonl/parquet/csv file, or a hub name."""
-    import datasets
-
-    path = Path(name).expanduser()
-    if not path.exists() and (is_path_like(name) or path.suffix in _FILE_BUILDERS):
-        raise InputError(f"--dataset {name!r}: no such file or folder (resolved to {path.resolve()}).")
-    if path.is_file() and path.suffix not in _FILE_BUILDERS:
-        raise InputError(f"--dataset {name!r}: unknown file type; give a {'/'.join(_FILE_BUILDERS)} file.")
-    if path.is_dir() and (path / "dataset_info.json").exists():
-        loaded = datasets.load_from_disk(str(path))
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    if path.is_file() and path.suffix in _FILE_BUILDERS:
-        return datasets.load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
-    return datasets.load_dataset(name, split=split)
-
+__all__ = ["add_server_arguments", "check_server_arguments", "server_teacher"]
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a ``--server`` teacher (shared by ``distill cache`` and ``distill generate``)."""

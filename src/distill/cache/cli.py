@@ -8,7 +8,7 @@ from typing import Any
 
 from distill.checks import arg_dtype, arg_int
 from distill.formats.encoding import ENCODINGS
-from distill.job_options import add_server_arguments, check_server_arguments, load_rows, server_teacher
+from distill.job_options import add_server_arguments, check_server_arguments, server_teacher
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -53,6 +53,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Build (or resume) the cache; print its totals as JSON."""
     from distill.cache.writer import build_cache, check_cache_folder
+    from distill.data.rows import load_rows
     from distill.models.loading import check_model_source, load_tokenizer
 
     # Arguments, the output folder and the model names are checked before anything is loaded.

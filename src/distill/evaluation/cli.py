@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything that can fail without weights is checked before any model loads (numbers: while parsing).
     check_device(args.device)
-    rows = load_rows(args.dataset, args.max_rows)
+    rows = load_rows(args.dataset, max_rows=args.max_rows)
     price = resolve_price(args.price_per_hour, args.gpu)
     for flag in ("student", "teacher", "baseline", "tokenizer"):
         if getattr(args, flag) is not None:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from distill.checks import check_int
 from distill.data import DistillCollator, prepare_dataset
+from distill.data.rows import load_rows
 from distill.losses import default_chunk_size
 from distill.losses.divergences import forward_kl_per_token
 from distill.losses.vocab import check_labels
@@ -90,40 +91,6 @@ class HeldoutMetrics:
             "student_perplexity": self.student_perplexity,
             "teacher_perplexity": self.teacher_perplexity,
         }
-
-
-def load_rows(source: str | Any, max_rows: int | None = None) -> datasets.Dataset:
-    """A dataset from a ``.json``/``.jsonl``/``.parquet``/``.csv`` file, a ``save_to_disk`` folder, or rows.
-
-    Args:
-        source: a path, a ``datasets.Dataset``, or a list of row dicts.
-        max_rows: keep only the first ``max_rows`` rows.
-
-    Returns:
-        The rows as a ``datasets.Dataset``.
-    """
-    from pathlib import Path
-
-    if isinstance(source, datasets.Dataset):
-        dataset = source
-    elif isinstance(source, (list, tuple)):
-        dataset = datasets.Dataset.from_list(list(source))
-    else:
-        path = Path(source).expanduser()
-        kinds = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-        if path.is_file() and path.suffix in kinds:
-            dataset = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
-        elif path.is_dir() and (path / "dataset_info.json").exists():
-            dataset = datasets.load_from_disk(str(path))
-        else:
-            raise FileNotFoundError(
-                f"No dataset at {str(source)!r}: pass a .json/.jsonl/.parquet/.csv file or a folder written by "
-                "Dataset.save_to_disk()."
-            )
-    if max_rows is not None:
-        max_rows = check_int(max_rows, "max_rows")
-        dataset = dataset.select(range(min(max_rows, len(dataset))))
-    return dataset
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -250,7 +217,7 @@ def heldout_metrics_per_student(
     if not students:
         raise ValueError("heldout_metrics_per_student needs at least one student.")
     batch_size = check_int(batch_size, "batch_size")
-    rows = load_rows(dataset, max_rows)
+    rows = load_rows(dataset, max_rows=max_rows)
     prepared, report = prepare_dataset(rows, tokenizer, max_length=max_length)
     heads = {name: _split_head(model) for name, model in students.items()}
     teacher_head, teacher_rows = _split_head(teacher)

@@ -8,7 +8,7 @@ from typing import Any
 
 from distill.checks import arg_dtype, arg_float, arg_int
 from distill.generation.filters import CODE_STOP
-from distill.job_options import add_server_arguments, check_server_arguments, load_rows, server_teacher
+from distill.job_options import add_server_arguments, check_server_arguments, server_teacher
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,6 +63,8 @@ def _load_prompts(name: str, split: str, limit: int | None) -> list[dict[str, An
 
         rows = list(read_problems().values())
     else:
+        from distill.data.rows import load_rows
+
         rows = list(load_rows(name, split))
     return rows[:limit] if limit is not None else rows
 

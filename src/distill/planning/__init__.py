@@ -4,7 +4,7 @@ Example::
 
     from distill.planning import plan_run
 
-    plan = plan_run("Qwen/Qwen2.5-Coder-1.5B", "Qwen/Qwen2.5-Coder-7B", gpu="A10G", seq_len=1024, tokens=50e6)
+    plan = plan_run("Qwen/Qwen2.5-Coder-1.5B", "Qwen/Qwen2.5-Coder-7B", gpu="A10G", max_length=1024, tokens=50e6)
     plan.fits  # False: 42.6 GiB needed, 22.5 GiB on an A10G
     print(plan.message)  # the biggest item, and the changes that make it fit (planned again, with savings)
     plan.memory.items, plan.throughput.tokens_per_second, plan.cost.usd

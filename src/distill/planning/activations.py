@@ -73,7 +73,8 @@ _SAVED: dict[tuple[str, str], _SavedPerLayer] = {
 # Peak [rows x V] float32 buffers alive at once inside distill's dense loss (per micro-batch), forward and
 # backward together, measured with fp32 logits: both models' logits and log-softmaxes, the divergence's
 # elementwise terms and the ones autograd keeps, the teacher-entropy metric, and the gradient. 16-bit
-# logits add one more (their copy before upcasting).
+# logits add one more (their copy before upcasting). Keyed by the losses layer's canonical names (RunSetup.loss
+# is canonical; a test keeps the keys equal to distill.losses' divergences).
 LOSS_BUFFERS: dict[str, float] = {
     "forward_kl": 10.0,
     "reverse_kl": 11.0,
@@ -91,7 +92,6 @@ SPARSE_LOSS_BUFFERS = 5.0
 # CE term at a temperature other than 1 add one each (not modelled).
 FUSED_LOSS_BUFFERS = 4.0
 FUSED_SPARSE_LOSS_BUFFERS = 2.0
-_ALIASES = {"kl": "forward_kl", "fkl": "forward_kl", "rkl": "reverse_kl", "generalized_jsd": "jsd"}
 
 
 def _mode(setup: RunSetup) -> _SavedPerLayer:
@@ -134,7 +134,7 @@ def layer_saved_bytes(setup: RunSetup) -> float:
         + 4 * spec.num_heads
     )
     if setup.is_padded:
-        per_token += setup.seq_len * setup.compute_bytes
+        per_token += setup.max_length * setup.compute_bytes
     return float(per_token)
 
 
@@ -175,14 +175,11 @@ def backward_working_bytes(setup: RunSetup) -> float:
 
 
 def _loss_buffer_count(setup: RunSetup) -> float:
-    divergence = _ALIASES.get(setup.divergence, setup.divergence)
-    if setup.teacher_in_process and divergence not in LOSS_BUFFERS:
-        raise ValueError(f"Unknown divergence {setup.divergence!r}; the planner knows {', '.join(LOSS_BUFFERS)}.")
     sixteen_bit = setup.compute_bytes == 2
-    if setup.loss_impl == "fused":
+    if setup.loss_implementation == "fused":
         count = FUSED_LOSS_BUFFERS if setup.teacher_in_process else FUSED_SPARSE_LOSS_BUFFERS
         return count + (0.5 if sixteen_bit else 0.0)
-    count = LOSS_BUFFERS[divergence] if setup.teacher_in_process else SPARSE_LOSS_BUFFERS
+    count = LOSS_BUFFERS[setup.loss] if setup.teacher_in_process else SPARSE_LOSS_BUFFERS
     return count + (1.0 if sixteen_bit else 0.0)
 
 
@@ -200,7 +197,7 @@ def loss_buffer_bytes(setup: RunSetup) -> tuple[float, str]:
     tokens = setup.tokens_per_micro_batch
     vocab = setup.vocab
     count = _loss_buffer_count(setup)
-    if setup.loss_impl == "dense":
+    if setup.loss_implementation == "dense":
         return count * tokens * vocab * 4, f"{count:g} x [{tokens} tokens x {vocab} vocab] fp32 logit buffers"
     chunk = min(setup.chunk_size, tokens)
     total = count * chunk * vocab * 4

@@ -79,23 +79,28 @@ def _candidates(setup: RunSetup) -> list[_Candidate]:
         )
     if setup.training == "full" and setup.precision == "mixed":
         options.append(
-            _Candidate("train in pure bf16 (no fp32 master weights)", lambda s: replace(s, precision="bf16"))
+            _Candidate(
+                "pure bf16 weights (no fp32 master copy: at small learning rates, e.g. 1e-5, Adam steps round away)",
+                lambda s: replace(s, precision="bf16"),
+            )
         )
-    if setup.optimizer == "adamw":
+    if not setup.eight_bit_optimizer:
         options.append(
-            _Candidate("8-bit AdamW (optim='adamw_bnb_8bit')", lambda s: replace(s, optimizer="adamw_8bit"))
+            _Candidate("8-bit AdamW (optim='adamw_bnb_8bit')", lambda s: replace(s, optim="adamw_bnb_8bit"))
         )
-    if setup.per_device_batch > 1:
-        accumulation = setup.per_device_batch * setup.gradient_accumulation_steps
+    if setup.per_device_train_batch_size > 1:
+        accumulation = setup.per_device_train_batch_size * setup.gradient_accumulation_steps
         options.append(
             _Candidate(
                 f"per-device batch 1 with gradient accumulation {accumulation} (same global batch)",
-                lambda s: replace(s, per_device_batch=1, gradient_accumulation_steps=accumulation),
+                lambda s: replace(s, per_device_train_batch_size=1, gradient_accumulation_steps=accumulation),
             )
         )
-    if setup.loss_impl == "dense":
+    if setup.loss_implementation == "dense":
         options.append(
-            _Candidate("the fused loss (loss_implementation='fused')", lambda s: replace(s, loss_impl="fused"))
+            _Candidate(
+                "the fused loss (loss_implementation='fused')", lambda s: replace(s, loss_implementation="fused")
+            )
         )
     elif setup.chunk_size > 64:
         smaller = max(32, setup.chunk_size // 4)
@@ -114,7 +119,7 @@ def _candidates(setup: RunSetup) -> list[_Candidate]:
 
 def _fsdp(gpus: int) -> Callable[[RunSetup], RunSetup]:
     def change(setup: RunSetup) -> RunSetup:
-        return replace(setup, num_gpus=gpus, sharding="fsdp2", shard_teacher=None)
+        return replace(setup, num_gpus=gpus, sharding="fsdp2", teacher_sharding="auto")
 
     return change
 

@@ -9,87 +9,95 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import Field, fields
 from typing import Any
 
-from distill.checks import InputError, arg_float, arg_int
+from distill.checks import InputError, arg_bool, arg_float, arg_int
 from distill.planning.gpus import GPUS, load_prices, with_prices
-from distill.planning.setup import OPTIMIZERS, PRECISIONS, SHARDINGS, TEACHER_MODES
+from distill.planning.setup import RunSetup
 
 EXIT_FITS, EXIT_USAGE, EXIT_DOES_NOT_FIT = 0, 2, 3
 
 
+# Flags of round 1, renamed to DistillConfig's names: a clear error instead of "unrecognized arguments".
+RENAMED_FLAGS = {
+    "--seq-len": "--max-length",
+    "--batch": "--per-device-train-batch-size",
+    "--grad-accum": "--gradient-accumulation-steps",
+    "--loss-impl": "--loss-implementation",
+    "--divergence": "--loss",
+    "--optimizer": "--optim",
+    "--on-policy": "--lmbda",
+    "--epochs": "--num-train-epochs",
+}
+_ARG_TYPES = {"int": arg_int, "float": arg_float}
+
+
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``plan`` subcommand to ``distill``'s subparsers."""
+    """Add the ``plan`` subcommand to ``distill``'s subparsers: one flag per :class:`RunSetup` field."""
     parser = subparsers.add_parser(
         "plan",
         help="predict GPU memory, time and cost of a distillation run before launching it",
         description="Predict, per GPU, the peak memory of a distillation run item by item, whether it fits, its "
         "throughput, and the GPU-hours and dollars of a token budget. Models are catalogue names or config.json "
-        "paths (no weights are read). Exit code 0: fits; 3: does not fit; 2: bad arguments.",
+        "paths (no weights are read). The flags are DistillConfig's names where it has the knob (--max-length or "
+        "--max_length). Exit code 0: fits; 3: does not fit; 2: bad arguments.",
     )
-    parser.add_argument(
-        "--student", required=True, help="catalogue name (e.g. Qwen/Qwen2.5-Coder-1.5B) or config.json"
-    )
-    parser.add_argument("--teacher", default=None, help="catalogue name or config.json (optional for cache/server)")
-    parser.add_argument("--gpu", default="H100", help=f"one of {', '.join(GPUS)} (prefixes work), or cpu")
-    parser.add_argument("--num-gpus", type=arg_int(1), default=1)
-    parser.add_argument("--seq-len", type=arg_int(1), default=2048, help="tokens per row (max_length)")
-    parser.add_argument("--batch", type=arg_int(1), default=1, help="rows per micro-batch per GPU")
-    parser.add_argument("--grad-accum", type=arg_int(1), default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--lora-rank", type=arg_int(1), default=None, help="LoRA rank (default: full fine-tune)")
-    parser.add_argument("--qlora", action="store_true", help="4-bit student base with LoRA (rank 16 by default)")
-    parser.add_argument("--teacher-mode", choices=TEACHER_MODES, default="bf16")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--loss-impl", choices=("fused", "dense"), default="fused")
-    parser.add_argument("--loss-chunk-size", type=arg_int(1), default=None, help="fused-loss tokens per chunk")
-    parser.add_argument("--divergence", default="jsd", help="distill's loss: jsd, forward_kl, reverse_kl, ...")
-    parser.add_argument("--sharding", choices=SHARDINGS, default="none")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    parser.add_argument("--precision", choices=PRECISIONS, default="mixed")
-    parser.add_argument(
-        "--tokens",
-        type=arg_float(0, exclusive_minimum=True),
-        default=None,
-        help="training tokens per epoch, e.g. 50e6",
-    )
-    parser.add_argument("--epochs", type=arg_float(0, exclusive_minimum=True), default=1.0)
-    parser.add_argument(
-        "--mfu",
-        type=arg_float(0, 1, exclusive_minimum=True),
-        default=None,
-        help="model FLOPs utilisation for every part",
-    )
-    parser.add_argument("--on-policy", type=arg_float(0, 1), default=0.0, help="fraction of on-policy steps (lmbda)")
-    parser.add_argument("--max-new-tokens", type=arg_int(1), default=128)
+    for spec in fields(RunSetup):
+        parser.add_argument(*flag_names(spec.name), dest=spec.name, **_argument(spec))
     parser.add_argument("--prices", default=None, help="JSON/YAML file of {gpu: USD per GPU-hour}")
     parser.add_argument("--all-gpus", action="store_true", help="one line per catalogue GPU")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    for old, new in RENAMED_FLAGS.items():
+        parser.add_argument(
+            old, action=_Renamed, nargs="?", new=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     parser.set_defaults(func=run)
     return parser
 
 
+def flag_names(name: str) -> tuple[str, ...]:
+    """``--max-length`` and ``--max_length`` (the recipes' spelling) for the field ``max_length``."""
+    dashed = f"--{name.replace('_', '-')}"
+    return (dashed, f"--{name}") if "_" in name else (dashed,)
+
+
+def _argument(spec: Field[Any]) -> dict[str, Any]:
+    """``add_argument`` keywords for one field, from its declaration (help, default, choices, bounds)."""
+    meta = spec.metadata
+    if spec.name in _LOOKED_UP:  # names looked up in the catalogues by plan_run
+        required = spec.name == "student"
+        return {"required": required, "default": {"gpu": "H100"}.get(spec.name), "help": meta["help"]}
+    default = spec.default
+    shown = "" if default is None else f" (default {default})"
+    keywords: dict[str, Any] = {"default": default, "help": meta["help"] + shown}
+    if "choices" in meta:
+        keywords["choices"] = meta["choices"]
+    elif meta.get("check") == "bool":  # --qlora, or --qlora false
+        keywords.update(nargs="?", const=True, type=arg_bool, metavar="BOOL")
+    elif "check" in meta:
+        bounds = {key: meta[key] for key in ("minimum", "maximum", "exclusive_minimum") if key in meta}
+        keywords["type"] = _ARG_TYPES[meta["check"]](**bounds)
+    return keywords
+
+
+class _Renamed(argparse.Action):
+    """A round-1 flag: fails with its new name."""
+
+    def __init__(self, *args: Any, new: str, **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any, **__: Any) -> None:
+        parser.error(f"{self.option_strings[0]} is now {self.new} (DistillConfig's name for the same setting).")
+
+
 def _plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(
-        num_gpus=args.num_gpus,
-        seq_len=args.seq_len,
-        per_device_batch=args.batch,
-        gradient_accumulation_steps=args.grad_accum,
-        lora_rank=args.lora_rank,
-        qlora=args.qlora,
-        teacher_mode=args.teacher_mode,
-        gradient_checkpointing=args.gradient_checkpointing,
-        loss_impl=args.loss_impl,
-        loss_chunk_size=args.loss_chunk_size,
-        divergence=args.divergence,
-        sharding=args.sharding,
-        optimizer=args.optimizer,
-        precision=args.precision,
-        tokens=args.tokens,
-        epochs=args.epochs,
-        mfu=args.mfu,
-        on_policy_fraction=args.on_policy,
-        max_new_tokens=args.max_new_tokens,
-    )
+    """The :class:`RunSetup` fields from the parsed flags (the models and GPU are passed on their own)."""
+    return {spec.name: getattr(args, spec.name) for spec in fields(RunSetup) if spec.name not in _LOOKED_UP}
+
+
+_LOOKED_UP = ("student", "teacher", "gpu")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -123,7 +123,7 @@ def _trainable(setup: RunSetup) -> tuple[float, float, float]:
         trainable = setup.student.lora_params(setup.lora_rank or 0)
         grad_bytes = 4  # adapters are fp32 (peft's default)
     # torch AdamW keeps two states in the parameter's dtype; bitsandbytes' 8-bit AdamW one byte each.
-    optimizer_bytes = 2.0 if setup.optimizer == "adamw_8bit" else 2 * grad_bytes
+    optimizer_bytes = 2.0 if setup.eight_bit_optimizer else 2 * grad_bytes
     return trainable, grad_bytes, optimizer_bytes
 
 
@@ -144,7 +144,7 @@ def _training_state(setup: RunSetup, accumulating: bool) -> list[MemoryItem]:
             "gradients", trainable * grad_bytes / shards, f"{trainable / 1e6:,.0f}M x {grad_bytes} B{per}", grad_phase
         )
     )
-    name = "optimizer states (8-bit AdamW)" if setup.optimizer == "adamw_8bit" else "optimizer states (AdamW)"
+    name = "optimizer states (8-bit AdamW)" if setup.eight_bit_optimizer else "optimizer states (AdamW)"
     items.append(MemoryItem(name, trainable * optimizer_bytes / shards, f"{optimizer_bytes:g} B/param{per}"))
     projection_params = activations.hidden_projection_params(setup)
     if projection_params:
@@ -186,7 +186,7 @@ def _gathered_bytes(setup: RunSetup) -> float:
     spec, element = setup.student, setup.compute_bytes
     layer = spec.layer_linear_params + spec.layer_other_params
     root = spec.embedding_params + spec.head_params
-    fused_head = spec.vocab_size * spec.hidden_size if setup.loss_impl == "fused" else 0
+    fused_head = spec.vocab_size * spec.hidden_size if setup.loss_implementation == "fused" else 0
     return (2 * layer + root + fused_head) * element
 
 
@@ -204,7 +204,7 @@ def _forward_backward(setup: RunSetup) -> list[MemoryItem]:
         MemoryItem("backward temporaries", activations.backward_working_bytes(setup), "one layer's gradients", phase),
     ]
     loss_bytes, loss_detail = activations.loss_buffer_bytes(setup)
-    items.append(MemoryItem(f"loss buffers ({setup.loss_impl})", loss_bytes, loss_detail, phase))
+    items.append(MemoryItem(f"loss buffers ({setup.loss_implementation})", loss_bytes, loss_detail, phase))
     target_detail = "final hidden states" if setup.teacher_in_process else f"top-{setup.cache_top_k} ids + log-probs"
     items.append(MemoryItem("teacher targets", activations.teacher_output_bytes(setup), target_detail, phase))
     if setup.hidden_layers:
@@ -221,7 +221,7 @@ def _forward_backward(setup: RunSetup) -> list[MemoryItem]:
         items.append(
             MemoryItem("gathered student weights", _gathered_bytes(setup), "2 layers + embedding/head", phase)
         )
-    if setup.teacher_sharded and setup.loss_impl == "fused":
+    if setup.teacher_sharded and setup.loss_implementation == "fused":
         assert setup.teacher is not None
         head = setup.teacher.vocab_size * setup.teacher.hidden_size * 2
         items.append(MemoryItem("gathered teacher head", head, "[V x H_t] for the loss", phase))
@@ -247,12 +247,12 @@ def _teacher_forward(setup: RunSetup) -> list[MemoryItem]:
 
 
 def _generation(setup: RunSetup) -> list[MemoryItem]:
-    if setup.on_policy_fraction == 0:
+    if setup.lmbda == 0:
         return []
     spec = setup.student
-    rows = setup.per_device_batch
-    kv_cache = 2 * spec.num_layers * spec.kv_dim * setup.seq_len * rows * setup.compute_bytes
-    return [MemoryItem("generation KV cache", kv_cache, f"{rows} rows x {setup.seq_len} positions", GENERATION)]
+    rows = setup.per_device_train_batch_size
+    kv_cache = 2 * spec.num_layers * spec.kv_dim * setup.max_length * rows * setup.compute_bytes
+    return [MemoryItem("generation KV cache", kv_cache, f"{rows} rows x {setup.max_length} positions", GENERATION)]
 
 
 def estimate_memory(setup: RunSetup) -> MemoryEstimate:

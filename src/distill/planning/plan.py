@@ -1,6 +1,7 @@
 """`plan_run`: memory, speed and cost of a distillation run before launch, and what to change when it won't fit.
 
-``plan_run`` takes explicit arguments, ``plan_from_config`` reads a :class:`~distill.DistillConfig`;
+``plan_run`` takes the :class:`~distill.planning.setup.RunSetup` fields by name (``DistillConfig``'s names),
+``plan_from_config`` reads a :class:`~distill.DistillConfig`;
 both build a :class:`~distill.planning.setup.RunSetup` and return a :class:`Plan` (the changes that
 would make a run fit come from :mod:`distill.planning.advice`).
 """
@@ -9,14 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from distill.planning.advice import COMBINED, Suggestion, suggestions
 from distill.planning.gpus import GPU, get_gpu
 from distill.planning.memory import GIB, MemoryEstimate, estimate_memory
 from distill.planning.models import ModelSpec, model_spec
-from distill.planning.setup import RunSetup
+from distill.planning.setup import CONFIG_FIELDS, RunSetup
 from distill.planning.throughput import Cost, Throughput, estimate_cost, estimate_throughput
 
 if TYPE_CHECKING:
@@ -122,31 +123,9 @@ def plan_run(
     teacher: ModelSource | None = None,
     *,
     gpu: str | GPU = "H100",
-    num_gpus: int = 1,
-    seq_len: int = 2048,
-    per_device_batch: int = 1,
-    gradient_accumulation_steps: int = 1,
-    lora_rank: int | None = None,
-    qlora: bool = False,
-    teacher_mode: str = "bf16",
-    gradient_checkpointing: bool = False,
-    loss_chunk_size: int | None = None,
-    loss_impl: str = "fused",
-    divergence: str = "jsd",
-    sharding: str = "none",
-    shard_teacher: bool | None = None,
-    optimizer: str = "adamw",
-    precision: str = "mixed",
-    tokens: float | None = None,
-    epochs: float = 1.0,
-    mfu: float | None = None,
-    on_policy_fraction: float = 0.0,
-    max_new_tokens: int = 128,
-    padded: bool | None = None,
-    hidden_layers: int = 0,
-    hidden_projection: str = "auto",
     catalogue: Mapping[str, GPU] | None = None,
     suggest: bool = True,
+    **settings: Any,
 ) -> Plan:
     """Predict whether a distillation run fits on ``gpu``, how fast it trains and what its token budget costs.
 
@@ -155,62 +134,31 @@ def plan_run(
             folder, a parsed config dict, or a :class:`ModelSpec`. ``teacher`` may be ``None`` with
             ``teacher_mode`` ``"cache"``/``"server"``.
         gpu: a catalogue GPU name (``"H100"``, ``"A100-40GB"``, ...), ``"cpu"``, or a :class:`GPU`.
-        num_gpus: GPUs (one process each).
-        seq_len: tokens per row. per_device_batch: rows per micro-batch per GPU.
-        gradient_accumulation_steps: micro-batches per optimizer step.
-        lora_rank: LoRA rank on all projections, or ``None`` for a full fine-tune.
-        qlora: 4-bit NF4 student base (LoRA rank 16 unless given).
-        teacher_mode: ``"bf16"``, ``"fp16"``, ``"fp32"``, ``"8bit"``, ``"4bit"``, ``"cache"`` or ``"server"``.
-        gradient_checkpointing: recompute layers in the backward.
-        loss_chunk_size: fused-loss tokens per chunk (``None``: distill's default). loss_impl: ``"fused"``/``"dense"``.
-        divergence: distill's ``loss`` (``"jsd"``, ``"forward_kl"``, ...).
-        sharding: ``"none"``, ``"ddp"``, ``"fsdp2"`` or ``"zero3"``; shard_teacher: see :class:`RunSetup`.
-        optimizer: ``"adamw"`` or ``"adamw_8bit"``. precision: ``"mixed"``, ``"bf16"`` or ``"fp32"``.
-        tokens: training tokens per epoch (e.g. ``50e6``), for time and cost; epochs: passes over them.
-        mfu: one utilisation for every part, overriding the defaults.
-        on_policy_fraction, max_new_tokens: on-policy steps (distill's ``lmbda``) and their completion length.
-        padded: whether batches are padded (default: when ``per_device_batch > 1``).
-        hidden_layers, hidden_projection: the intermediate-layer loss's mapped layer pairs (0: off) and
-            projection (see :class:`RunSetup`).
         catalogue: GPUs to look ``gpu`` up in (e.g. from :func:`distill.planning.with_prices`).
         suggest: plan the changes that would make a run that does not fit fit.
+        **settings: any other :class:`RunSetup` field by name, with ``DistillConfig``'s names where it has
+            the knob: ``max_length=1024``, ``per_device_train_batch_size=4``, ``loss="skl"``, ``lmbda=0.5``,
+            ``num_gpus=8``, ``sharding="fsdp2"``, ``lora_rank=16``, ``tokens=50e6``, ...
 
     Returns:
         A :class:`Plan`; ``plan.fits``, ``plan.message``, ``plan.memory.items``, ``plan.throughput``,
         ``plan.cost``.
+
+    Raises:
+        TypeError: a setting that is not a :class:`RunSetup` field (its message lists them).
+        ValueError: a value out of range, an unknown divergence, an impossible combination.
     """
+    known = {spec.name for spec in fields(RunSetup)} - {"student", "teacher", "gpu"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"plan_run() got unknown settings {unknown}; RunSetup's fields are {sorted(known)}.")
     setup = RunSetup(
         student=model_spec(student),
         teacher=None if teacher is None else model_spec(teacher),
         gpu=gpu if isinstance(gpu, GPU) else get_gpu(gpu, catalogue),
-        num_gpus=num_gpus,
-        seq_len=seq_len,
-        per_device_batch=per_device_batch,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        lora_rank=lora_rank,
-        qlora=qlora,
-        teacher_mode=teacher_mode,  # type: ignore[arg-type]
-        gradient_checkpointing=gradient_checkpointing,
-        loss_impl=loss_impl,  # type: ignore[arg-type]
-        loss_chunk_size=loss_chunk_size,
-        divergence=divergence,
-        sharding=sharding,  # type: ignore[arg-type]
-        shard_teacher=shard_teacher,
-        optimizer=optimizer,  # type: ignore[arg-type]
-        precision=precision,  # type: ignore[arg-type]
-        padded=padded,
-        mfu=mfu,
-        tokens=tokens,
-        epochs=epochs,
-        on_policy_fraction=on_policy_fraction,
-        max_new_tokens=max_new_tokens,
-        hidden_layers=hidden_layers,
-        hidden_projection=hidden_projection,
+        **settings,
     )
     return plan(setup, suggest=suggest)
-
-
-_EIGHT_BIT_OPTIMIZERS = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "adamw_torch_8bit")
 
 
 def _precision_of(config: DistillConfig) -> str:
@@ -218,7 +166,7 @@ def _precision_of(config: DistillConfig) -> str:
 
     ``student_dtype="auto"`` keeps the checkpoint's dtype, which is bf16 for the models in the catalogue.
     """
-    if config.student_dtype in ("fp32", "float32"):
+    if config.student_dtype in ("fp32", "float32", "float"):
         return "mixed" if (config.bf16 or config.fp16) else "fp32"
     if config.use_cpu and config.student_dtype == "auto":
         return "fp32"
@@ -229,14 +177,9 @@ def _teacher_mode_of(config: DistillConfig) -> str:
     if config.teacher_quantization != "none":
         return config.teacher_quantization
     dtype = config.teacher_dtype
-    if dtype in ("fp32", "float32"):
+    if dtype in ("fp32", "float32", "float"):
         return "fp32"
-    return "fp16" if dtype in ("fp16", "float16") else "bf16"
-
-
-def _optimizer_name(config: DistillConfig) -> str:
-    # TrainingArguments turns `optim` into an OptimizerNames enum whose value is the name users type.
-    return str(getattr(config.optim, "value", config.optim)).lower()
+    return "fp16" if dtype in ("fp16", "float16", "half") else "bf16"
 
 
 def _sharding_of(config: DistillConfig, num_gpus: int) -> str:
@@ -249,16 +192,15 @@ def _sharding_of(config: DistillConfig, num_gpus: int) -> str:
     return "ddp"
 
 
-def _hidden_settings(config: DistillConfig, student: ModelSource) -> dict[str, Any]:
-    """``hidden_layers`` / ``hidden_projection`` of :func:`plan_run` from the config's hidden-state fields."""
+def _hidden_layers(config: DistillConfig, student: ModelSource) -> int:
+    """Mapped layer pairs of the hidden-state loss: 0 when it is off, every student layer for ``auto``."""
     from distill.config import parse_layer_map
 
+    if config.hidden_loss_weight == 0:
+        return 0
     if config.hidden_layer_map == "auto":
-        layers = model_spec(student).num_layers  # auto maps every student layer (record or evenly spaced)
-    else:
-        layers = len(parse_layer_map(config.hidden_layer_map))
-    projection = {"none": "identity"}.get(config.hidden_projection, config.hidden_projection)
-    return {"hidden_layers": layers, "hidden_projection": projection}
+        return model_spec(student).num_layers  # auto maps every student layer (record or evenly spaced)
+    return len(parse_layer_map(config.hidden_layer_map))
 
 
 def plan_from_config(
@@ -272,40 +214,31 @@ def plan_from_config(
 ) -> Plan:
     """:func:`plan_run` with the settings a :class:`~distill.DistillConfig` already holds.
 
-    Read from ``config``: ``per_device_train_batch_size``, ``gradient_accumulation_steps``,
-    ``max_length`` (as ``seq_len``), ``gradient_checkpointing``, ``loss_chunk_size``,
-    ``loss_implementation``, ``loss`` (divergence), ``teacher_quantization`` / ``teacher_dtype``
-    (teacher mode), ``student_dtype`` with ``bf16``/``fp16`` (precision), ``optim`` (8-bit AdamW
-    variants), ``lmbda`` and ``max_new_tokens`` (on-policy), ``num_train_epochs``, ``teacher_sharding``
-    and ``fsdp``/``deepspeed`` (sharding, when ``num_gpus > 1``), ``hidden_loss_weight`` /
-    ``hidden_layer_map`` / ``hidden_projection`` (the intermediate-layer loss; ``auto`` maps every student
-    layer; a pruned student's channel selection is not seen here: pass ``hidden_projection="select"``).
-    The LoRA config is not part of a
-    DistillConfig: pass ``lora_rank=`` / ``qlora=`` (and ``tokens=`` for a cost) in ``overrides``,
-    which also override anything read from ``config``.
+    Copied by name (:data:`~distill.planning.setup.CONFIG_FIELDS`, the ``RunSetup`` fields that are
+    ``DistillConfig`` fields too): ``max_length``, ``per_device_train_batch_size``,
+    ``gradient_accumulation_steps``, ``gradient_checkpointing``, ``loss_implementation``, ``loss_chunk_size``,
+    ``loss``, ``teacher_sharding``, ``optim``, ``lmbda``, ``max_new_tokens``, ``num_train_epochs``,
+    ``hidden_projection``. Derived, because the config spreads them over several fields: ``teacher_mode``
+    (``teacher_quantization`` / ``teacher_dtype``), ``precision`` (``student_dtype`` with ``bf16``/``fp16``),
+    ``sharding`` (``fsdp``/``deepspeed``, when ``num_gpus > 1``) and ``hidden_layers`` (``hidden_loss_weight``
+    / ``hidden_layer_map``; ``auto`` maps every student layer; a pruned student's channel selection is not seen
+    here: pass ``hidden_projection="select"``). The LoRA config is not part of a DistillConfig: pass
+    ``lora_rank=`` / ``qlora=`` (and ``tokens=`` for a cost) in ``overrides``, which also override anything
+    read from ``config``.
 
     Returns:
         The :class:`Plan`.
     """
-    teacher_sharding = {"fsdp": True, "none": False}.get(config.teacher_sharding)
-    settings: dict[str, Any] = {
-        "seq_len": config.max_length,
-        "per_device_batch": config.per_device_train_batch_size,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps,
-        "gradient_checkpointing": bool(config.gradient_checkpointing),
-        "loss_chunk_size": config.loss_chunk_size,
-        "loss_impl": config.loss_implementation,
-        "divergence": config.loss,
-        "teacher_mode": _teacher_mode_of(config),
-        "precision": _precision_of(config),
-        "optimizer": "adamw_8bit" if _optimizer_name(config) in _EIGHT_BIT_OPTIMIZERS else "adamw",
-        "on_policy_fraction": config.lmbda,
-        "max_new_tokens": config.max_new_tokens,
-        "epochs": float(config.num_train_epochs),
-        "sharding": _sharding_of(config, num_gpus),
-        "shard_teacher": teacher_sharding,
-    }
-    if config.hidden_loss_weight > 0:
-        settings.update(_hidden_settings(config, student))
+    settings: dict[str, Any] = {name: getattr(config, name) for name in CONFIG_FIELDS}
+    # TrainingArguments turns `optim` into an OptimizerNames enum whose value is the name users type.
+    settings["optim"] = str(getattr(config.optim, "value", config.optim)).lower()
+    settings["num_train_epochs"] = float(config.num_train_epochs)
+    settings["gradient_checkpointing"] = bool(config.gradient_checkpointing)
+    settings.update(
+        teacher_mode=_teacher_mode_of(config),
+        precision=_precision_of(config),
+        sharding=_sharding_of(config, num_gpus),
+        hidden_layers=_hidden_layers(config, student),
+    )
     settings.update(overrides)
     return plan_run(student, teacher, gpu=gpu, num_gpus=num_gpus, **settings)

@@ -32,14 +32,14 @@ def describe_setup(setup: RunSetup) -> str:
     sharding = "" if setup.sharding == "none" else f", {setup.sharding}"
     if setup.teacher_sharded:
         sharding += " (teacher sharded)"
-    loss = "dense loss" if setup.loss_impl == "dense" else f"fused loss (chunk {setup.chunk_size})"
+    loss = "dense loss" if setup.loss_implementation == "dense" else f"fused loss (chunk {setup.chunk_size})"
     checkpointing = "gradient checkpointing" if setup.gradient_checkpointing else "no checkpointing"
     return (
         f"student {student.name} ({human_count(student.num_params)} params, {trained}); "
         f"teacher {teacher} ({setup.teacher_mode})\n"
-        f"{setup.num_gpus} x {setup.gpu.name}{sharding}; {setup.per_device_batch} x {setup.seq_len} tokens per "
-        f"GPU, accumulation {setup.gradient_accumulation_steps}; {loss}, {setup.divergence}; {checkpointing}; "
-        f"{setup.optimizer}"
+        f"{setup.num_gpus} x {setup.gpu.name}{sharding}; {setup.per_device_train_batch_size} x {setup.max_length} "
+        f"tokens per GPU, accumulation {setup.gradient_accumulation_steps}; {loss}, {setup.loss}; {checkpointing}; "
+        f"{setup.optim}"
     )
 
 

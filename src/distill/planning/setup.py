@@ -1,4 +1,10 @@
-"""`RunSetup`: everything the planner needs to know about one distillation run, checked once.
+"""`RunSetup`: everything the planner needs to know about one distillation run, declared once and checked once.
+
+Each field is declared here once, with its help: the ``distill plan`` flags are generated from these
+declarations (:mod:`distill.planning.cli`), and the fields a :class:`~distill.DistillConfig` also holds
+carry its name and its values (``max_length``, ``per_device_train_batch_size``, ``loss``, ``lmbda``, ...),
+so :func:`~distill.planning.plan_from_config` copies them across by name. The divergence name is
+canonicalised by the losses layer (:class:`distill.losses.Divergence`), the one place that knows its aliases.
 
 The other planning modules read a :class:`RunSetup` and never re-validate it. Suggestions for a run
 that does not fit are made by copying it with one field changed (``dataclasses.replace``).
@@ -6,13 +12,16 @@ that does not fit are made by copying it with one field changed (``dataclasses.r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, Literal
 
+from distill.checks import check_bool, check_float, check_int
 from distill.planning.gpus import GPU
 from distill.planning.models import ModelSpec
 
 __all__ = [
+    "CONFIG_FIELDS",
+    "EIGHT_BIT_OPTIMIZERS",
     "IN_PROCESS_TEACHERS",
     "OPTIMIZERS",
     "PRECISIONS",
@@ -24,136 +33,175 @@ __all__ = [
 TeacherMode = Literal["fp32", "bf16", "fp16", "8bit", "4bit", "cache", "server"]
 Sharding = Literal["none", "ddp", "fsdp2", "zero3"]
 Precision = Literal["mixed", "bf16", "fp32"]
-Optimizer = Literal["adamw", "adamw_8bit"]
 
 TEACHER_MODES: tuple[str, ...] = ("fp32", "bf16", "fp16", "8bit", "4bit", "cache", "server")
 IN_PROCESS_TEACHERS: tuple[str, ...] = ("fp32", "bf16", "fp16", "8bit", "4bit")
 SHARDINGS: tuple[str, ...] = ("none", "ddp", "fsdp2", "zero3")
 PRECISIONS: tuple[str, ...] = ("mixed", "bf16", "fp32")
-OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_8bit")
+# TrainingArguments' `optim` names the planner can size: AdamW with two states in the parameter's dtype,
+# or bitsandbytes' 8-bit AdamW (one byte per state).
+EIGHT_BIT_OPTIMIZERS: tuple[str, ...] = ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit")
+OPTIMIZERS: tuple[str, ...] = ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", *EIGHT_BIT_OPTIMIZERS)
 LOSS_IMPLEMENTATIONS: tuple[str, ...] = ("fused", "dense")
+TEACHER_SHARDINGS: tuple[str, ...] = ("auto", "none", "fsdp")
+HIDDEN_PROJECTIONS: tuple[str, ...] = ("auto", "learned", "none", "select")
 DEFAULT_QLORA_RANK = 16
+
+# Fields that DistillConfig holds under the same name and with the same values: plan_from_config copies them.
+CONFIG_FIELDS: tuple[str, ...] = (
+    "max_length",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "loss_implementation",
+    "loss_chunk_size",
+    "loss",
+    "teacher_sharding",
+    "optim",
+    "lmbda",
+    "max_new_tokens",
+    "num_train_epochs",
+    "hidden_projection",
+)
+
+
+def _knob(default: Any, help: str, **check: Any) -> Any:
+    """A field with its help, and its values: ``choices=``, or ``check=`` ``"int"``/``"float"``/``"bool"`` with bounds
+    (``minimum``, ``maximum``, ``exclusive_minimum``, as :func:`distill.checks.check_int` / ``check_float`` take).
+
+    The same metadata builds the ``distill plan`` flag (:mod:`distill.planning.cli`); ``RunSetup``'s own
+    checks read the bounds too, so a flag and a keyword argument are refused with the same message.
+    """
+    return field(default=default, metadata={"help": help, **check})
+
+
+_CHECKS = {"int": check_int, "float": check_float, "bool": check_bool}
+
+
+def _checked(spec: Field[Any], value: Any) -> Any:
+    """``value`` of the field ``spec`` checked against its declaration (choices or bounds), converted losslessly."""
+    meta = spec.metadata
+    if value is None and spec.default is None:
+        return None
+    if "choices" in meta and value not in meta["choices"]:
+        raise ValueError(f"{spec.name} must be one of {', '.join(meta['choices'])}; got {value!r}.")
+    if "check" in meta:
+        bounds = {key: meta[key] for key in ("minimum", "maximum", "exclusive_minimum") if key in meta}
+        return _CHECKS[meta["check"]](value, spec.name, **bounds)
+    return value
 
 
 @dataclass(frozen=True)
 class RunSetup:
     """One distillation run as the planner sees it.
 
-    Attributes:
-        student: the student's shape.
-        teacher: the teacher's shape; may be ``None`` for a ``cache`` or ``server`` teacher.
-        gpu: the device every process runs on.
-        num_gpus: processes (one GPU each).
-        seq_len: tokens per row (``max_length``; rows are assumed full).
-        per_device_batch: rows per micro-batch per GPU.
-        gradient_accumulation_steps: micro-batches per optimizer step.
-        lora_rank: LoRA rank on all 7 projections of every layer, or ``None`` for a full fine-tune.
-        qlora: the student's projections in 4-bit NF4 (needs ``lora_rank``).
-        teacher_mode: ``fp32``/``bf16``/``fp16``/``8bit``/``4bit`` (in-process weights), ``cache`` (a
-            top-k cache read from disk) or ``server`` (another machine); the last two cost this GPU no
-            teacher weights.
-        gradient_checkpointing: recompute each layer in the backward.
-        loss_impl: ``fused`` (chunked over tokens, no ``[tokens, V]`` logits) or ``dense``.
-        loss_chunk_size: tokens per fused-loss chunk; ``None``: distill's default for the vocabulary
-            and device (:func:`distill.losses.fused.default_chunk_size`).
-        divergence: the KD divergence (its temporaries differ a little).
-        sharding: ``none`` (one GPU, or nothing distributed), ``ddp``, ``fsdp2`` or ``zero3``.
-        shard_teacher: shard an in-process teacher over the GPUs (FSDP2); ``None``: when the student
-            is sharded, as distill's ``teacher_sharding="auto"`` does.
-        optimizer: ``adamw`` (torch, two states in the parameter dtype) or ``adamw_8bit`` (bitsandbytes).
-        precision: ``mixed`` (fp32 weights and optimizer, bf16 autocast compute), ``bf16`` (weights,
-            gradients and optimizer states all bf16, as ``transformers.Trainer`` trains a model loaded
-            in bf16) or ``fp32`` (no 16-bit anywhere, e.g. a CPU). LoRA bases are kept in bf16 under
-            ``mixed`` too; adapters are fp32 in every mode (peft's default).
-        padded: rows of unequal length are padded, so attention gets a mask (kept per layer for the
-            backward) and grouped-query keys/values are repeated; ``None``: when ``per_device_batch > 1``.
-        cache_top_k: entries per token of a ``cache``/``server`` teacher's sparse targets.
-        mfu: model FLOPs utilisation for every part; ``None``: per-part defaults (see ``throughput``).
-        tokens: training tokens per epoch (the token budget), or ``None`` for no cost estimate.
-        epochs: passes over ``tokens``.
-        on_policy_fraction: share of steps whose completions the student generates (distill's ``lmbda``).
-        max_new_tokens: tokens generated per completion on those steps.
-        hidden_layers: mapped layer pairs of the intermediate-layer (hidden-state) loss; 0: off.
-        hidden_projection: how student states meet the teacher's width: ``learned`` (a linear map
-            per pair, trained), ``select`` (a pruned student's kept channels; no parameters),
-            ``identity``, or ``auto`` (learned when the widths differ, else identity).
+    Every field's meaning is its ``help`` below (also the ``distill plan --help`` text). Fields named as in
+    :class:`~distill.DistillConfig` (:data:`CONFIG_FIELDS`) mean what they mean there; the others say how the
+    run is held (GPUs, LoRA, teacher kind, precision), which a ``DistillConfig`` does not hold or holds
+    spread over several fields (see :func:`~distill.planning.plan_from_config`).
+
+    Precision: ``mixed`` is fp32 weights and optimizer states with bf16 autocast compute (``bf16=True`` on
+    an fp32 student); ``bf16`` is weights, gradients and optimizer states all bf16 (``transformers.Trainer``
+    on a model loaded in bf16: an Adam step smaller than half a bf16 ULP of a weight does not move it, so
+    full fine-tunes at small learning rates want ``mixed``); ``fp32`` is no 16-bit anywhere (a CPU). LoRA
+    bases are kept in bf16 under ``mixed`` too; adapters are fp32 in every mode (peft's default).
     """
 
-    student: ModelSpec
-    teacher: ModelSpec | None
-    gpu: GPU
-    num_gpus: int = 1
-    seq_len: int = 2048
-    per_device_batch: int = 1
-    gradient_accumulation_steps: int = 1
-    lora_rank: int | None = None
-    qlora: bool = False
-    teacher_mode: TeacherMode = "bf16"
-    gradient_checkpointing: bool = False
-    loss_impl: Literal["fused", "dense"] = "fused"
-    loss_chunk_size: int | None = None
-    divergence: str = "jsd"
-    sharding: Sharding = "none"
-    shard_teacher: bool | None = None
-    optimizer: Optimizer = "adamw"
-    precision: Precision = "mixed"
-    padded: bool | None = None
-    cache_top_k: int = 64
-    mfu: float | None = None
-    tokens: float | None = None
-    epochs: float = 1.0
-    on_policy_fraction: float = 0.0
-    max_new_tokens: int = 128
-    hidden_layers: int = 0
-    hidden_projection: str = "auto"
+    student: ModelSpec = field(
+        metadata={
+            "help": "the student: a catalogue name (e.g. Qwen/Qwen2.5-Coder-1.5B) or a config.json file or folder "
+            "(no weights are read)"
+        }
+    )
+    teacher: ModelSpec | None = field(
+        metadata={"help": "the teacher, as --student; optional for a cache/server teacher"}
+    )
+    gpu: GPU = field(metadata={"help": "the GPU type every process runs on (catalogue name; prefixes work), or cpu"})
+    num_gpus: int = _knob(1, "GPUs, one process each", check="int", minimum=1)
+    max_length: int = _knob(2048, "tokens per row (rows are assumed full)", check="int", minimum=1)
+    per_device_train_batch_size: int = _knob(1, "rows per micro-batch per GPU", check="int", minimum=1)
+    gradient_accumulation_steps: int = _knob(1, "micro-batches per optimizer step", check="int", minimum=1)
+    lora_rank: int | None = _knob(
+        None, "LoRA rank on all 7 projections of every layer (default: a full fine-tune)", check="int", minimum=1
+    )
+    qlora: bool = _knob(
+        False, f"4-bit NF4 student base under LoRA (rank {DEFAULT_QLORA_RANK} unless given)", check="bool"
+    )
+    teacher_mode: TeacherMode = _knob(
+        "bf16",
+        "how the teacher's targets are made: its weights here in fp32/bf16/fp16/8bit/4bit, a top-k cache read from "
+        "disk (cache) or another machine (server); the last two cost this GPU no teacher weights",
+        choices=TEACHER_MODES,
+    )
+    gradient_checkpointing: bool = _knob(False, "recompute each student layer in the backward", check="bool")
+    loss_implementation: Literal["fused", "dense"] = _knob(
+        "fused", "fused (chunked over tokens, no [tokens, V] logits) or dense", choices=LOSS_IMPLEMENTATIONS
+    )
+    loss_chunk_size: int | None = _knob(
+        None, "tokens per fused-loss chunk (default: distill's for the vocabulary and device)", check="int", minimum=1
+    )
+    loss: str = _knob("jsd", "the divergence: any name or alias distill.losses accepts (jsd, forward_kl, skl, ...)")
+    sharding: Sharding = _knob(
+        "none", "how the student is spread: none (one GPU, or not distributed), ddp, fsdp2 or zero3", choices=SHARDINGS
+    )
+    teacher_sharding: str = _knob(
+        "auto",
+        "an in-process teacher split over the GPUs with FSDP2 (fsdp) or not (none); auto: when the student is sharded",
+        choices=TEACHER_SHARDINGS,
+    )
+    optim: str = _knob(
+        "adamw_torch",
+        "the optimizer, as TrainingArguments.optim: AdamW keeps two states in the parameter's dtype, the 8-bit "
+        "variants one byte each",
+        choices=OPTIMIZERS,
+    )
+    precision: Precision = _knob(
+        "mixed",
+        "mixed (fp32 master weights, bf16 autocast), bf16 (every weight, gradient and state bf16) or fp32",
+        choices=PRECISIONS,
+    )
+    padded: bool | None = _knob(
+        None, "rows padded to a common length (attention masks kept); default: when the batch is > 1", check="bool"
+    )
+    cache_top_k: int = _knob(
+        64, "entries per token of a cache/server teacher's sparse targets", check="int", minimum=1
+    )
+    mfu: float | None = _knob(
+        None, "model FLOPs utilisation for every part (default: per-part values)", check="float", minimum=0,
+        maximum=1, exclusive_minimum=True,
+    )  # fmt: skip
+    tokens: float | None = _knob(
+        None, "training tokens per epoch (the budget, e.g. 50e6), for time and cost", check="float", minimum=0,
+        exclusive_minimum=True,
+    )  # fmt: skip
+    num_train_epochs: float = _knob(1.0, "passes over --tokens", check="float", minimum=0, exclusive_minimum=True)
+    lmbda: float = _knob(0.0, "share of on-policy steps (the student generates)", check="float", minimum=0, maximum=1)
+    max_new_tokens: int = _knob(128, "tokens generated per completion on on-policy steps", check="int", minimum=1)
+    hidden_layers: int = _knob(
+        0, "mapped layer pairs of the intermediate-layer (hidden-state) loss; 0: off", check="int", minimum=0
+    )
+    hidden_projection: str = _knob(
+        "auto",
+        "how student states meet the teacher's width: learned (a trained linear map per pair), select (a pruned "
+        "student's kept channels), none (identity), auto (learned when the widths differ, else none)",
+        choices=HIDDEN_PROJECTIONS,
+    )
 
     def __post_init__(self) -> None:
-        self._check_choices()
-        self._check_numbers()
+        for spec in fields(self):
+            object.__setattr__(self, spec.name, _checked(spec, getattr(self, spec.name)))
+        from distill.losses import Divergence  # the losses layer alone knows the names and their aliases
+
+        object.__setattr__(self, "loss", Divergence(self.loss).name)
         if self.qlora and self.lora_rank is None:
             object.__setattr__(self, "lora_rank", DEFAULT_QLORA_RANK)
         if self.teacher is None and self.teacher_mode in IN_PROCESS_TEACHERS:
             raise ValueError(f"teacher_mode={self.teacher_mode!r} runs the teacher here: give its model (teacher=).")
-        if self.sharding == "zero3" and self.loss_impl == "fused":
+        if self.sharding == "zero3" and self.loss_implementation == "fused":
             raise ValueError(
                 "DeepSpeed ZeRO-3 partitions the student's LM head, which distill's fused loss reads directly (the "
-                "trainer refuses it). Plan with loss_impl='dense' for ZeRO-3, or use sharding='fsdp2'."
+                "trainer refuses it). Plan with loss_implementation='dense' for ZeRO-3, or use sharding='fsdp2'."
             )
-
-    def _check_choices(self) -> None:
-        choices = {
-            "teacher_mode": TEACHER_MODES,
-            "sharding": SHARDINGS,
-            "precision": PRECISIONS,
-            "optimizer": OPTIMIZERS,
-            "loss_impl": LOSS_IMPLEMENTATIONS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}.")
-
-    def _check_numbers(self) -> None:
-        for name in ("num_gpus", "seq_len", "per_device_batch", "gradient_accumulation_steps", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be >= 1 (or None for a full fine-tune); got {self.lora_rank}.")
-        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
-            raise ValueError(f"loss_chunk_size must be >= 1 token; got {self.loss_chunk_size}.")
-        if self.mfu is not None and not 0 < self.mfu <= 1:
-            raise ValueError(f"mfu is a fraction of the peak FLOP rate, in (0, 1]; got {self.mfu}.")
-        if self.tokens is not None and self.tokens <= 0:
-            raise ValueError(f"tokens must be > 0; got {self.tokens}.")
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0; got {self.epochs}.")
-        if self.hidden_layers < 0:
-            raise ValueError(f"hidden_layers is a number of mapped layer pairs, >= 0; got {self.hidden_layers}.")
-        if self.hidden_projection not in ("auto", "learned", "select", "identity"):
-            raise ValueError(
-                f"hidden_projection must be auto, learned, select or identity; got {self.hidden_projection!r}."
-            )
-        if not 0 <= self.on_policy_fraction <= 1:
-            raise ValueError(f"on_policy_fraction must be in [0, 1]; got {self.on_policy_fraction}.")
 
     # ---- derived quantities -------------------------------------------------------------------------
 
@@ -171,8 +219,8 @@ class RunSetup:
 
     @property
     def tokens_per_micro_batch(self) -> int:
-        """Tokens one GPU processes per forward/backward, ``per_device_batch * seq_len``."""
-        return self.per_device_batch * self.seq_len
+        """Tokens one GPU processes per forward/backward, ``per_device_train_batch_size * max_length``."""
+        return self.per_device_train_batch_size * self.max_length
 
     @property
     def tokens_per_step(self) -> int:
@@ -198,7 +246,7 @@ class RunSetup:
     @property
     def is_padded(self) -> bool:
         """Whether attention gets a padding mask (see ``padded``)."""
-        return self.per_device_batch > 1 if self.padded is None else self.padded
+        return self.per_device_train_batch_size > 1 if self.padded is None else self.padded
 
     @property
     def learned_hidden_projection(self) -> bool:
@@ -208,6 +256,11 @@ class RunSetup:
         if self.hidden_projection == "auto":
             return self.student.hidden_size != self.teacher.hidden_size
         return self.hidden_projection == "learned"
+
+    @property
+    def eight_bit_optimizer(self) -> bool:
+        """Whether the optimizer keeps its two AdamW states in 8 bits (bitsandbytes) rather than the weights' dtype."""
+        return self.optim in EIGHT_BIT_OPTIMIZERS
 
     @property
     def teacher_in_process(self) -> bool:
@@ -222,5 +275,5 @@ class RunSetup:
     @property
     def teacher_sharded(self) -> bool:
         """Whether an in-process teacher's weights are split over the GPUs (FSDP2)."""
-        wanted = self.student_sharded if self.shard_teacher is None else self.shard_teacher
+        wanted = self.student_sharded if self.teacher_sharding == "auto" else self.teacher_sharding == "fsdp"
         return wanted and self.num_gpus > 1 and self.teacher_in_process

@@ -1,6 +1,6 @@
 """Time and money: FLOPs per trained token, an assumed utilisation, step time, GPU-hours and dollars.
 
-Per trained token (``N`` = projection weights, ``HV`` = head matmul, ``A = 2 * seq_len * q_dim * L``
+Per trained token (``N`` = projection weights, ``HV`` = head matmul, ``A = 2 * max_length * q_dim * L``
 = causal attention scores and mixing in the forward, ``N_lora`` = adapter weights)::
 
     student forward   2N + 2HV + A (+ 2 N_lora)
@@ -55,7 +55,7 @@ def flops_per_token(setup: RunSetup) -> dict[str, float]:
     """
     student, vocab = setup.student, setup.vocab
     linear, head = float(student.linear_params), float(student.hidden_size * vocab)
-    attention = _attention_flops(student, setup.seq_len)
+    attention = _attention_flops(student, setup.max_length)
     lora = float(student.lora_params(setup.lora_rank)) if setup.lora_rank else 0.0
     forward = 2 * linear + 2 * head + attention + 2 * lora
     if setup.training == "full":
@@ -67,7 +67,7 @@ def flops_per_token(setup: RunSetup) -> dict[str, float]:
     if setup.teacher_in_process:
         spec = setup.teacher
         assert spec is not None
-        teacher = 2.0 * spec.linear_params + 2.0 * spec.hidden_size * vocab + _attention_flops(spec, setup.seq_len)
+        teacher = 2.0 * spec.linear_params + 2.0 * spec.hidden_size * vocab + _attention_flops(spec, setup.max_length)
     return {
         "student forward": forward,
         "student backward": backward,
@@ -112,7 +112,7 @@ def _mfus(setup: RunSetup) -> tuple[float, float]:
 
 def _generation_seconds_per_token(setup: RunSetup) -> float:
     """Decode time per trained token and GPU: new tokens x (weights + KV cache read) / usable bandwidth."""
-    if setup.on_policy_fraction == 0:
+    if setup.lmbda == 0:
         return 0.0
     spec = setup.student
     weight_bytes = (
@@ -121,10 +121,17 @@ def _generation_seconds_per_token(setup: RunSetup) -> float:
         else spec.num_params * setup.compute_bytes
     )
     # On average half the sequence is in the cache while decoding.
-    kv_bytes = 2 * spec.num_layers * spec.kv_dim * (setup.seq_len / 2) * setup.per_device_batch * setup.compute_bytes
+    kv_bytes = (
+        2
+        * spec.num_layers
+        * spec.kv_dim
+        * (setup.max_length / 2)
+        * setup.per_device_train_batch_size
+        * setup.compute_bytes
+    )
     seconds_per_new_token = (weight_bytes + kv_bytes) / (setup.gpu.memory_bandwidth * DECODE_BANDWIDTH_EFFICIENCY)
     per_micro_batch = setup.max_new_tokens * seconds_per_new_token
-    return setup.on_policy_fraction * per_micro_batch / setup.tokens_per_micro_batch
+    return setup.lmbda * per_micro_batch / setup.tokens_per_micro_batch
 
 
 def estimate_throughput(setup: RunSetup) -> Throughput:
@@ -174,10 +181,10 @@ class Cost:
 
 
 def estimate_cost(setup: RunSetup, throughput: Throughput) -> Cost | None:
-    """Hours and US dollars to train ``setup.tokens * setup.epochs`` tokens at ``throughput`` (None: no budget)."""
+    """Hours and US dollars to train ``tokens * num_train_epochs`` tokens at ``throughput`` (None: no budget)."""
     if setup.tokens is None:
         return None
-    tokens = setup.tokens * setup.epochs
+    tokens = setup.tokens * setup.num_train_epochs
     wall_hours = tokens / throughput.tokens_per_second / 3600
     gpu_hours = wall_hours * setup.num_gpus
     return Cost(tokens, wall_hours, gpu_hours, gpu_hours * setup.gpu.hourly_usd, setup.gpu.hourly_usd)

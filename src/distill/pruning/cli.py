@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     target = _check_arguments(args)
     from transformers import AutoConfig
 
-    from distill.job_options import load_rows
+    from distill.data.rows import load_rows
     from distill.models import load_causal_lm, resolve_dtype
     from distill.models.loading import load_tokenizer
     from distill.pruning import calibration_batches, check_prunable, prune

@@ -1,21 +1,23 @@
-"""What the recipes share: profiles, the command line, ``--tiny`` models and data, the cache stage, the report.
+"""What the recipes share, and only that: their command line and profiles, the planner's start-up check, ``--tiny``
+models, logging and the end-of-run report.
 
-A recipe file (``code_14b.py``, ``chat_24gb.py``, ``reasoning.py``) reads top to bottom and owns its
-choices (models, data, profiles); this module holds only the plumbing they would otherwise each
-repeat. Nothing here hides a training loop: training is ``distill.Trainer``.
+A recipe (``recipes/*.py``) is a standalone script a user copies and edits, torchtune style: its data, its
+student loading, its ``LoraConfig(...)`` and its ``Trainer(...)`` are in the recipe file. It imports this
+module from the installed package (no ``sys.path`` edits), so a copied recipe runs anywhere distill is
+installed. Nothing here loads a model for training or builds a Trainer.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -24,6 +26,9 @@ from transformers.hf_argparser import string_to_bool
 
 from distill import DistillConfig, Trainer
 from distill.checks import InputError, arg_bool, check_bool, check_float, check_int
+from distill.models.quantization import QUANT_EXTRA_HINT
+from distill.planning import Plan, plan_from_config
+from distill.planning.report import format_plan
 
 # ---- profiles -------------------------------------------------------------------------------------------
 
@@ -62,6 +67,8 @@ class Profile:
 COMMON_TRAINING: dict[str, Any] = dict(
     bf16=True,
     teacher_dtype="bfloat16",
+    # A frozen LoRA base or QLoRA compute dtype. Full fine-tunes set "float32" in their profile: fp32 master
+    # weights under bf16 autocast, since small Adam steps round away on bf16 weights (check_plan warns).
     student_dtype="bfloat16",
     gradient_checkpointing=True,  # at 1-4k tokens the activations of a 1.5-14B student dwarf everything else
     lr_scheduler_type="cosine",
@@ -200,11 +207,11 @@ class Start:
     profile: Profile
     teacher: str  # the teacher's path or hub name (a tiny model's folder with --tiny)
     student: str
-    plan: Any  # the planner's Plan, or None when the planner is unavailable
+    plan: Any  # the planner's Plan
 
     def plan_summary(self) -> dict[str, Any]:
-        """What ``main`` returns for ``--plan_only``."""
-        return {"plan": None if self.plan is None else self.plan.to_dict()}
+        """What ``main`` returns for ``--plan_only`` (the table was printed by :func:`begin`)."""
+        return {"plan": self.plan.to_dict()}
 
 
 def begin(
@@ -216,14 +223,21 @@ def begin(
 ) -> Start:
     """Parse (:func:`parse`), log the profile, swap in tiny models with ``--tiny``, and check the plan.
 
-    The plan is checked before any weight or data is loaded, so a profile that does not fit costs seconds.
+    Before any weight or data is loaded: the planner's check (a profile that does not fit costs seconds;
+    with ``--plan_only`` its whole table is printed) and, for a profile that loads 4-bit/8-bit weights,
+    that bitsandbytes is installed (:func:`check_quantization_backend`).
     """
     recipe, config, profile = parse(recipe_type, profiles, argv, base_training, tiny_recipe)
     log(f"profile {profile.name}: {profile.description}; output in {config.output_dir}")
     teacher, student = recipe.teacher, recipe.student
     if recipe.tiny:  # tiny random models of the same class (Qwen2), saved as folders
         teacher, student, _ = tiny_models(Path(config.output_dir) / "tiny_models")
-    return Start(recipe, config, profile, teacher, student, check_plan(config, profile, teacher, student))
+    plan = check_plan(config, profile, teacher, student)
+    if recipe.plan_only:
+        print_plan(plan)
+    else:
+        check_quantization_backend(config, profile)
+    return Start(recipe, config, profile, teacher, student, plan)
 
 
 def log(message: str) -> None:
@@ -232,23 +246,33 @@ def log(message: str) -> None:
         print(f"[recipe] {message}", flush=True)
 
 
+def check_quantization_backend(config: DistillConfig, profile: Profile) -> None:
+    """Refuse (exit 2) a run that loads a model in 4-bit/8-bit when bitsandbytes is not installed.
+
+    ``pip install -e .`` does not install it (it is the ``quant`` extra); without this check the recipe
+    would fail only when the model loads, after the data (on a rented GPU, minutes and dollars later).
+    """
+    quantized = {"teacher": config.teacher_quantization, "student": profile.student_quantization}
+    needs = [f"the {who} in {mode}" for who, mode in quantized.items() if mode != "none"]
+    if needs and find_spec("bitsandbytes") is None:
+        refuse(
+            f"profile {profile.name} loads {' and '.join(needs)} with bitsandbytes, which is not installed "
+            f"(`pip install -e .` leaves it out): {QUANT_EXTRA_HINT}, or `pip install -e '.[quant]'` in a clone."
+        )
+
+
 # ---- the start-up check -----------------------------------------------------------------------------------
 
 
-def check_plan(config: DistillConfig, profile: Profile, teacher: str, student: Any) -> Any:
+def check_plan(config: DistillConfig, profile: Profile, teacher: str, student: Any) -> Plan:
     """Ask the planner (``distill.planning``) whether this run fits the profile's GPUs, before loading weights.
 
     Raises ``SystemExit`` with the planner's message (what takes the memory, what to change) when the run
-    does not fit. Skipped, with a line saying so, when this version of distill has no planner.
+    does not fit.
 
     Returns:
-        The planner's ``Plan``, or ``None`` when skipped.
+        The planner's ``Plan``.
     """
-    try:
-        from distill.planning import plan_from_config
-    except ImportError:
-        log("start-up check skipped: distill.planning is not available in this version of distill.")
-        return None
     plan = plan_from_config(
         config,
         _model_source(student),
@@ -267,6 +291,11 @@ def check_plan(config: DistillConfig, profile: Profile, teacher: str, student: A
             f"nothing was loaded.\n{plan.message}\nChange the settings (flags or YAML keys) or pick another --profile."
         )
     log(f"start-up check ({profile.num_gpus} x {profile.gpu}): {plan.message}")
+    if plan.setup.training == "full" and plan.setup.precision == "bf16":
+        log(
+            f"warning: pure bf16 weights at learning rate {config.learning_rate:g}: an Adam step below half a bf16 "
+            "ULP of a weight does not move it; --student_dtype float32 keeps fp32 master weights (bf16 autocast)."
+        )
     rate = plan.throughput.tokens_per_second
     price = plan.setup.gpu.hourly_usd
     if rate > 0:
@@ -274,6 +303,12 @@ def check_plan(config: DistillConfig, profile: Profile, teacher: str, student: A
         cost = f", ${hours * profile.num_gpus * price:,.0f} at ${price:.2f}/GPU-hour"
         log(f"predicted: {rate:,.0f} trained tokens/s; 50M tokens take {hours:.1f} h{cost} (an estimate: MFU assumed)")
     return plan
+
+
+def print_plan(plan: Plan) -> None:
+    """The planner's full table (``distill plan``'s output): memory item by item, peak, speed, cost, advice."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_plan(plan), flush=True)
 
 
 def _model_source(name: Any) -> Any:
@@ -324,130 +359,7 @@ def tiny_models(folder: str | os.PathLike[str]) -> tuple[str, str, Any]:
     return paths[0], paths[1], tokenizer
 
 
-# ---- data -------------------------------------------------------------------------------------------------
-
-
-def load_rows(source: str, split: str = "train", subset: str | None = None) -> Any:
-    """A ``datasets.Dataset`` from a local ``.jsonl``/``.json``/``.parquet`` file or a hub dataset name."""
-    import datasets
-
-    kinds = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-    suffix = Path(source).suffix
-    if suffix in kinds:
-        if not Path(source).is_file():
-            raise SystemExit(f"--dataset {source}: no such file.")
-        return datasets.load_dataset(kinds[suffix], data_files=source, split="train")
-    return datasets.load_dataset(source, subset, split=split)
-
-
-def split_heldout(dataset: Any, heldout_rows: int, max_train_rows: int | None, seed: int) -> tuple[Any, Any]:
-    """``(train, heldout)``: ``heldout_rows`` rows set aside at random (seeded); train capped at ``max_train_rows``."""
-    if heldout_rows >= len(dataset):
-        raise SystemExit(f"heldout_rows={heldout_rows} leaves no training rows out of {len(dataset)}.")
-    parts = dataset.train_test_split(test_size=heldout_rows, seed=seed, shuffle=True)
-    train = parts["train"]
-    if max_train_rows is not None and max_train_rows < len(train):
-        train = train.select(range(max_train_rows))
-    return train, parts["test"]
-
-
-# ---- models -----------------------------------------------------------------------------------------------
-
-
-def device_for_this_process() -> str | None:
-    """The GPU of this process (``cuda:LOCAL_RANK``), or ``None`` on a CPU (the loaders' default)."""
-    if not torch.cuda.is_available():
-        return None
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-
-
-def load_student(path: str, profile: Profile, config: DistillConfig) -> Any:
-    """The student: a path left for the Trainer to load (full weights), or a 4-bit model for QLoRA."""
-    from distill.models import load_causal_lm
-
-    if profile.student_quantization == "none":
-        return path  # the Trainer loads it in config.student_dtype
-    return load_causal_lm(
-        path,
-        dtype=config.student_dtype,  # the 4-bit layers' compute dtype and the dtype of the rest
-        quantization=profile.student_quantization,
-        device=None if config.use_cpu else device_for_this_process(),
-    )
-
-
-def lora_config(profile: Profile) -> Any:
-    """A ``peft.LoraConfig`` on every linear layer, or ``None`` for a full fine-tune."""
-    if profile.lora_r is None:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(r=profile.lora_r, lora_alpha=2 * profile.lora_r, lora_dropout=0.0, target_modules="all-linear")
-
-
-def cached_teacher(
-    cache_dir: str,
-    teacher: str,
-    tokenizer: Any,
-    rows: Any,
-    config: DistillConfig,
-    profile: Profile,
-    top_k: int = 64,
-) -> Any:
-    """A ``CachedTeacher`` over ``rows``; the cache is built first (teacher loaded, run once, freed) if missing.
-
-    Only the teacher is on the GPU while the cache is built, and only the student while training: that is
-    what lets a 32B teacher and a 14B student share one 24 GB card.
-    """
-    from distill.cache import build_cache
-    from distill.formats.reader import read_manifest
-    from distill.teachers import CachedTeacher
-
-    manifest = read_manifest(Path(cache_dir)) if Path(cache_dir, "manifest.json").exists() else None
-    if manifest is None or not manifest.get("complete"):
-        log(
-            f"building the teacher cache in {cache_dir} (same as: distill cache --teacher {teacher} --dataset "
-            f"<rows> --out {cache_dir} --quantization {config.teacher_quantization} --max-length {config.max_length})"
-        )
-        build_cache(
-            teacher,
-            rows,
-            cache_dir,
-            tokenizer=tokenizer,
-            top_k=top_k,
-            max_length=config.max_length,
-            completion_only_loss=config.completion_only_loss,
-            dtype=config.teacher_dtype,
-            quantization=config.teacher_quantization,
-            device=None if config.use_cpu else device_for_this_process(),
-            progress=not config.disable_tqdm,
-        )
-        gc.collect()  # the teacher is gone: give its memory back before the student loads
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return CachedTeacher(cache_dir, tokenizer=tokenizer)
-
-
 # ---- after training ---------------------------------------------------------------------------------------
-
-
-def train_student(start: Start, teacher: Any, train: Any, heldout: Any, tokenizer: Any) -> Trainer:
-    """Train the profile's student (full, LoRA or QLoRA) from ``teacher`` on ``train``, then save it.
-
-    Resumes from ``config.resume_from_checkpoint`` (a checkpoint folder) when set.
-    """
-    config, profile = start.config, start.profile
-    trainer = Trainer(
-        model=load_student(start.student, profile, config),
-        teacher=teacher,
-        args=config,
-        train_dataset=train,
-        eval_dataset=heldout,
-        processing_class=tokenizer,
-        peft_config=lora_config(profile),
-    )
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
-    return trainer
 
 
 def evaluate_and_report(
@@ -493,8 +405,3 @@ def evaluate_and_report(
         shown = {k: v for k, v in metrics.get("heldout", metrics["trainer_eval"]).items() if "runtime" not in k}
         log(f"held-out metrics (all in {path}): {json.dumps(shown, default=float)}")
     return metrics
-
-
-def teacher_model_of(trainer: Trainer) -> torch.nn.Module | None:
-    """The teacher's model when it runs in this process (``None`` for a cached teacher)."""
-    return getattr(trainer.teacher, "model", None)
