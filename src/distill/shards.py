@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -39,6 +40,7 @@ from distill.checks import InputError, check_writable_folder
 __all__ = ["TEMP_SUFFIX", "Ranks", "RankFailedError", "ShardFolder", "file_sha256", "json_bytes", "write_atomically"]
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 TEMP_SUFFIX = ".distill-partial"
 MANIFEST_NAME = "manifest.json"
 # Ranks that finish their shards wait for the slowest one in a collective: far longer than torch's default
@@ -175,14 +177,19 @@ class Ranks:
         reports: list[Any] = [None] * self.world
         mine = None if error is None else f"{type(error).__name__}: {error}"
         dist.all_gather_object(reports, mine, group=self.group)
+        failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+        if not failed:
+            return
+        message = (
+            "; ".join(f"rank {rank} of {self.world} failed: {report}" for rank, report in failed)
+            + ". The shards finished so far stay; run the same command again to resume."
+        )
+        # Every rank logs before any rank exits: a launcher stops the others as soon as one process ends.
+        _log.error("%s: stopping. %s", self.describe(), message)
+        dist.barrier(group=self.group)
         if error is not None:
             raise error
-        failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
-        if failed:
-            raise RankFailedError(
-                "; ".join(f"rank {rank} of {self.world} failed: {report}" for rank, report in failed)
-                + ". The shards finished so far stay; run the same command again to resume."
-            )
+        raise RankFailedError(message)
 
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
