@@ -37,7 +37,16 @@ from typing import Any, TypeVar
 
 from distill.checks import InputError, check_writable_folder
 
-__all__ = ["TEMP_SUFFIX", "Ranks", "RankFailedError", "ShardFolder", "file_sha256", "json_bytes", "write_atomically"]
+__all__ = [
+    "TEMP_SUFFIX",
+    "RankFailedError",
+    "Ranks",
+    "ShardFolder",
+    "file_sha256",
+    "json_bytes",
+    "rank_device",
+    "write_atomically",
+]
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
@@ -201,6 +210,16 @@ class Ranks:
         yield
         if self.world > 1 and self.main:
             dist.barrier(group=self.group)
+
+
+def rank_device() -> Any:
+    """This rank's device (``cuda:LOCAL_RANK`` or the CPU, as accelerate picks it) in a job launched with
+    several processes; ``None`` in a single process (the caller's default stands)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState().device
 
 
 def _picklable(error: Exception) -> Exception:

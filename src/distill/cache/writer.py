@@ -42,7 +42,7 @@ from distill.data import prepare_dataset
 from distill.losses import SparseTargets
 from distill.models import is_quantized, load_causal_lm, resolve_dtype
 from distill.models.loading import check_model_source, load_tokenizer
-from distill.shards import Ranks, ShardFolder
+from distill.shards import Ranks, ShardFolder, rank_device
 from distill.teachers.cached import sampled_from_hidden, topk_from_hidden
 from distill.teachers.model import ModelTeacher
 from distill.teachers.server import ServerTeacher
@@ -375,9 +375,7 @@ def build_cache(
     # Rank 0 checks and every rank raises its error: the ranks never disagree about the folder.
     ranks.on_main(lambda: _check_early_settings(folder.path, folder.check(read_manifest), early))
     if device is None and ranks.world > 1 and not isinstance(teacher, (ServerTeacher, ModelTeacher)):
-        from accelerate import PartialState
-
-        device = PartialState().device  # this rank's GPU (cuda:LOCAL_RANK), or the CPU
+        device = rank_device()  # this rank's GPU (cuda:LOCAL_RANK), or the CPU
     model_teacher, tokenizer, teacher_record = _resolve_teacher(
         teacher, tokenizer, dtype, quantization, device, teacher_name
     )
