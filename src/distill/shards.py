@@ -140,9 +140,7 @@ class Ranks:
             PartialState()  # the process group as the launcher describes it (nccl on GPUs, gloo on CPUs)
         if dist.get_world_size() == 1:
             return cls()
-        # Objects travel over a gloo group of our own: no GPU copies, and a timeout that outlasts a long shard.
-        group = dist.new_group(backend="gloo", timeout=WAIT_FOR_RANKS)
-        return cls(dist.get_rank(), dist.get_world_size(), group)
+        return cls(dist.get_rank(), dist.get_world_size(), _gloo_group())
 
     @property
     def main(self) -> bool:
@@ -210,6 +208,22 @@ class Ranks:
         yield
         if self.world > 1 and self.main:
             dist.barrier(group=self.group)
+
+
+_groups: dict[Any, Any] = {}
+
+
+def _gloo_group() -> Any:
+    """A gloo group over every rank, made once per default process group (``new_group`` is collective).
+
+    Objects travel over a group of our own: no GPU copies, and a timeout that outlasts a long shard.
+    """
+    import torch.distributed as dist
+
+    default = dist.group.WORLD
+    if default not in _groups:
+        _groups[default] = dist.new_group(backend="gloo", timeout=WAIT_FOR_RANKS)
+    return _groups[default]
 
 
 def rank_device() -> Any:
