@@ -44,6 +44,7 @@ __all__ = [
     "ShardFolder",
     "file_sha256",
     "json_bytes",
+    "progress_bar",
     "rank_device",
     "write_atomically",
 ]
@@ -208,6 +209,30 @@ class Ranks:
         yield
         if self.world > 1 and self.main:
             dist.barrier(group=self.group)
+
+
+def progress_bar(ranks: Ranks, total: int, mine: int, desc: str, enabled: bool = True, **options: Any) -> Any:
+    """A tqdm bar of this run's work (only rank 0 shows one), so its rate and ETA are this run's.
+
+    Args:
+        ranks: the processes sharing the build.
+        total: the whole job's work (tokens, completions).
+        mine: the part this rank computes now. Alone, the bar spans ``total`` and starts at what earlier
+            runs finished; among several ranks it spans rank 0's own share.
+        desc: the bar's label (the rank is added when there are several).
+        enabled: show it at all.
+        **options: passed to ``tqdm`` (``unit``, ``unit_scale``).
+    """
+    from tqdm.auto import tqdm
+
+    alone = ranks.world == 1
+    return tqdm(
+        total=total if alone else mine,
+        initial=total - mine if alone else 0,
+        desc=desc if alone else f"{desc} ({ranks.describe()}, its shards)",
+        disable=not enabled or not ranks.main,
+        **options,
+    )
 
 
 _groups: dict[Any, Any] = {}

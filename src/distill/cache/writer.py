@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from distill.cache.encoding import ENCODINGS, Encoding
 from distill.cache.reader import (
@@ -42,7 +41,7 @@ from distill.data import prepare_dataset
 from distill.losses import SparseTargets
 from distill.models import is_quantized, load_causal_lm, resolve_dtype
 from distill.models.loading import check_model_source, load_tokenizer
-from distill.shards import Ranks, ShardFolder, rank_device
+from distill.shards import Ranks, ShardFolder, progress_bar, rank_device
 from distill.teachers.cached import sampled_from_hidden, topk_from_hidden
 from distill.teachers.model import ModelTeacher
 from distill.teachers.server import ServerTeacher
@@ -387,20 +386,13 @@ def build_cache(
     all_spans = [loss_spans(labels) for labels in rows["labels"]]
     code = Encoding(encoding, top_k, model_teacher.vocab_rows, sampled=targets == "sampled")
     config = {
+        **{key: early[key] for key in _EARLY_SETTINGS},  # k, targets, seed, max_length, ...
         "teacher": teacher_record,
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "size": len(tokenizer)},
-        "k": top_k,
-        "targets": targets,
-        "seed": seed if targets == "sampled" else None,
         "encoding": code.describe(),
         "vocab_size": vocab_size,
-        "max_length": max_length,
-        "completion_only_loss": completion_only_loss,
         "dataset": _dataset_record(dataset, rows, all_spans),
-        "rows_per_shard": rows_per_shard,
         "row_group_rows": ROW_GROUP_ROWS,
-        "batch_tokens": batch_tokens,
-        "compression": compression,
     }
     num_shards = -(-len(rows) // rows_per_shard)
     start = {"format": FORMAT, "version": FORMAT_VERSION, "complete": False, "num_shards": num_shards,
@@ -415,16 +407,10 @@ def build_cache(
         return sum(len(spans_to_positions(s)) for s in all_spans[shard_rows(shard)])
 
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    mine_tokens = sum(shard_tokens(shard) for shard in mine)
-    alone = ranks.world == 1  # else rank 0's bar counts its own shards only
-    bar = tqdm(
-        total=config["dataset"]["num_loss_tokens"] if alone else mine_tokens,
-        initial=config["dataset"]["num_loss_tokens"] - mine_tokens if alone else 0,
-        unit="tok",
-        unit_scale=True,
-        desc="Caching teacher top-k" + ("" if alone else f" ({ranks.describe()}, its shards)"),
-        disable=not progress or not ranks.main,
-    )
+    bar = progress_bar(
+        ranks, config["dataset"]["num_loss_tokens"], sum(shard_tokens(shard) for shard in mine),
+        "Caching teacher top-k", progress, unit="tok", unit_scale=True,
+    )  # fmt: skip
     failure = None
     try:
         with bar:
@@ -445,17 +431,21 @@ def build_cache(
         failure = error
     ranks.agree(failure)
 
-    def manifest(shards: list[dict[str, Any]]) -> dict[str, Any]:
-        total_bytes = sum(shard["bytes"] for shard in shards)
-        total_tokens = sum(shard["tokens"] for shard in shards)
-        totals = {
-            "rows": len(rows),
-            "tokens": total_tokens,
-            "file_bytes": total_bytes,
-            "file_bytes_per_token": round(total_bytes / max(total_tokens, 1), 3),
-            "encoded_bytes_per_token": code.bytes_per_token,
-            "truncated_rows": report.num_truncated,
-        }
-        return _with_checksums({**start, "complete": True, "shards": shards, "totals": totals})
+    return folder.finish(
+        ranks, num_shards, lambda shards: _finished_manifest(start, shards, code, report.num_truncated)
+    )
 
-    return folder.finish(ranks, num_shards, manifest)
+
+def _finished_manifest(start: dict[str, Any], shards: list[dict[str, Any]], code: Encoding, truncated: int) -> dict:
+    """The complete manifest: the start record with every shard's record (in shard order) and the totals."""
+    total_bytes = sum(shard["bytes"] for shard in shards)
+    total_tokens = sum(shard["tokens"] for shard in shards)
+    totals = {
+        "rows": start["config"]["dataset"]["num_rows"],
+        "tokens": total_tokens,
+        "file_bytes": total_bytes,
+        "file_bytes_per_token": round(total_bytes / max(total_tokens, 1), 3),
+        "encoded_bytes_per_token": code.bytes_per_token,
+        "truncated_rows": truncated,
+    }
+    return _with_checksums({**start, "complete": True, "shards": shards, "totals": totals})

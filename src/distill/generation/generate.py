@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from distill.checks import InputError, check_float, check_int
 from distill.generation.sampling import sample_batch, sequence_seed
 from distill.models import eos_token_ids
-from distill.shards import Ranks, ShardFolder, file_sha256
+from distill.shards import Ranks, ShardFolder, file_sha256, progress_bar
 from distill.teachers.server import ServerTeacher
 
 __all__ = ["RowFilter", "check_generation_folder", "generate_dataset", "load_generated", "read_manifest"]
@@ -350,15 +349,8 @@ def generate_dataset(
     was_training = not server and teacher.training
     if not server:
         teacher.eval()
-    alone = ranks.world == 1  # else rank 0's bar counts its own shards only
     mine_total = sum(completions(shard) for shard in mine)
-    bar = tqdm(
-        total=len(rows) * num_completions if alone else mine_total,
-        initial=len(rows) * num_completions - mine_total if alone else 0,  # so the rate and ETA are this run's
-        desc="Generating" + ("" if alone else f" ({ranks.describe()}, its shards)"),
-        unit="completion",
-        disable=not progress or not ranks.main,
-    )
+    bar = progress_bar(ranks, len(rows) * num_completions, mine_total, "Generating", progress, unit="completion")
     failure = None
     try:
         with bar:
