@@ -184,9 +184,8 @@ def _ready_pids(process: subprocess.Popen, processes: int) -> dict[int, int]:
     while len(pids) < processes:
         line = process.stdout.readline()
         assert line, "the launch ended before every rank was ready"
-        if line.startswith("ready"):
-            fields = dict(field.split("=") for field in line.split()[1:])
-            pids[int(fields["rank"])] = int(fields["pid"])
+        for rank, pid in re.findall(r"ready rank=(\d+) pid=(\d+)", line):  # lines of two ranks may run together
+            pids[int(rank)] = int(pid)
     return pids
 
 
