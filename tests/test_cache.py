@@ -239,6 +239,9 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(tmp_path: Path, 
         if (out / "manifest.json").exists():  # whatever was written so far lists only whole shards
             for shard in json.loads((out / "manifest.json").read_text())["shards"]:
                 assert (out / shard["file"]).stat().st_size == shard["bytes"]
+        for record in out.glob("shard-*.json"):  # so does every shard's record (the unfinished manifest lists none)
+            shard = json.loads(record.read_text())
+            assert (out / shard["file"]).stat().st_size == shard["bytes"]
         for shard in out.glob("shard-*.parquet"):  # listed or not yet, every shard under its final name is whole
             assert len(_keys(shard)) == script.ROWS_PER_SHARD
     assert alive_at_kill >= 1, "every kill came after the build had finished: nothing was tested"

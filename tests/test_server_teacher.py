@@ -263,8 +263,9 @@ def test_a_killed_server_fails_clearly_and_cache_and_generation_resume(
     assert len(failure) == 1 and isinstance(failure[0], ServerError), failure
     assert f"{url}/v1/completions did not answer after 3 attempts" in str(failure[0])
     manifest = json.loads((out / "manifest.json").read_text())
-    assert not manifest["complete"] and 2 <= len(manifest["shards"]) < 16
-    written = {shard["file"]: shard["sha256"] for shard in manifest["shards"]}
+    records = [json.loads(path.read_text()) for path in out.glob("shard-*.json")]  # the shards written whole
+    assert not manifest["complete"] and 2 <= len(records) < 16
+    written = {shard["file"]: shard["sha256"] for shard in records}
 
     # Generation while it is down fails the same way and leaves nothing but its settings.
     prompts = [{"prompt": row["text"][:80]} for row in _code_rows(3)]
@@ -437,3 +438,24 @@ def test_cross_tokenizer_student_trains_from_the_server(server: str, smollm2: tu
         runs[name] = logged(trainer, "loss")
         assert all(torch.isfinite(torch.tensor(runs[name])))
     torch.testing.assert_close(runs["server"][0], runs["local"][0], atol=2e-3, rtol=0)
+
+
+def test_cache_across_two_ranks_from_the_server(server_cache: Path, vllm: LocalVllmServer, tmp_path: Path) -> None:
+    """`accelerate launch --num_processes 2 -m distill.cli cache --server ...`: each rank sends its own shards'
+    requests, rank 0 writes the manifest, and the cache is the one-process CLI build's."""
+    out = tmp_path / "two"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(REPO / "src"))
+    # --multi_gpu picks the torchrun launcher; without CUDA every process falls back to the CPU and gloo.
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(_free_port()), "-m", "distill.cli",
+               "cache", "--server", _running(vllm), "--served-model", "teacher", "--tokenizer", str(SMOLLM2_DIR),
+               "--dataset", str(server_cache.parent / "rows.jsonl"), "--out", str(out), "--top-k", "16",
+               "--encoding", "fp16", "--max-length", "128", "--rows-per-shard", "4", "--no-progress"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in server_cache.iterdir())
+    got, want = (json.loads((folder / "manifest.json").read_text()) for folder in (out, server_cache))
+    assert got["complete"] and got["config"] == want["config"]
+    assert [shard["rows"] for shard in got["shards"]] == [4, 4, 4, 4]
+    _assert_caches_agree(out, server_cache)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -23,14 +24,19 @@ from distill.testing import arithmetic_rows, tiny_teacher_student, train_tiny_to
 ROWS, ROWS_PER_SHARD, TOP_K = 48, 6, 8
 
 
-def build(out_dir: str, delay: float = 0.0, announce: bool = False) -> dict:
-    """Build the cache into ``out_dir`` (resuming whatever is there); return the manifest."""
+def build(out_dir: str, delay: float = 0.0, announce: bool = False, prepare: Callable | None = None) -> dict:
+    """Build the cache into ``out_dir`` (resuming whatever is there); return the manifest.
+
+    ``prepare(teacher)`` runs once the teacher is built (e.g. to hook its forward).
+    """
     # One thread: the same float results in this process and in the test process that compares them.
     torch.set_num_threads(1)
     tokenizer = train_tiny_tokenizer()
     teacher, _ = tiny_teacher_student(vocab_size=len(tokenizer))
     if delay:
         teacher.register_forward_pre_hook(lambda *args: time.sleep(delay))
+    if prepare is not None:
+        prepare(teacher)
     if announce:
         print("ready", flush=True)
     return build_cache(

@@ -7,11 +7,43 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from distill.generation import generate_dataset
 from distill.testing import arithmetic_rows, tiny_teacher_student, train_tiny_tokenizer
+
+
+def tiny_generation() -> tuple[Any, Any]:
+    """The tiny teacher and tokenizer every run of this script uses (the same weights in every process)."""
+    torch.set_num_threads(1)  # the same kernels in every run, and no contention on a shared CPU
+    tokenizer = train_tiny_tokenizer()
+    teacher, _ = tiny_teacher_student(vocab_size=len(tokenizer))
+    return teacher, tokenizer
+
+
+def generate(
+    teacher: Any, tokenizer: Any, out_dir: str, prompts: int = 48, prompts_per_shard: int = 4, max_new_tokens: int = 24
+) -> Path:
+    """Generate 2 completions for each of ``prompts`` arithmetic prompts into ``out_dir`` (resuming it)."""
+    rows = [{"prompt": row["prompt"]} for row in arithmetic_rows(prompts, layout="prompt_completion")]
+    return generate_dataset(
+        teacher,
+        tokenizer,
+        rows,
+        out_dir,
+        num_completions=2,
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        top_p=0.95,
+        seed=1234,
+        batch_size=4,
+        prompts_per_shard=prompts_per_shard,
+        teacher_name="tiny-teacher",
+        progress=False,
+    )
 
 
 def main() -> None:
@@ -22,25 +54,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     args = parser.parse_args()
 
-    torch.set_num_threads(1)  # the same kernels in every run, and no contention on a shared CPU
-    tokenizer = train_tiny_tokenizer()
-    teacher, _ = tiny_teacher_student(vocab_size=len(tokenizer))
-    prompts = [{"prompt": row["prompt"]} for row in arithmetic_rows(args.prompts, layout="prompt_completion")]
+    teacher, tokenizer = tiny_generation()
     print("ready", flush=True)
-    generate_dataset(
-        teacher,
-        tokenizer,
-        prompts,
-        args.out_dir,
-        num_completions=2,
-        max_new_tokens=args.max_new_tokens,
-        temperature=1.0,
-        top_p=0.95,
-        seed=1234,
-        batch_size=4,
-        prompts_per_shard=args.prompts_per_shard,
-        teacher_name="tiny-teacher",
-    )
+    generate(teacher, tokenizer, args.out_dir, args.prompts, args.prompts_per_shard, args.max_new_tokens)
     print("done", flush=True)
     sys.exit(0)
 

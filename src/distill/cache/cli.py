@@ -44,7 +44,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--batch-tokens", type=arg_int(1), default=16384, help="padded tokens per teacher forward")
     parser.add_argument("--dtype", type=arg_dtype, default="auto", help="--teacher's dtype: auto, bf16, fp16, fp32")
     parser.add_argument("--quantization", choices=("none", "4bit", "8bit"), default="none", help="for --teacher")
-    parser.add_argument("--device", default=None, help="for --teacher, e.g. cuda:0 (default: CPU, or the loader's)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="for --teacher, e.g. cuda:0 (default: CPU; under accelerate launch / torchrun, each rank's own)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.set_defaults(func=run)
     return parser

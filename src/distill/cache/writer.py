@@ -1,24 +1,18 @@
 """Building a top-k cache: run a teacher once over a dataset, store its targets (format: ``docs/offline.md``).
 
-Crash safety: shard ``s`` always holds rows ``[s * rows_per_shard, (s + 1) * rows_per_shard)`` of the
-prepared dataset, whatever happened before, so a restarted build recomputes exactly the missing
-shards. Every file (shard or manifest) is written under a temporary name, fsynced, then renamed
-over its final name with ``os.replace`` (atomic on POSIX), and the folder is fsynced: at any
-instant, even after SIGKILL or a power cut, each shard is either absent or whole, and the manifest
-lists only whole shards with their sha256. Nothing in the files depends on time or on how often
-the build was interrupted, so a resumed cache is byte-identical to an uninterrupted one.
-
-Nothing else is touched: the temporary files carry a suffix of their own (``.distill-partial``) and only
-those of this cache's own file names are removed, and a folder holding anything but a cache (or an
-unfinished one, to resume) is refused before any model is loaded.
+The folder is a :class:`distill.shards.ShardFolder` (crash safety, resumption, several processes): shard
+``s`` always holds rows ``[s * rows_per_shard, (s + 1) * rows_per_shard)`` of the prepared dataset and
+its bytes depend on nothing else, so a restarted build, with any number of processes, recomputes exactly
+the missing shards and the finished cache is byte-identical to an uninterrupted one-process build. Under
+``accelerate launch`` / ``torchrun`` every rank computes its share of the shards; rank 0 writes the
+manifest. A folder holding anything but a cache (or an unfinished one, to resume) is refused before any
+model is loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from distill.checks import InputError, check_int, check_writable_folder
+from distill.checks import InputError, check_int
 from distill.data import prepare_dataset
 from distill.formats.encoding import ENCODINGS, Encoding
 from distill.formats.reader import (
@@ -38,7 +31,6 @@ from distill.formats.reader import (
     MANIFEST_NAME,
     CacheMismatchError,
     config_checksums,
-    file_sha256,
     loss_spans,
     read_manifest,
     row_key,
@@ -49,18 +41,13 @@ from distill.formats.sampling import row_generator
 from distill.losses import SparseTargets
 from distill.models import is_quantized, load_causal_lm, resolve_dtype
 from distill.models.loading import check_model_source, load_tokenizer
+from distill.shards import Ranks, ShardFolder, progress_bar, rank_device
 from distill.teachers.cached import sampled_from_hidden, topk_from_hidden
 from distill.teachers.model import ModelTeacher
 from distill.teachers.server import ServerTeacher
 
 __all__ = ["SHARD_SCHEMA", "build_cache", "check_cache_folder"]
 
-TEMP_SUFFIX = ".distill-partial"
-# The only names a cache folder holds: the manifest, the shards, and their temporary files (this
-# version's suffix, and the ".tmp" of earlier versions, removed when a build resumes).
-_FINAL_NAME = r"(manifest\.json|shard-\d{5}\.parquet)"
-_TEMP_FILE = re.compile(_FINAL_NAME + r"(\.distill-partial|\.tmp)")
-_CACHE_FILE = re.compile(_FINAL_NAME + r"(\.distill-partial|\.tmp)?")
 # Settings compared with an existing manifest before the teacher is loaded (the rest need the teacher and data).
 _EARLY_SETTINGS = ("k", "targets", "seed", "max_length", "completion_only_loss", "rows_per_shard", "batch_tokens",
                    "compression")  # fmt: skip
@@ -78,31 +65,13 @@ SHARD_SCHEMA = pa.schema(
 )
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _cache_folder(out_dir: str | os.PathLike, name: str = "out_dir") -> ShardFolder:
+    return ShardFolder(out_dir, what="top-k cache", settings_file=MANIFEST_NAME, name=name)
 
 
-def _replace_atomically(temp: Path, final: Path) -> None:
-    with open(temp, "rb+") as file:
-        os.fsync(file.fileno())
-    os.replace(temp, final)
-    _fsync_dir(final.parent)
-
-
-def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+def _with_checksums(manifest: dict[str, Any]) -> dict[str, Any]:
     # Per-field checksums of the settings: a reader names any field edited by hand (k, vocab_rows, ...).
-    manifest["config_checksums"] = config_checksums(manifest["config"])
-    temp = folder / (MANIFEST_NAME + TEMP_SUFFIX)
-    temp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    _replace_atomically(temp, folder / MANIFEST_NAME)
+    return {**manifest, "config_checksums": config_checksums(manifest["config"])}
 
 
 def _resolve_teacher(
@@ -246,23 +215,7 @@ def check_cache_folder(out_dir: str | os.PathLike, name: str = "out_dir") -> dic
         InputError: the folder cannot be written, or holds other files (listed; nothing is deleted).
         CacheError: its ``manifest.json`` is not a cache manifest (not JSON, another format).
     """
-    folder = check_writable_folder(out_dir, name)
-    manifest = read_manifest(folder)
-    foreign = sorted(
-        entry.name + ("/" if entry.is_dir() else "")
-        for entry in folder.iterdir()
-        if entry.is_dir()
-        or not _CACHE_FILE.fullmatch(entry.name)
-        # Without a manifest only temporary files can be ours: a build writes the manifest before any shard.
-        or (manifest is None and not _TEMP_FILE.fullmatch(entry.name))
-    )
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise InputError(
-            f"{name} {os.fspath(out_dir)!r} is not empty and is not a top-k cache: it holds {shown}. Nothing was "
-            "written or deleted. Give an empty or new folder, or the folder of a cache to resume."
-        )
-    return manifest
+    return _cache_folder(out_dir, name).check(read_manifest)
 
 
 def _check_early_settings(folder: Path, manifest: dict[str, Any] | None, settings: dict[str, Any]) -> None:
@@ -282,24 +235,61 @@ def _check_early_settings(folder: Path, manifest: dict[str, Any] | None, setting
         )
 
 
-def _completed_shards(folder: Path, manifest: dict[str, Any] | None, config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The shards a previous (interrupted) build of the same cache finished, checked against their sha256."""
-    if manifest is None:
-        return []
-    if manifest["config"] != config:
+def _check_same_config(folder: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest already in ``folder`` (``None`` if none), refused unless it was built with ``config``."""
+    manifest = read_manifest(folder)
+    if manifest is not None and manifest["config"] != config:
         differing = sorted(key for key in config.keys() | manifest["config"].keys()
                            if config.get(key) != manifest["config"].get(key))  # fmt: skip
         raise CacheMismatchError(
             f"{folder} already holds a cache built with other settings (differing: {', '.join(differing)}). "
             "Write to another folder, or delete this one to rebuild."
         )
-    done = []
-    for shard in manifest["shards"]:
-        path = folder / shard["file"]
-        if not path.exists() or path.stat().st_size != shard["bytes"] or file_sha256(path) != shard["sha256"]:
-            break  # recompute from here: shards are deterministic, so the result is the same
-        done.append(shard)
-    return done
+    return manifest
+
+
+def _check_arguments(
+    teacher: Any, targets: str, encoding: str, compression: str, dtype: Any, **numbers: Any
+) -> dict[str, Any]:
+    """Refuse bad arguments before a teacher is loaded or anything is written; return the numbers as ints."""
+    if targets not in ("top_k", "sampled"):
+        raise InputError(f"targets must be 'top_k' or 'sampled'; got {targets!r}.")
+    if encoding not in ENCODINGS:
+        raise InputError(f"encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}.")
+    minimums = {"top_k": 1, "max_length": 2, "rows_per_shard": 1, "batch_tokens": 1, "seed": None, "vocab_size": 1}
+    numbers = {
+        key: value if value is None and key == "vocab_size" else check_int(value, key, minimum=minimums[key])
+        for key, value in numbers.items()
+    }
+    if compression != "none" and not _codec_available(compression):
+        raise InputError(f"compression={compression!r} is not a parquet codec here; use 'zstd', 'snappy' or 'none'.")
+    if isinstance(teacher, (str, os.PathLike)):
+        resolve_dtype(dtype)  # an unknown name fails here, not after the teacher's tokenizer loads
+        check_model_source(teacher, "teacher")
+    if isinstance(teacher, ServerTeacher):
+        if targets == "sampled":
+            raise ValueError(
+                "Sampled targets need the teacher's full distribution, and a server returns only its top-k "
+                "log-probs: cache from a ServerTeacher with targets='top_k', or from the model in-process."
+            )
+        if teacher.top_k != numbers["top_k"]:
+            raise ValueError(
+                f"top_k={numbers['top_k']} but the ServerTeacher asks for {teacher.top_k}: make them equal."
+            )
+    return numbers
+
+
+def _dataset_record(dataset: Any, rows: Any, all_spans: list[list[int]]) -> dict[str, Any]:
+    """The manifest's ``config.dataset``: counts and a sha256 over every row's key and loss spans."""
+    content = hashlib.sha256()
+    for ids, spans in zip(rows["input_ids"], all_spans, strict=True):
+        content.update(row_key(ids).encode() + np.asarray(spans, dtype="<i8").tobytes() + b";")
+    return {
+        "num_rows": len(rows),
+        "num_loss_tokens": int(sum(len(spans_to_positions(s)) for s in all_spans)),
+        "rows_sha256": content.hexdigest(),
+        "source_fingerprint": getattr(dataset, "_fingerprint", None),
+    }
 
 
 def build_cache(
@@ -323,6 +313,7 @@ def build_cache(
     teacher_name: str | None = None,
     compression: str = "zstd",
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> dict[str, Any]:
     """Run a teacher over a dataset once and store its top-k targets at every loss token.
 
@@ -353,124 +344,108 @@ def build_cache(
         dtype, quantization, device: how to load a teacher given as a path.
         teacher_name: recorded in the manifest (default: the path or the model's ``name_or_path``).
         compression: parquet compression (``"zstd"``, ``"none"``, ...).
-        progress: show a tqdm bar (tokens/s, ETA).
+        progress: show a tqdm bar (tokens/s, ETA; rank 0's shards only when several processes build).
+        distributed: ``None`` (default): when launched by ``accelerate launch`` / ``torchrun`` (or with
+            ``torch.distributed`` initialized), every rank builds its share of the shards (its own device:
+            ``device`` defaults to accelerate's for the rank), rank 0 writes the manifest, and every rank
+            returns it; the cache is byte-identical to a one-process build. ``False``: this process builds
+            alone (e.g. when called on one rank of a training job).
 
     Returns:
         The final manifest (also written to ``out_dir/manifest.json``).
 
     Raises:
         CacheMismatchError: ``out_dir`` holds a cache built with other settings.
+        distill.shards.RankFailedError: another rank failed (every rank raises; the finished shards stay).
     """
     # Every argument is checked, and the folder too, before a teacher is loaded or anything is written.
-    if targets not in ("top_k", "sampled"):
-        raise InputError(f"targets must be 'top_k' or 'sampled'; got {targets!r}.")
-    if encoding not in ENCODINGS:
-        raise InputError(f"encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}.")
-    top_k = check_int(top_k, "top_k")
-    max_length = check_int(max_length, "max_length", minimum=2)
-    rows_per_shard = check_int(rows_per_shard, "rows_per_shard")
-    batch_tokens = check_int(batch_tokens, "batch_tokens")
-    seed = check_int(seed, "seed", minimum=None)
-    if vocab_size is not None:
-        vocab_size = check_int(vocab_size, "vocab_size")
-    if compression != "none" and not _codec_available(compression):
-        raise InputError(f"compression={compression!r} is not a parquet codec here; use 'zstd', 'snappy' or 'none'.")
-    if isinstance(teacher, (str, os.PathLike)):
-        resolve_dtype(dtype)  # an unknown name fails here, not after the teacher's tokenizer loads
-        check_model_source(teacher, "teacher")
-    folder = Path(out_dir)
-    existing = check_cache_folder(folder)
+    numbers = _check_arguments(
+        teacher, targets, encoding, compression, dtype, top_k=top_k, max_length=max_length,
+        rows_per_shard=rows_per_shard, batch_tokens=batch_tokens, seed=seed, vocab_size=vocab_size,
+    )  # fmt: skip
+    top_k, max_length, rows_per_shard, batch_tokens, seed, vocab_size = (
+        numbers[key] for key in ("top_k", "max_length", "rows_per_shard", "batch_tokens", "seed", "vocab_size")
+    )
+    ranks = Ranks.join(distributed)
+    folder = _cache_folder(out_dir)
     early = {"k": top_k, "targets": targets, "seed": seed if targets == "sampled" else None, "max_length": max_length,
              "completion_only_loss": completion_only_loss, "rows_per_shard": rows_per_shard,
              "batch_tokens": batch_tokens, "compression": compression, "encoding": encoding}  # fmt: skip
-    _check_early_settings(folder, existing, early)
-    if isinstance(teacher, ServerTeacher):
-        if targets == "sampled":
-            raise ValueError(
-                "Sampled targets need the teacher's full distribution, and a server returns only its top-k "
-                "log-probs: cache from a ServerTeacher with targets='top_k', or from the model in-process."
-            )
-        if teacher.top_k != top_k:
-            raise ValueError(f"top_k={top_k} but the ServerTeacher asks for {teacher.top_k}: make them equal.")
+    # Rank 0 checks and every rank raises its error: the ranks never disagree about the folder.
+    ranks.on_main(lambda: _check_early_settings(folder.path, folder.check(read_manifest), early))
+    if device is None and ranks.world > 1 and not isinstance(teacher, (ServerTeacher, ModelTeacher)):
+        device = rank_device()  # this rank's GPU (cuda:LOCAL_RANK), or the CPU
     model_teacher, tokenizer, teacher_record = _resolve_teacher(
         teacher, tokenizer, dtype, quantization, device, teacher_name
     )
     vocab_size = vocab_size or min(len(tokenizer), model_teacher.vocab_rows)
-    rows, report = prepare_dataset(
-        dataset, tokenizer, max_length=max_length, completion_only_loss=completion_only_loss
-    )
+    with ranks.main_first():  # rank 0 fills the datasets cache of a dataset on disk; the others reuse it
+        rows, report = prepare_dataset(
+            dataset, tokenizer, max_length=max_length, completion_only_loss=completion_only_loss
+        )
     all_spans = [loss_spans(labels) for labels in rows["labels"]]
-    content = hashlib.sha256()
-    for ids, spans in zip(rows["input_ids"], all_spans, strict=True):
-        content.update(row_key(ids).encode() + np.asarray(spans, dtype="<i8").tobytes() + b";")
-
     code = Encoding(encoding, top_k, model_teacher.vocab_rows, sampled=targets == "sampled")
     config = {
+        **{key: early[key] for key in _EARLY_SETTINGS},  # k, targets, seed, max_length, ...
         "teacher": teacher_record,
         "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "size": len(tokenizer)},
-        "k": top_k,
-        "targets": targets,
-        "seed": seed if targets == "sampled" else None,
         "encoding": code.describe(),
         "vocab_size": vocab_size,
-        "max_length": max_length,
-        "completion_only_loss": completion_only_loss,
-        "dataset": {
-            "num_rows": len(rows),
-            "num_loss_tokens": int(sum(len(spans_to_positions(s)) for s in all_spans)),
-            "rows_sha256": content.hexdigest(),
-            "source_fingerprint": getattr(dataset, "_fingerprint", None),
-        },
-        "rows_per_shard": rows_per_shard,
+        "dataset": _dataset_record(dataset, rows, all_spans),
         "row_group_rows": ROW_GROUP_ROWS,
-        "batch_tokens": batch_tokens,
-        "compression": compression,
     }
-    for leftover in folder.iterdir():  # this cache's own temporary files, from a build killed mid-write
-        if _TEMP_FILE.fullmatch(leftover.name):
-            leftover.unlink()
     num_shards = -(-len(rows) // rows_per_shard)
-    shards = _completed_shards(folder, read_manifest(folder), config)
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "complete": False, "num_shards": num_shards,
-                "config": config, "shards": shards}  # fmt: skip
-    _write_manifest(folder, manifest)
+    start = {"format": FORMAT, "version": FORMAT_VERSION, "complete": False, "num_shards": num_shards,
+             "config": config, "shards": []}  # fmt: skip
+    existing = ranks.on_main(lambda: _check_same_config(folder.path, config))
+    mine = folder.begin(ranks, num_shards, _with_checksums(start) if existing is None else None)
+
+    def shard_rows(shard: int) -> slice:
+        return slice(shard * rows_per_shard, min((shard + 1) * rows_per_shard, len(rows)))
+
+    def shard_tokens(shard: int) -> int:
+        return sum(len(spans_to_positions(s)) for s in all_spans[shard_rows(shard)])
+
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bar = tqdm(
-        total=config["dataset"]["num_loss_tokens"],
-        initial=sum(shard["tokens"] for shard in shards),
-        unit="tok",
-        unit_scale=True,
-        desc="Caching teacher top-k",
-        disable=not progress,
+    bar = progress_bar(
+        ranks, config["dataset"]["num_loss_tokens"], sum(shard_tokens(shard) for shard in mine),
+        "Caching teacher top-k", progress, unit="tok", unit_scale=True,
+    )  # fmt: skip
+    failure = None
+    try:
+        with bar:
+            for shard in mine:
+                part = shard_rows(shard)
+                table = _shard_table(
+                    model_teacher, rows[part], all_spans[part], code, vocab_size, pad_token_id, batch_tokens,
+                    part.start, bar.update, seed,
+                )  # fmt: skip
+                folder.write_shard(
+                    shard,
+                    lambda temp, table=table: pq.write_table(
+                        table, temp, compression=compression, row_group_size=ROW_GROUP_ROWS
+                    ),
+                    {"first_row": part.start, "rows": part.stop - part.start, "tokens": shard_tokens(shard)},
+                )
+    except Exception as error:  # the other ranks learn of it, and every rank stops here
+        failure = error
+    ranks.agree(failure)
+
+    return folder.finish(
+        ranks, num_shards, lambda shards: _finished_manifest(start, shards, code, report.num_truncated)
     )
-    with bar:
-        for shard_number in range(len(shards), num_shards):
-            first = shard_number * rows_per_shard
-            last = min(first + rows_per_shard, len(rows))
-            table = _shard_table(
-                model_teacher, rows[first:last], all_spans[first:last], code, vocab_size, pad_token_id,
-                batch_tokens, first, bar.update, seed,
-            )  # fmt: skip
-            name = f"shard-{shard_number:05d}.parquet"
-            temp = folder / (name + TEMP_SUFFIX)
-            pq.write_table(table, temp, compression=compression, row_group_size=ROW_GROUP_ROWS)
-            _replace_atomically(temp, folder / name)
-            tokens = sum(len(spans_to_positions(s)) for s in all_spans[first:last])
-            shards.append(
-                {"file": name, "first_row": first, "rows": last - first, "tokens": tokens,
-                 "bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
-            )  # fmt: skip
-            _write_manifest(folder, manifest)
+
+
+def _finished_manifest(start: dict[str, Any], shards: list[dict[str, Any]], code: Encoding, truncated: int) -> dict:
+    """The complete manifest: the start record with every shard's record (in shard order) and the totals."""
     total_bytes = sum(shard["bytes"] for shard in shards)
     total_tokens = sum(shard["tokens"] for shard in shards)
-    manifest["complete"] = True
-    manifest["totals"] = {
-        "rows": len(rows),
+    totals = {
+        "rows": start["config"]["dataset"]["num_rows"],
         "tokens": total_tokens,
         "file_bytes": total_bytes,
         "file_bytes_per_token": round(total_bytes / max(total_tokens, 1), 3),
         "encoded_bytes_per_token": code.bytes_per_token,
-        "truncated_rows": report.num_truncated,
+        "truncated_rows": truncated,
     }
-    _write_manifest(folder, manifest)
-    return manifest
+    return _with_checksums({**start, "complete": True, "shards": shards, "totals": totals})

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from distill.checks import InputError
 from distill.formats.encoding import EncodedTokens, Encoding
+from distill.shards import file_sha256
 
 __all__ = [
     "FORMAT",
@@ -106,15 +107,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def file_sha256(path: Path | str) -> str:
-    """sha256 (hex) of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(value, dict):
         return {prefix: value}
@@ -180,8 +172,9 @@ class CacheReader:
             raise CacheError(f"No {MANIFEST_NAME} in {self.path}: not a top-k cache (build one with `distill cache`).")
         if not manifest.get("complete"):
             raise CacheError(
-                f"The cache in {self.path} is incomplete ({len(manifest['shards'])} of {manifest['num_shards']} "
-                "shards written): run the same `distill cache` / build_cache call again to finish it."
+                f"The cache in {self.path} is incomplete ({len(list(self.path.glob('shard-*.json')))} of "
+                f"{manifest['num_shards']} shards written): run the same `distill cache` / build_cache call again "
+                "to finish it."
             )
         self.manifest = manifest
         config = manifest["config"]

@@ -53,7 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="weak: run the tests even where the kernel lacks a sandbox layer (see `distill doctor`)",
     )
     parser.add_argument("--dtype", type=arg_dtype, default="auto", help="--teacher's dtype: auto, bf16, fp16, fp32")
-    parser.add_argument("--device", default="cpu", help="--teacher's device, e.g. cpu, cuda, cuda:1")
+    parser.add_argument(
+        "--device", default=None, help="--teacher's device, e.g. cpu, cuda, cuda:1 (default: CPU; under accelerate "
+        "launch / torchrun, each rank's own)",
+    )  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from distill.generation.filters import HumanEvalFilter
     from distill.generation.generate import check_generation_folder, generate_dataset
     from distill.models.loading import check_model_source, load_causal_lm, load_tokenizer
+    from distill.shards import rank_device
 
     # Arguments (numbers: while parsing), the device, the output folder and the model names are checked
     # before anything is loaded.
@@ -86,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     if args.server is not None:
         teacher = server_teacher(args, tokenizer)
     else:  # the same dtype names and loader as the other commands
-        teacher = load_causal_lm(args.teacher, dtype=args.dtype, device=args.device)
+        # Under a multi-process launch each rank generates its own shards on its own device.
+        teacher = load_causal_lm(args.teacher, dtype=args.dtype, device=args.device or rank_device())
     row_filter = (
         HumanEvalFilter(timeout_s=args.filter_timeout, isolation=args.filter_isolation)
         if args.filter == "humaneval"

@@ -1,17 +1,18 @@
 """Teacher-generated datasets for sequence-level KD: N completions per prompt, in resumable parquet shards.
 
-Layout of ``out_dir`` (see ``docs/generation.md``):
+Layout of ``out_dir`` (see ``docs/generation.md``), a :class:`distill.shards.ShardFolder`:
 
 - ``run.json``: the settings; a restart with other settings is refused.
 - ``shard-00000.parquet`` + ``shard-00000.json`` (row count, sha256, filter counts), one pair per
-  ``prompts_per_shard`` prompts. Each file is written to a temporary name, fsynced and renamed, the
-  json after the parquet, so a shard is complete exactly when its json exists.
+  ``prompts_per_shard`` prompts; a shard is complete exactly when its json exists.
 - ``manifest.json``: teacher, settings, counts, filter pass counts, every shard with its sha256.
 
-A restart regenerates only the shards without a json; sampling is seeded per (prompt, completion),
-and batches never cross a shard, so the output is byte-identical to an uninterrupted run's. Only
-this layout's own temporary files are removed, and a folder holding anything else is refused before
-any work (:func:`check_generation_folder`).
+A restart regenerates only the unfinished shards; sampling is seeded per (prompt, completion), and
+batches never cross a shard, so the output is byte-identical to an uninterrupted run's, whatever the
+number of processes: under ``accelerate launch`` / ``torchrun`` each rank generates its share of the
+shards (a server teacher: each rank sends its shards' requests) and rank 0 writes the manifest. Only
+this layout's own temporary files are removed, and a folder holding anything else is refused before any
+work (:func:`check_generation_folder`).
 """
 
 from __future__ import annotations
@@ -19,27 +20,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
-from distill.checks import InputError, check_float, check_int, check_writable_folder
+from distill.checks import InputError, check_float, check_int
 from distill.generation.sampling import sample_batch, sequence_seed
 from distill.models import eos_token_ids
+from distill.shards import Ranks, ShardFolder, file_sha256, progress_bar
 from distill.teachers.server import ServerTeacher
 
 __all__ = ["RowFilter", "check_generation_folder", "generate_dataset", "load_generated", "read_manifest"]
 
 FORMAT = "distill.generation/1"
-# The only names an output folder holds, and their temporary files (".NAME.tmp").
-_FINAL_NAME = r"(run\.json|manifest\.json|shard-\d{5}\.(parquet|json))"
-_OUTPUT_FILE = re.compile(_FINAL_NAME)
-_TEMP_FILE = re.compile(r"\." + _FINAL_NAME + r"\.tmp")
 
 
 class RowFilter(Protocol):
@@ -52,25 +48,6 @@ class RowFilter(Protocol):
 
 def _filter_name(filter: Callable[[dict[str, Any]], bool]) -> str:
     return getattr(filter, "name", None) or getattr(filter, "__name__", None) or type(filter).__name__
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` is either absent or complete, even after SIGKILL or power loss."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def _parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
@@ -211,6 +188,19 @@ def _read_json(path: Path) -> Any:
         ) from None
 
 
+def _generation_folder(out_dir: str | os.PathLike[str], name: str = "out_dir") -> ShardFolder:
+    return ShardFolder(out_dir, what="`distill generate` output", settings_file="run.json", name=name)
+
+
+def _read_run(folder: Path) -> dict[str, Any]:
+    run = _read_json(folder / "run.json")
+    if not isinstance(run, dict) or run.get("format") != FORMAT:
+        raise InputError(
+            f"{folder / 'run.json'} is not the run.json of a `distill generate` run; give an empty or new folder."
+        )
+    return run
+
+
 def check_generation_folder(out_dir: str | os.PathLike[str], name: str = "out_dir") -> dict[str, Any] | None:
     """Check, before any work, that ``out_dir`` can hold a generation run: writable, and empty or a run already.
 
@@ -225,26 +215,7 @@ def check_generation_folder(out_dir: str | os.PathLike[str], name: str = "out_di
         InputError: the folder cannot be written, holds other files (listed; nothing is deleted), or its
             ``run.json`` is not a generation run's.
     """
-    out = check_writable_folder(out_dir, name)
-    run_path = out / "run.json"
-    previous = _read_json(run_path) if run_path.exists() else None
-    if previous is not None and (not isinstance(previous, dict) or previous.get("format") != FORMAT):
-        raise InputError(f"{run_path} is not the run.json of a `distill generate` run; give an empty or new folder.")
-    foreign = sorted(
-        entry.name + ("/" if entry.is_dir() else "")
-        for entry in out.iterdir()
-        if entry.is_dir()
-        or not (_OUTPUT_FILE.fullmatch(entry.name) or _TEMP_FILE.fullmatch(entry.name))
-        # run.json is written before anything else: without it only temporary files can be ours.
-        or (previous is None and not _TEMP_FILE.fullmatch(entry.name))
-    )
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise InputError(
-            f"{name} {os.fspath(out_dir)!r} is not empty and is not a `distill generate` output: it holds {shown}. "
-            "Nothing was written or deleted. Give an empty or new folder, or the folder of a run to resume."
-        )
-    return previous
+    return _generation_folder(out_dir, name).check(_read_run)
 
 
 def _check_arguments(**numbers: Any) -> None:
@@ -284,6 +255,7 @@ def generate_dataset(
     filter_workers: int = 1,
     teacher_name: str | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> Path:
     """Sample ``num_completions`` teacher completions per prompt into a resumable parquet dataset.
 
@@ -314,10 +286,19 @@ def generate_dataset(
         filter_workers: Threads running ``filter`` (a sandboxed check spends its time in a subprocess).
         teacher_name: Recorded in the manifest; default ``teacher.config.name_or_path`` (a server: its
             served model name).
-        progress: Show a tqdm bar of completions (rate and ETA; a resumed run starts at its finished shards).
+        progress: Show a tqdm bar of completions (rate and ETA; a resumed run starts at its finished shards;
+            rank 0's shards only when several processes generate).
+        distributed: ``None`` (default): when launched by ``accelerate launch`` / ``torchrun`` (or with
+            ``torch.distributed`` initialized), every rank generates its share of the shards with its own
+            ``teacher`` (put each rank's model on its device, e.g. ``PartialState().device``; a server
+            teacher: each rank sends its shards' requests) and rank 0 writes the manifest; the output is
+            byte-identical to a one-process run. ``False``: this process generates alone.
 
     Returns:
         ``out_dir`` as a ``Path``; read it with :func:`load_generated`.
+
+    Raises:
+        distill.shards.RankFailedError: another rank failed (every rank raises; the finished shards stay).
     """
     _check_arguments(
         num_completions=num_completions, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -327,8 +308,9 @@ def generate_dataset(
     rows = list(prompts)
     if not rows:
         raise InputError("No prompts to generate from.")
-    out = Path(out_dir)
-    previous = check_generation_folder(out)
+    ranks = Ranks.join(distributed)
+    folder = _generation_folder(out_dir)
+    previous = ranks.on_main(lambda: folder.check(_read_run))
     server = isinstance(teacher, ServerTeacher)
     if server:
         teacher.use_tokenizer(tokenizer)  # before any prompt is sent: its ids would mean other tokens
@@ -355,64 +337,45 @@ def generate_dataset(
         "num_prompts": len(rows),
         "prompts_sha256": _settings_hash(rows),
     }
-    if previous is not None:
-        if previous != run:
-            changed = sorted(k for k in run if previous.get(k) != run[k])
-            raise InputError(f"{out} holds a run with other settings ({', '.join(changed)}); use another out_dir.")
-    for stale in out.iterdir():
-        if _TEMP_FILE.fullmatch(stale.name):
-            stale.unlink()  # a file a killed run was writing; its shard is regenerated below
-    if previous is None:
-        _atomic_write(out / "run.json", _json_bytes(run))
+    if previous is not None and previous != run:
+        changed = sorted(k for k in run if previous.get(k) != run[k])
+        raise InputError(f"{folder.path} holds a run with other settings ({', '.join(changed)}); use another out_dir.")
+    starts = range(0, len(rows), prompts_per_shard)
+    mine = folder.begin(ranks, len(starts), run if previous is None else None)
+
+    def completions(shard: int) -> int:
+        return len(rows[starts[shard] : starts[shard] + prompts_per_shard]) * num_completions
 
     was_training = not server and teacher.training
     if not server:
         teacher.eval()
-    starts = range(0, len(rows), prompts_per_shard)
-    finished = sum(  # by an earlier run: the bar starts there, so its rate and ETA are this run's
-        len(rows[first : first + prompts_per_shard]) * num_completions
-        for shard, first in enumerate(starts)
-        if (out / f"shard-{shard:05d}.json").exists()
-    )
-    total = len(rows) * num_completions
-    bar = tqdm(total=total, initial=finished, desc="Generating", unit="completion", disable=not progress)
+    mine_total = sum(completions(shard) for shard in mine)
+    bar = progress_bar(ranks, len(rows) * num_completions, mine_total, "Generating", progress, unit="completion")
+    failure = None
     try:
-        shards = []
-        for shard, first in enumerate(starts):
-            state_path = out / f"shard-{shard:05d}.json"
-            if not state_path.exists():
+        with bar:
+            for shard in mine:
+                first = starts[shard]
+                part = rows[first : first + prompts_per_shard]
                 kept, counts = _generate_shard(
-                    teacher,
-                    tokenizer,
-                    rows[first : first + prompts_per_shard],
-                    first,
-                    settings,
-                    filter,
-                    filter_workers,
-                    bar.update,
+                    teacher, tokenizer, part, first, settings, filter, filter_workers, bar.update
                 )
-                file = None
-                if kept:
-                    data = _parquet_bytes(kept)
-                    file = f"shard-{shard:05d}.parquet"
-                    _atomic_write(out / file, data)
-                state = {
-                    "file": file,
-                    "first_prompt": first,
-                    "num_prompts": len(rows[first : first + prompts_per_shard]),
-                    "rows": len(kept),
-                    "sha256": hashlib.sha256(data).hexdigest() if kept else None,
-                    **counts,
-                }
-                _atomic_write(state_path, _json_bytes(state))
-            shards.append(json.loads(state_path.read_text(encoding="utf-8")))
+                record = {"first_prompt": first, "num_prompts": len(part), "rows": len(kept), **counts}
+                folder.write_shard(shard, _parquet_bytes(kept) if kept else None, record)
+    except Exception as error:  # the other ranks learn of it, and every rank stops here
+        failure = error
     finally:
-        bar.close()
         if not server:
             teacher.train(was_training)
+    ranks.agree(failure)
+    folder.finish(ranks, len(starts), lambda shards: _manifest(run, shards, filter))
+    return folder.path
 
+
+def _manifest(run: dict[str, Any], shards: list[dict[str, Any]], filter: Any) -> dict[str, Any]:
+    """The ``manifest.json`` of a finished run: its settings, totals, filter counts and shard records."""
     totals = {key: sum(s[key] for s in shards) for key in ("generated", "empty", "rows")}
-    manifest = {
+    return {
         **run,
         "num_generated": totals["generated"],
         "num_empty_dropped": totals["empty"],
@@ -429,8 +392,6 @@ def generate_dataset(
         "shards": shards,
         "data_files": [s["file"] for s in shards if s["file"]],
     }
-    _atomic_write(out / "manifest.json", _json_bytes(manifest))
-    return out
 
 
 def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -452,8 +413,7 @@ def load_generated(out_dir: str | os.PathLike[str], verify: bool = True, **load_
     manifest = read_manifest(out)
     for shard in manifest["shards"]:
         if verify and shard["file"]:
-            digest = hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest()
-            if digest != shard["sha256"]:
+            if file_sha256(out / shard["file"]) != shard["sha256"]:
                 raise ValueError(f"{out / shard['file']} does not match its sha256 in the manifest.")
     files = [str(out / f) for f in manifest["data_files"]]
     if not files:
