@@ -8,10 +8,13 @@ parallelised (DDP, FSDP, DeepSpeed): the teacher only ever runs forward, under `
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
-from distill.teachers.decoder import decoder_of
+from distill.teachers.decoder import _unwrap, decoder_of
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -51,5 +54,90 @@ def is_sharded(tensor: torch.Tensor) -> bool:
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` gathered whole if it is a DTensor shard (differentiable), else itself."""
+    """``tensor`` gathered whole if it is a DTensor shard, else itself: for frozen (teacher) weights only.
+
+    Not for a trained weight: ``full_tensor()``'s backward is a local slice, so each shard would learn
+    from its own rank's tokens only (no reduce-scatter), and its dtype is the fp32 shard's, not the
+    compute dtype. Use :func:`student_weight` inside :func:`head_unsharded_through_loss` instead.
+    """
     return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def student_weight(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A trained head weight / bias for the fused loss: the plain unsharded tensor FSDP2 registered.
+
+    Raises:
+        RuntimeError: it is still a DTensor shard (the model was not run inside
+            :func:`head_unsharded_through_loss`, or is sharded in a way it does not know).
+    """
+    if tensor is not None and is_sharded(tensor) and tensor.requires_grad:
+        raise RuntimeError(
+            "The student's output head is an FSDP2 shard at loss time: gathering it would train each shard on one "
+            "rank's tokens only. Run the student inside distill.teachers.sharding.head_unsharded_through_loss, or "
+            "set loss_implementation='dense'."
+        )
+    return tensor
+
+
+def _final_norm(model: nn.Module) -> nn.Module | None:
+    """The decoder's final norm (``model.model.norm`` for Llama / Qwen / Gemma), if it has one by that name."""
+    try:
+        decoder = decoder_of(model)
+    except ValueError:
+        return None
+    norm = getattr(decoder, "norm", None)
+    return norm if isinstance(norm, nn.Module) else None
+
+
+def _owning_fsdp_modules(model: nn.Module, modules: list[nn.Module]) -> list[nn.Module]:
+    """For each of ``modules``: the nearest FSDP2 module at or above it in ``model`` (whose group holds its
+    parameters); each owner once."""
+    from torch.distributed.fsdp import FSDPModule
+
+    named = dict(model.named_modules())
+    names = {id(module): name for name, module in named.items()}
+    owners: list[nn.Module] = []
+    for module in modules:
+        name = names.get(id(module))
+        if name is None:
+            continue
+        parts = name.split(".") if name else []
+        for depth in range(len(parts), -1, -1):
+            candidate = named[".".join(parts[:depth])]
+            if isinstance(candidate, FSDPModule):
+                if all(candidate is not owner for owner in owners):
+                    owners.append(candidate)
+                break
+    return owners
+
+
+@contextlib.contextmanager
+def head_unsharded_through_loss(model: nn.Module) -> Iterator[None]:
+    """Keep an FSDP2 student's output head and final norm unsharded from its forward until its backward.
+
+    The fused loss reads the head weight directly and takes the final hidden states from inside the
+    decoder, not from the model's output. If the FSDP group holding the head (and the final norm) were
+    resharded after forward, as ``reshard_after_forward=True`` on the root does (accelerate before 1.13
+    passes it; torch honours it since 2.8), the head would be a DTensor shard of the fp32 master weights
+    (a dtype mismatch under bf16 mixed precision, and ``full_tensor()`` would give each shard the
+    gradient of one rank's tokens), and the norm's freed weight would be read by the backward (the
+    root's pre-backward hook, on its logits, never fires). Inside this block those groups keep their
+    compute-dtype parameters after the forward; FSDP reshards them after the backward and reduce-scatters
+    their gradients as usual (its final backward callback runs the post-backward of groups whose
+    forward inputs need no gradient). A model without FSDP2 is left alone.
+    """
+    if not any(is_sharded(param) for param in model.parameters()):
+        yield
+        return
+    inner = _unwrap(model)
+    modules = [m for m in (inner.get_output_embeddings(), _final_norm(model)) if m is not None]
+    saved = []
+    for owner in _owning_fsdp_modules(model, modules):
+        for group in owner._get_fsdp_state()._fsdp_param_groups:
+            saved.append((group, group.post_forward_mesh_info))
+            group.post_forward_mesh_info = None  # what set_reshard_after_forward(False) sets: keep unsharded
+    try:
+        yield
+    finally:
+        for group, mesh_info in saved:
+            group.post_forward_mesh_info = mesh_info

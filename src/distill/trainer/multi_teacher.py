@@ -29,7 +29,7 @@ from distill.config import DistillConfig
 from distill.losses import DistillationOutput, Objective, fused_distillation_loss
 from distill.models import shared_vocab_size
 from distill.teachers import Teacher, final_hidden_states, output_head_of
-from distill.teachers.sharding import full_tensor
+from distill.teachers.sharding import student_weight
 from distill.trainer.batching import IGNORE_INDEX, next_token_labels
 from distill.trainer.cross_tokenizer import Columns, CrossTokenizer, per_row_teacher_problems, uses_cross_tokenizer
 
@@ -183,8 +183,8 @@ class TeacherEnsemble:
         teacher_targets = route.teacher.targets(inputs["input_ids"], inputs["attention_mask"], None)
         head = output_head_of(model)
         return fused_distillation_loss(
-            hidden, full_tensor(head.weight), teacher_targets, labels, objective.divergence.name,
-            student_bias=None if head.bias is None else full_tensor(head.bias), student_softcap=head.softcap,
+            hidden, student_weight(head.weight), teacher_targets, labels, objective.divergence.name,
+            student_bias=None if head.bias is None else student_weight(head.bias), student_softcap=head.softcap,
             beta=objective.divergence.beta, alpha=objective.divergence.alpha, temperature=objective.temperature,
             kd_weight=objective.kd_weight, ce_weight=objective.ce_weight, tail=objective.tail,
             vocab_size=self.vocab_size, chunk_size=self.args.loss_chunk_size,

@@ -48,7 +48,7 @@ from distill.teachers import (
     output_head_of,
 )
 from distill.teachers.server import ServerError
-from distill.teachers.sharding import full_tensor, shard_teacher
+from distill.teachers.sharding import head_unsharded_through_loss, shard_teacher, student_weight
 from distill.trainer.accumulation import (
     HIDDEN_TOKENS_KEY,
     LOSS_TOKENS_KEY,
@@ -388,8 +388,12 @@ class Trainer(transformers.Trainer):
         hidden = self.hidden
         loss, problem = None, None
         try:
-            # The student's mapped layer outputs are caught in the same (outer) forward that gives its logits.
-            with catch_layer_outputs(model, hidden.student_layers if hidden else ()) as student_states:
+            # The student's mapped layer outputs are caught in the same (outer) forward that gives its logits; an
+            # FSDP2 student keeps its head and final norm unsharded until the backward (the fused loss reads them).
+            with (
+                head_unsharded_through_loss(model),
+                catch_layer_outputs(model, hidden.student_layers if hidden else ()) as student_states,
+            ):
                 if self.ensemble is not None:
                     output, per_teacher = self.ensemble.loss(model, inputs, self.objective)
                 elif self.cross is not None:
@@ -469,10 +473,10 @@ class Trainer(transformers.Trainer):
             head = output_head_of(model)
             return fused_distillation_loss(
                 hidden,
-                full_tensor(head.weight),  # an FSDP2 student's head is a DTensor shard: gather it (differentiably)
+                student_weight(head.weight),  # plain, unsharded (see head_unsharded_through_loss)
                 teacher_targets,
                 targets,
-                student_bias=None if head.bias is None else full_tensor(head.bias),
+                student_bias=None if head.bias is None else student_weight(head.bias),
                 student_softcap=head.softcap,
                 tail=objective.tail,
                 chunk_size=self.args.loss_chunk_size,
