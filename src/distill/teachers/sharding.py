@@ -141,3 +141,69 @@ def head_unsharded_through_loss(model: nn.Module) -> Iterator[None]:
     finally:
         for group, mesh_info in saved:
             group.post_forward_mesh_info = mesh_info
+
+
+def weight_rows(weight: torch.Tensor) -> int:
+    """Rows of a (maybe partitioned) weight: DeepSpeed ZeRO-3 leaves a ``(0,)`` placeholder and the full shape in
+    ``ds_shape``; an FSDP2 DTensor's ``shape`` is already the full one."""
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+def is_quantized_model(model: nn.Module) -> bool:
+    """Whether ``model`` holds bitsandbytes 4-bit / 8-bit weights (FSDP would shard away their quantization state)."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return True
+    return any(type(param).__name__ in ("Params4bit", "Int8Params") for param in model.parameters())
+
+
+_RAM_EFFICIENT_LOADING = "FSDP_CPU_RAM_EFFICIENT_LOADING"
+
+
+@contextlib.contextmanager
+def loading_whole_on_every_rank() -> Iterator[None]:
+    """Load a (teacher) model with real weights on every process, whatever the student's launch config says.
+
+    Under DeepSpeed ZeRO-3 with ``zero3_init_flag`` every ``from_pretrained`` runs inside ``zero.Init`` and
+    returns ``(0,)`` placeholders that DeepSpeed never gathers for a model it does not wrap; under
+    ``fsdp_cpu_ram_efficient_loading`` only local rank 0 gets real weights and the others are left for
+    FSDP to fill, which it does for the student only (a teacher sharded from such copies is garbage, with
+    no error). Both switches are read at load time, so the teacher is loaded with them off.
+    """
+    import os
+
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved_config = hf_deepspeed._hf_deepspeed_config_weak_ref
+    saved_env = os.environ.pop(_RAM_EFFICIENT_LOADING, None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved_config
+        if saved_env is not None:
+            os.environ[_RAM_EFFICIENT_LOADING] = saved_env
+
+
+def ram_efficient_loading() -> bool:
+    """Whether the launch asked for ``fsdp_cpu_ram_efficient_loading`` (only local rank 0 loads real weights)."""
+    import os
+
+    return os.environ.get(_RAM_EFFICIENT_LOADING, "").lower() in ("1", "true")
+
+
+def broadcast_from_rank0(model: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every process (a teacher object loaded under RAM-efficient loading).
+
+    Raises:
+        ValueError: some tensors are on the meta device (nothing to receive them into).
+    """
+    import torch.distributed as dist
+
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(tensor.is_meta for tensor in tensors):
+        raise ValueError(
+            "The teacher has weights on the meta device (loaded under fsdp_cpu_ram_efficient_loading on a rank other "
+            "than 0?). Pass the teacher as a path (distill loads it whole on every rank), or turn that setting off."
+        )
+    for tensor in tensors:
+        dist.broadcast(tensor.data, src=0)

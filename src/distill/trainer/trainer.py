@@ -48,7 +48,14 @@ from distill.teachers import (
     output_head_of,
 )
 from distill.teachers.server import ServerError
-from distill.teachers.sharding import head_unsharded_through_loss, shard_teacher, student_weight
+from distill.teachers.sharding import (
+    broadcast_from_rank0,
+    head_unsharded_through_loss,
+    is_quantized_model,
+    ram_efficient_loading,
+    shard_teacher,
+    student_weight,
+)
 from distill.trainer.accumulation import (
     HIDDEN_TOKENS_KEY,
     LOSS_TOKENS_KEY,
@@ -272,12 +279,24 @@ class Trainer(transformers.Trainer):
         )
         self._student_sharded = self.is_fsdp_enabled or zero3
         self._teacher_sharded = False
-        if not wanted or self.accelerator.num_processes == 1:
+        if self.accelerator.num_processes == 1 or not isinstance(self.teacher, ModelTeacher):
+            if wanted and args.teacher_sharding == "fsdp" and self.accelerator.num_processes > 1:
+                raise ValueError(
+                    f"teacher_sharding applies to in-process model teachers, not {type(self.teacher).__name__}."
+                )
             return
-        if not isinstance(self.teacher, ModelTeacher):
-            raise ValueError(
-                f"teacher_sharding applies to in-process model teachers, not {type(self.teacher).__name__}."
-            )
+        if ram_efficient_loading():  # a teacher object loaded under it is real on local rank 0 only
+            broadcast_from_rank0(self.teacher.model)
+        if not wanted:
+            return
+        if is_quantized_model(self.teacher.model):
+            if args.teacher_sharding == "fsdp":
+                raise ValueError(
+                    "teacher_sharding='fsdp' cannot shard a 4-bit / 8-bit (bitsandbytes) teacher: FSDP would drop its "
+                    "quantization state. Use teacher_sharding='none' (each GPU holds the quantized teacher, already "
+                    "small), or a bf16 teacher to shard."
+                )
+            return  # "auto": a quantized teacher is kept whole on each process
         shard_teacher(self.teacher.model, self.accelerator.device)
         self._teacher_sharded = True
 
