@@ -297,6 +297,7 @@ def test_recipe_numbers_and_bools_have_one_parser(tmp_path: Path, capsys) -> Non
     assert exit.value.code == 2 and "cache_top_k" in capsys.readouterr().err
     assert not (out / "tiny_models").exists()  # refused before the tiny models were even built
     from distill import recipes_support as common
+
     for spelling in ("y", "yes", "t", "1", "on"):
         parsed, config_, _ = common.parse(recipe.CodeRecipe, recipe.PROFILES, ["--tiny", spelling, "--output_dir",
                                           str(out)], recipe.BASE_TRAINING)  # fmt: skip

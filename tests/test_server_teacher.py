@@ -134,13 +134,38 @@ def test_connection_refused_retries_then_names_the_url() -> None:
     assert time.monotonic() - started < 3
 
 
-def test_left_padded_and_packed_rows_are_refused_before_any_request() -> None:
+def test_gapped_and_packed_rows_are_refused_before_any_request() -> None:
     teacher = ServerTeacher("http://127.0.0.1:9", "teacher", top_k=4, vocab_rows=512, retries=0)
     input_ids = torch.tensor([[5, 6, 7, 8]])
-    with pytest.raises(ServerError, match="right-padded"):
-        teacher.targets(input_ids, torch.tensor([[0, 1, 1, 1]]))
+    with pytest.raises(ServerError, match="one block"):
+        teacher.targets(input_ids, torch.tensor([[1, 0, 1, 1]]))
     with pytest.raises(ServerError, match="packed"):
         teacher.targets(input_ids, None, torch.tensor([[0, 1, 0, 1]]))
+
+
+def test_left_padded_rows_get_the_targets_of_their_real_tokens() -> None:
+    """On-policy batches are left-padded (generate() pads prompts on the left): each row's answer is placed at its
+    real positions, the same as for the row right-padded."""
+    teacher = ServerTeacher("http://127.0.0.1:9", "teacher", top_k=2, vocab_rows=512, retries=0)
+    asked = []
+
+    def row_targets(ids: list[int]) -> tuple[np.ndarray, np.ndarray]:  # a fake server: answers from the ids
+        asked.append(ids)
+        n = len(ids) - 1
+        row_ids = np.array([[ids[i + 1], ids[i]] for i in range(n)], dtype=np.int64)
+        return row_ids, np.log(np.full((n, 2), 0.25))
+
+    teacher._row_targets = row_targets
+    ids = torch.tensor([[0, 0, 5, 6, 7], [4, 5, 6, 7, 8]])
+    left = teacher.targets(ids, torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    right = teacher.targets(
+        torch.tensor([[5, 6, 7, 0, 0], [4, 5, 6, 7, 8]]), torch.tensor([[1, 1, 1, 0, 0]] + [[1] * 5])
+    )
+    assert asked[0] == [5, 6, 7] and asked[2] == [5, 6, 7]  # only the real tokens are sent
+    assert torch.equal(left.topk_ids[0, 2:4], right.topk_ids[0, 0:2])  # same targets, at the real positions
+    assert torch.equal(left.topk_ids[0, 2:4], torch.tensor([[6, 5], [7, 6]]))
+    assert torch.allclose(left.tail_mass[0, 2:4], torch.full((2,), 0.5))
+    assert torch.equal(left.topk_ids[1], right.topk_ids[1])
 
 
 def test_tokenizer_check(server: str, smollm2: tuple[Any, Any]) -> None:

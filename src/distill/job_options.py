@@ -14,6 +14,7 @@ from distill.checks import InputError, arg_float, arg_int, check_device
 
 __all__ = ["add_server_arguments", "check_server_arguments", "server_teacher"]
 
+
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of a ``--server`` teacher (shared by ``distill cache`` and ``distill generate``)."""
     group = parser.add_argument_group("teacher behind a vLLM server (--server)")

@@ -11,7 +11,7 @@ from distill.losses import TeacherHead
 from distill.models.decoder import OutputHead, final_hidden_states, output_head_of
 from distill.teachers.base import Teacher
 from distill.teachers.hidden import catch_layer_outputs, decoder_layers
-from distill.teachers.sharding import full_tensor, is_sharded
+from distill.teachers.sharding import full_tensor, is_sharded, weight_rows
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -65,7 +65,7 @@ class ModelTeacher(Teacher):
 
     @property
     def vocab_rows(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        return weight_rows(self.model.get_output_embeddings().weight)
 
     def hidden_state_shape(self) -> tuple[int, int]:
         return len(decoder_layers(self.model)), int(self.model.config.get_text_config().hidden_size)

@@ -348,37 +348,43 @@ class ServerTeacher(Teacher):
         the padding get valid filler (ids ``0..k-1``, uniform log-probs, tail 0) that the loss never reads.
 
         Args:
-            input_ids: ``[batch, seq]`` right-padded token ids.
+            input_ids: ``[batch, seq]`` token ids, right-padded or left-padded (on-policy batches).
             attention_mask: ``[batch, seq]`` 1 for real tokens; ``None``: every token is real.
             position_ids: only checked: packed rows (positions restarting mid-row) are refused.
 
         Raises:
-            ServerError: a request failed (see :meth:`_post`) or a row is not right-padded or packed.
+            ServerError: a request failed (see :meth:`_post`), a row's real tokens are not one block, or packed.
         """
         batch, length = input_ids.shape
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).cpu()
         lengths = [int(n) for n in mask.sum(dim=1).tolist()]
+        # Each row's real tokens are one block: right-padded (the collator) or left-padded (on-policy batches,
+        # whose prompts generate() padded on the left).
+        starts = [int(mask[b].argmax()) if lengths[b] else 0 for b in range(batch)]
         rows = input_ids.cpu()
-        for b, row_length in enumerate(lengths):
-            if int(mask[b, :row_length].sum()) != row_length:
-                raise ServerError("ServerTeacher needs right-padded rows (attention_mask 1...1 0...0).")
+        for b, (start, row_length) in enumerate(zip(starts, lengths, strict=True)):
+            if int(mask[b, start : start + row_length].sum()) != row_length:
+                raise ServerError(
+                    "ServerTeacher needs each row's real tokens in one block, padded on the right or the left "
+                    "(attention_mask 1...1 0...0 or 0...0 1...1)."
+                )
             if position_ids is not None and not torch.equal(
-                position_ids[b, :row_length].cpu(), torch.arange(row_length, dtype=position_ids.dtype)
+                position_ids[b, start : start + row_length].cpu(), torch.arange(row_length, dtype=position_ids.dtype)
             ):
                 raise ServerError("ServerTeacher does not support packed rows yet: train with packing=False.")
         ids = np.broadcast_to(np.arange(self.top_k, dtype=np.int64), (batch, length, self.top_k)).copy()
         logprobs = np.full((batch, length, self.top_k), -math.log(self.top_k))
         tail = np.zeros((batch, length))
         wanted = [b for b in range(batch) if lengths[b] > 1]  # a single token has no next-token target
-        answers = self._map(lambda b: self._row_targets(rows[b, : lengths[b]].tolist()), wanted)
+        answers = self._map(lambda b: self._row_targets(rows[b, starts[b] : starts[b] + lengths[b]].tolist()), wanted)
         for b, (row_ids, row_logprobs) in zip(wanted, answers, strict=True):
-            n = lengths[b] - 1
-            ids[b, :n] = row_ids
-            logprobs[b, :n] = row_logprobs
+            first, last = starts[b], starts[b] + lengths[b] - 1
+            ids[b, first:last] = row_ids
+            logprobs[b, first:last] = row_logprobs
             # float64 -expm1(logsumexp): no cancellation when the top-k hold almost all the mass.
             top = row_logprobs.max(axis=1, keepdims=True)
             logsumexp = top[:, 0] + np.log(np.exp(row_logprobs - top).sum(axis=1))
-            tail[b, :n] = np.clip(-np.expm1(logsumexp), 0.0, 1.0)
+            tail[b, first:last] = np.clip(-np.expm1(logsumexp), 0.0, 1.0)
         device = input_ids.device
         return SparseTargets(
             torch.from_numpy(ids).to(device),

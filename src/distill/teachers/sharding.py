@@ -8,10 +8,13 @@ parallelised (DDP, FSDP, DeepSpeed): the teacher only ever runs forward, under `
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
-from distill.models.decoder import decoder_of
+from distill.models.decoder import _unwrap, decoder_of
 
 
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -51,5 +54,156 @@ def is_sharded(tensor: torch.Tensor) -> bool:
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` gathered whole if it is a DTensor shard (differentiable), else itself."""
+    """``tensor`` gathered whole if it is a DTensor shard, else itself: for frozen (teacher) weights only.
+
+    Not for a trained weight: ``full_tensor()``'s backward is a local slice, so each shard would learn
+    from its own rank's tokens only (no reduce-scatter), and its dtype is the fp32 shard's, not the
+    compute dtype. Use :func:`student_weight` inside :func:`head_unsharded_through_loss` instead.
+    """
     return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def student_weight(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A trained head weight / bias for the fused loss: the plain unsharded tensor FSDP2 registered.
+
+    Raises:
+        RuntimeError: it is still a DTensor shard (the model was not run inside
+            :func:`head_unsharded_through_loss`, or is sharded in a way it does not know).
+    """
+    if tensor is not None and is_sharded(tensor) and tensor.requires_grad:
+        raise RuntimeError(
+            "The student's output head is an FSDP2 shard at loss time: gathering it would train each shard on one "
+            "rank's tokens only. Run the student inside distill.teachers.sharding.head_unsharded_through_loss, or "
+            "set loss_implementation='dense'."
+        )
+    return tensor
+
+
+def _final_norm(model: nn.Module) -> nn.Module | None:
+    """The decoder's final norm (``model.model.norm`` for Llama / Qwen / Gemma), if it has one by that name."""
+    try:
+        decoder = decoder_of(model)
+    except ValueError:
+        return None
+    norm = getattr(decoder, "norm", None)
+    return norm if isinstance(norm, nn.Module) else None
+
+
+def _owning_fsdp_modules(model: nn.Module, modules: list[nn.Module]) -> list[nn.Module]:
+    """For each of ``modules``: the nearest FSDP2 module at or above it in ``model`` (whose group holds its
+    parameters); each owner once."""
+    from torch.distributed.fsdp import FSDPModule
+
+    named = dict(model.named_modules())
+    names = {id(module): name for name, module in named.items()}
+    owners: list[nn.Module] = []
+    for module in modules:
+        name = names.get(id(module))
+        if name is None:
+            continue
+        parts = name.split(".") if name else []
+        for depth in range(len(parts), -1, -1):
+            candidate = named[".".join(parts[:depth])]
+            if isinstance(candidate, FSDPModule):
+                if all(candidate is not owner for owner in owners):
+                    owners.append(candidate)
+                break
+    return owners
+
+
+@contextlib.contextmanager
+def head_unsharded_through_loss(model: nn.Module) -> Iterator[None]:
+    """Keep an FSDP2 student's output head and final norm unsharded from its forward until its backward.
+
+    The fused loss reads the head weight directly and takes the final hidden states from inside the
+    decoder, not from the model's output. If the FSDP group holding the head (and the final norm) were
+    resharded after forward, as ``reshard_after_forward=True`` on the root does (accelerate before 1.13
+    passes it; torch honours it since 2.8), the head would be a DTensor shard of the fp32 master weights
+    (a dtype mismatch under bf16 mixed precision, and ``full_tensor()`` would give each shard the
+    gradient of one rank's tokens), and the norm's freed weight would be read by the backward (the
+    root's pre-backward hook, on its logits, never fires). Inside this block those groups keep their
+    compute-dtype parameters after the forward; FSDP reshards them after the backward and reduce-scatters
+    their gradients as usual (its final backward callback runs the post-backward of groups whose
+    forward inputs need no gradient). A model without FSDP2 is left alone.
+    """
+    if not any(is_sharded(param) for param in model.parameters()):
+        yield
+        return
+    inner = _unwrap(model)
+    modules = [m for m in (inner.get_output_embeddings(), _final_norm(model)) if m is not None]
+    saved = []
+    for owner in _owning_fsdp_modules(model, modules):
+        for group in owner._get_fsdp_state()._fsdp_param_groups:
+            saved.append((group, group.post_forward_mesh_info))
+            group.post_forward_mesh_info = None  # what set_reshard_after_forward(False) sets: keep unsharded
+    try:
+        yield
+    finally:
+        for group, mesh_info in saved:
+            group.post_forward_mesh_info = mesh_info
+
+
+def weight_rows(weight: torch.Tensor) -> int:
+    """Rows of a (maybe partitioned) weight: DeepSpeed ZeRO-3 leaves a ``(0,)`` placeholder and the full shape in
+    ``ds_shape``; an FSDP2 DTensor's ``shape`` is already the full one."""
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
+def is_quantized_model(model: nn.Module) -> bool:
+    """Whether ``model`` holds bitsandbytes 4-bit / 8-bit weights (FSDP would shard away their quantization state)."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return True
+    return any(type(param).__name__ in ("Params4bit", "Int8Params") for param in model.parameters())
+
+
+_RAM_EFFICIENT_LOADING = "FSDP_CPU_RAM_EFFICIENT_LOADING"
+
+
+@contextlib.contextmanager
+def loading_whole_on_every_rank() -> Iterator[None]:
+    """Load a (teacher) model with real weights on every process, whatever the student's launch config says.
+
+    Under DeepSpeed ZeRO-3 with ``zero3_init_flag`` every ``from_pretrained`` runs inside ``zero.Init`` and
+    returns ``(0,)`` placeholders that DeepSpeed never gathers for a model it does not wrap; under
+    ``fsdp_cpu_ram_efficient_loading`` only local rank 0 gets real weights and the others are left for
+    FSDP to fill, which it does for the student only (a teacher sharded from such copies is garbage, with
+    no error). Both switches are read at load time, so the teacher is loaded with them off.
+    """
+    import os
+
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved_config = hf_deepspeed._hf_deepspeed_config_weak_ref
+    saved_env = os.environ.pop(_RAM_EFFICIENT_LOADING, None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved_config
+        if saved_env is not None:
+            os.environ[_RAM_EFFICIENT_LOADING] = saved_env
+
+
+def ram_efficient_loading() -> bool:
+    """Whether the launch asked for ``fsdp_cpu_ram_efficient_loading`` (only local rank 0 loads real weights)."""
+    import os
+
+    return os.environ.get(_RAM_EFFICIENT_LOADING, "").lower() in ("1", "true")
+
+
+def broadcast_from_rank0(model: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every process (a teacher object loaded under RAM-efficient loading).
+
+    Raises:
+        ValueError: some tensors are on the meta device (nothing to receive them into).
+    """
+    import torch.distributed as dist
+
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(tensor.is_meta for tensor in tensors):
+        raise ValueError(
+            "The teacher has weights on the meta device (loaded under fsdp_cpu_ram_efficient_loading on a rank other "
+            "than 0?). Pass the teacher as a path (distill loads it whole on every rank), or turn that setting off."
+        )
+    for tensor in tensors:
+        dist.broadcast(tensor.data, src=0)

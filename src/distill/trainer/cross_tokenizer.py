@@ -29,7 +29,7 @@ from distill.models import VocabularyMismatchError, check_tokenizers_match
 from distill.models.decoder import final_hidden_states, output_head_of
 from distill.models.vocab_map import build_vocab_map, coverage_audit
 from distill.teachers import TeacherTargets
-from distill.teachers.sharding import full_tensor
+from distill.teachers.sharding import student_weight
 from distill.trainer.batching import IGNORE_INDEX, next_token_labels
 
 __all__ = ["Columns", "CrossTokenizer", "CrossTokenizerCollator", "span_positions", "uses_cross_tokenizer"]
@@ -241,7 +241,7 @@ class CrossTokenizer:
         if hidden is None:
             hidden = final_hidden_states(model, input_ids, attention_mask, None)
         head = output_head_of(model)
-        weight = full_tensor(head.weight)
+        weight = student_weight(head.weight)
         assert self.projection is not None, "call bind() once both models are loaded"
         batch, length = input_ids.shape
         targets = (next_token_labels(inputs["labels"]) if targets is None else targets).reshape(-1)
@@ -260,7 +260,7 @@ class CrossTokenizer:
         return cross_vocab_loss(
             hidden.reshape(-1, hidden.shape[-1])[rows], weight, targets[rows], span_of_row, teacher, self.projection,
             self.args.cross_tokenizer_loss, objective,
-            student_bias=None if head.bias is None else full_tensor(head.bias), student_softcap=head.softcap,
+            student_bias=None if head.bias is None else student_weight(head.bias), student_softcap=head.softcap,
             chunk_size=self.args.loss_chunk_size or default_chunk_size(self.projection.num_classes, weight.device),
         )  # fmt: skip
 

@@ -31,7 +31,7 @@ from distill.losses.fused import fused_objective_loss
 from distill.models import shared_vocab_size
 from distill.models.decoder import final_hidden_states, output_head_of
 from distill.teachers import Teacher
-from distill.teachers.sharding import full_tensor
+from distill.teachers.sharding import student_weight
 from distill.trainer.batching import IGNORE_INDEX, next_token_labels
 from distill.trainer.cross_tokenizer import Columns, CrossTokenizer, per_row_teacher_problems, uses_cross_tokenizer
 
@@ -185,9 +185,9 @@ class TeacherEnsemble:
         teacher_targets = route.teacher.targets(inputs["input_ids"], inputs["attention_mask"], None)
         head = output_head_of(model)
         return fused_objective_loss(
-            hidden, full_tensor(head.weight), teacher_targets, labels,
+            hidden, student_weight(head.weight), teacher_targets, labels,
             dataclasses.replace(objective, vocab_size=self.vocab_size),  # the rows all the ensemble's heads share
-            student_bias=None if head.bias is None else full_tensor(head.bias), student_softcap=head.softcap,
+            student_bias=None if head.bias is None else student_weight(head.bias), student_softcap=head.softcap,
             chunk_size=self.args.loss_chunk_size,
         )  # fmt: skip
 

@@ -29,14 +29,16 @@ class SigtermCheckpoint(TrainerCallback):
 
     Spot / preemptible machines and schedulers (Slurm, Kubernetes) send SIGTERM some seconds before
     killing a job. The handler only sets a flag; the step in flight completes, then the callback
-    asks the trainer to save and stop. ``all_reduce_flag`` makes every process agree (a checkpoint
-    needs all ranks) even when the signal reached only some of them.
+    asks the trainer to save and stop. ``ranks_with`` (``flag -> [ranks where it is set]``, a collective)
+    makes every process agree (a checkpoint needs all ranks) even when the signal reached only some of
+    them; ``signalled_ranks`` then says which.
     """
 
-    def __init__(self, all_reduce_flag: Any = None) -> None:
+    def __init__(self, ranks_with: Any = None) -> None:
         self.requested = False
         self.stopped_at_step: int | None = None
-        self._all_reduce_flag = all_reduce_flag
+        self.signalled_ranks: list[int] = []
+        self._ranks_with = ranks_with
         self._previous_handler: Any = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -49,8 +51,9 @@ class SigtermCheckpoint(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         requested = self.requested
-        if self._all_reduce_flag is not None:
-            requested = self._all_reduce_flag(requested)
+        if self._ranks_with is not None:
+            self.signalled_ranks = self._ranks_with(requested)
+            requested = bool(self.signalled_ranks)
         if requested:
             self.stopped_at_step = state.global_step
             control.should_save = True

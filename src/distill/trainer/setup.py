@@ -20,6 +20,7 @@ from distill.data import STREAM_CHECKED_ROWS, DataError, is_stream, prepare_data
 from distill.losses import VocabularyMismatchError
 from distill.models import load_causal_lm, resolve_dtype, shared_vocab_size
 from distill.teachers import ModelTeacher, Teacher
+from distill.teachers.sharding import loading_whole_on_every_rank, weight_rows
 from distill.trl_compat import disable_dropout
 
 logger = logging.getLogger(__name__)
@@ -129,13 +130,14 @@ def resolve_teacher(
         )
     device = torch.device(args.teacher_device) if args.teacher_device else args.device
     if isinstance(teacher, str):
-        model = load_causal_lm(
-            teacher,
-            dtype=resolve_dtype(args.teacher_dtype),
-            quantization=args.teacher_quantization,
-            device=device,
-            **args.load_kwargs("teacher"),
-        )
+        with loading_whole_on_every_rank():  # not under zero.Init / RAM-efficient loading: the student's switches
+            model = load_causal_lm(
+                teacher,
+                dtype=resolve_dtype(args.teacher_dtype),
+                quantization=args.teacher_quantization,
+                device=device,
+                **args.load_kwargs("teacher"),
+            )
         return ModelTeacher(model, tokenizer=teacher_tokenizer, device=device)
     if args.teacher_model_init_kwargs:
         raise ValueError("teacher_model_init_kwargs apply when the teacher is given as a name or path; it is loaded.")
@@ -153,7 +155,7 @@ def resolve_teacher(
 
 def shared_vocabulary(student: nn.Module, teacher: Teacher, tokenizer: Any, args: DistillConfig) -> int:
     """The number of vocabulary rows both heads share, after checking the tokenizers agree."""
-    student_rows = int(student.get_output_embeddings().weight.shape[0])
+    student_rows = weight_rows(student.get_output_embeddings().weight)  # ZeRO-3: the full size
     teacher_rows = teacher.vocab_rows
     if teacher.tokenizer is None and isinstance(getattr(teacher, "model", None), nn.Module):
         check_teacher_without_tokenizer(teacher, tokenizer)

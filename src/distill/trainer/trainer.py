@@ -8,6 +8,7 @@ logits exist at once on the default (fused) path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import Iterator
@@ -41,7 +42,23 @@ from distill.models.loading import load_tokenizer
 from distill.models.merge import is_adapter_folder, load_snippet
 from distill.teachers import ModelTeacher, Teacher, TeacherTargets, catch_layer_outputs
 from distill.teachers.server import ServerError
-from distill.teachers.sharding import full_tensor, shard_teacher
+from distill.teachers.sharding import (
+    broadcast_from_rank0,
+    head_unsharded_through_loss,
+    is_quantized_model,
+    ram_efficient_loading,
+    shard_teacher,
+    student_weight,
+)
+from distill.trainer.accumulation import (
+    HIDDEN_TOKENS_KEY,
+    LOSS_TOKENS_KEY,
+    StepTokens,
+    check_counted,
+    count_tokens,
+    step_tokens,
+)
+from distill.trainer.agreement import RankFailures, describe
 from distill.trainer.batching import GENERATED_KEY, completion_batch, next_token_labels
 from distill.trainer.checkpoints import check_resume_settings, remove_incomplete, resolve_resume, write_marker
 from distill.trainer.cross_tokenizer import CrossTokenizer, uses_cross_tokenizer
@@ -62,6 +79,19 @@ from distill.trainer.setup import (
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the last good weights were saved before this was raised."""
+
+
+# What _stop_together raises: (headline with {step}, what to do).
+_NONFINITE = (
+    "Non-finite distillation loss at optimizer step {step}",
+    "Common causes: fp16 overflow (use bf16), a learning rate too high, a teacher giving NaN logits. Resume with "
+    "trainer.train(resume_from_checkpoint=True) after fixing it.",
+)
+_SERVER_FAILED = (
+    "The teacher server failed at optimizer step {step} after its retries",
+    "Restart the server (or point the ServerTeacher at another), then resume with "
+    "trainer.train(resume_from_checkpoint=True): no step is lost or repeated.",
+)
 
 
 class Trainer(transformers.Trainer):
@@ -87,6 +117,9 @@ class Trainer(transformers.Trainer):
             student; required for a 4-bit / 8-bit student (QLoRA).
         kwargs: passed to ``transformers.Trainer`` (``callbacks``, ``optimizers``, ...).
     """
+
+    # Each micro-batch's loss is already its token-weighted share of the step (distill.trainer.accumulation).
+    loss_is_scaled_for_ga = True
 
     def __init__(
         self,
@@ -181,7 +214,7 @@ class Trainer(transformers.Trainer):
             elif self.ensemble is not None:
                 data_collator = self.ensemble.collator(data_collator)
 
-        self._preemption = SigtermCheckpoint(self._any_process) if args.save_on_sigterm else None
+        self._preemption = SigtermCheckpoint(self._ranks_with) if args.save_on_sigterm else None
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if self._preemption is not None:
             callbacks.append(self._preemption)
@@ -195,8 +228,9 @@ class Trainer(transformers.Trainer):
             callbacks=callbacks,
             **kwargs,
         )
-        # Our loss is a mean over each micro-batch's loss tokens; let the engine average micro-batches.
+        # The engine must not count items nor rescale: get_batch_samples counts the step's tokens itself.
         self.model_accepts_loss_kwargs = False
+        self._failures = RankFailures(self.accelerator)
         self._place_teacher(args)
         if self.hidden is not None:
             self.hidden.to(args.device)
@@ -239,45 +273,83 @@ class Trainer(transformers.Trainer):
         )
         self._student_sharded = self.is_fsdp_enabled or zero3
         self._teacher_sharded = False
-        if not wanted or self.accelerator.num_processes == 1:
+        if self.accelerator.num_processes == 1 or not isinstance(self.teacher, ModelTeacher):
+            if wanted and args.teacher_sharding == "fsdp" and self.accelerator.num_processes > 1:
+                raise ValueError(
+                    f"teacher_sharding applies to in-process model teachers, not {type(self.teacher).__name__}."
+                )
             return
-        if not isinstance(self.teacher, ModelTeacher):
-            raise ValueError(
-                f"teacher_sharding applies to in-process model teachers, not {type(self.teacher).__name__}."
-            )
+        if ram_efficient_loading():  # a teacher object loaded under it is real on local rank 0 only
+            broadcast_from_rank0(self.teacher.model)
+        if not wanted:
+            return
+        if is_quantized_model(self.teacher.model):
+            if args.teacher_sharding == "fsdp":
+                raise ValueError(
+                    "teacher_sharding='fsdp' cannot shard a 4-bit / 8-bit (bitsandbytes) teacher: FSDP would drop its "
+                    "quantization state. Use teacher_sharding='none' (each GPU holds the quantized teacher, already "
+                    "small), or a bf16 teacher to shard."
+                )
+            return  # "auto": a quantized teacher is kept whole on each process
         shard_teacher(self.teacher.model, self.accelerator.device)
         self._teacher_sharded = True
 
-    def _any_process(self, flag: bool) -> bool:
-        """Whether ``flag`` is set on any process (every process gets the same answer)."""
-        if self.accelerator.num_processes == 1:
-            return flag
-        value = torch.tensor([float(flag)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
+    def _ranks_with(self, flag: bool) -> list[int]:
+        """The ranks on which ``flag`` is set (every process gets the same list; a collective)."""
+        return self._failures.ranks_with(flag)
 
     # ---- one step -----------------------------------------------------------------------------------
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
     ) -> Tensor:
-        """Replace the batch's completions by generated ones when this step is on-policy, then train."""
+        """The engine's step (forward, backward) on one micro-batch that :meth:`get_batch_samples` built."""
         step = self.state.global_step
         self._micro_step = self._micro_step + 1 if step == self._micro_step_of else 0
         self._micro_step_of = step
-        if self.args.seq_kd:
-            inputs = self._generated_batch(inputs, generator=None)
-            inputs[GENERATED_KEY] = True
-        if self.args.lmbda > 0 and self._step_rng().random() < self.args.lmbda:
-            inputs = self._generated_batch(inputs, generator=model)
-            inputs[GENERATED_KEY] = True
         return super().training_step(model, inputs, num_items_in_batch)
 
-    def _step_rng(self) -> random.Random:
-        """The same on-policy coin flip on every process, and again after a resume.
+    def _build_step(self, batches: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], StepTokens]:
+        """One optimizer step's micro-batches as they will train, and the loss tokens they hold on every process.
 
-        Keyed by the optimizer step and the micro-batch within it, both restored by a resume.
+        On-policy micro-batches are generated here, before any of the step trains (the weights are the same
+        until the step ends), so the step's token count includes the generated tokens.
         """
-        return random.Random(f"{self.args.seed}/{self.state.global_step}/{self._micro_step}")
+        hidden_mask = None
+        if self.hidden is not None:
+            which = self.args.hidden_loss_tokens
+            hidden_mask = lambda attention_mask, targets: hidden_token_mask(which, attention_mask, targets)  # noqa: E731
+        built, problem = [], None
+        for micro, inputs in enumerate(batches):
+            try:
+                inputs = self._maybe_generated(inputs, micro)
+            except ServerError as error:  # the teacher server generating seq-KD text: stop with every rank
+                problem = str(error)
+            count_tokens(inputs, hidden_mask)
+            built.append(inputs)
+        failures = self._failures.gather(problem)
+        if failures:
+            self._stop_together(self.model_wrapped, failures, ServerError, _SERVER_FAILED)
+        reduce_sum = lambda totals: self.accelerator.reduce(totals.to(self.accelerator.device), "sum").cpu()  # noqa: E731
+        return built, step_tokens(built, self.accelerator.num_processes, reduce_sum)
+
+    def _maybe_generated(self, inputs: dict[str, Any], micro: int) -> dict[str, Any]:
+        """``inputs``, or its prompts completed by the teacher (seq-KD) and/or the student (this micro-batch's
+        on-policy coin: the same on every process, and again after a resume, keyed by step and micro-batch).
+
+        Sampling draws from its own seed (step, micro-batch, rank): the engine restores the RNG of a resumed run
+        only after it has fetched the first step's batches, so the global RNG would differ there.
+        """
+        key = f"{self.args.seed}/{self.state.global_step}/{micro}"
+        if self.args.seq_kd:
+            with _seeded_rng(f"{key}/teacher/{self.accelerator.process_index}", self.args.device):
+                inputs = self._generated_batch(inputs, generator=None)
+            inputs[GENERATED_KEY] = True
+        if self.args.lmbda > 0 and random.Random(key).random() < self.args.lmbda:
+            with _seeded_rng(f"{key}/student/{self.accelerator.process_index}", self.args.device):
+                inputs = self._generated_batch(inputs, generator=self.model_wrapped)
+            inputs[GENERATED_KEY] = True
+        return inputs
 
     @torch.no_grad()
     def _generated_batch(self, inputs: dict[str, Any], generator: nn.Module | None) -> dict[str, Any]:
@@ -312,32 +384,50 @@ class Trainer(transformers.Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
-        """Distillation loss of one micro-batch: mean over its loss tokens of ``kd_weight * D + ce_weight * CE``."""
+        """Distillation loss of one micro-batch: mean over its loss tokens of ``kd_weight * D + ce_weight * CE``.
+
+        In training (``num_items_in_batch`` is the step's :class:`~distill.trainer.accumulation.StepTokens`) the
+        mean is scaled to the micro-batch's share of the step's tokens, so the step's gradient is one big batch's.
+        A teacher-server failure or a non-finite loss on any process stops every process here, together.
+        """
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         position_ids = inputs.get("position_ids")
         targets = next_token_labels(inputs["labels"], position_ids)
-        teacher_targets = self._teacher_targets(model, inputs) if self.ensemble is None else None
+        teacher_targets, problem = self._teacher_targets(inputs) if self.ensemble is None else (None, None)
+        if self.teacher.prefetchable:  # a remote teacher can fail on one rank: agree before the student's collectives
+            failures = self._failures.gather(problem)
+            if failures:
+                self._stop_together(model, failures, ServerError, _SERVER_FAILED)
         hidden = self.hidden
+        loss, problem = None, None
         try:
-            # The student's mapped layer outputs are caught in the same (outer) forward that gives its logits.
-            with catch_layer_outputs(model, hidden.student_layers if hidden else ()) as student_states:
+            # The student's mapped layer outputs are caught in the same (outer) forward that gives its logits; an
+            # FSDP2 student keeps its head and final norm unsharded until the backward (the fused loss reads them).
+            with (
+                head_unsharded_through_loss(model),
+                catch_layer_outputs(model, hidden.student_layers if hidden else ()) as student_states,
+            ):
                 if self.ensemble is not None:
                     output, per_teacher = self.ensemble.loss(model, inputs, self.objective)
                 elif self.cross is not None:
                     output = self.cross.loss(model, inputs, teacher_targets, self.objective)
                 else:
                     output = self._loss(model, input_ids, attention_mask, position_ids, targets, teacher_targets)
-            loss = output.loss
+            loss = self._step_share(output.loss, output.num_tokens, inputs, num_items_in_batch, hidden=False)
             if hidden is not None:
                 mask = hidden_token_mask(self.args.hidden_loss_tokens, attention_mask, targets)
                 hidden_output = hidden(student_states, getattr(teacher_targets, "layer_states", None) or (), mask)
-                loss = loss + self.args.hidden_loss_weight * hidden_output.loss
+                hidden_loss = self.args.hidden_loss_weight * hidden_output.loss
+                loss = loss + self._step_share(hidden_loss, hidden_output.num_tokens, inputs, num_items_in_batch, True)
         except NonFiniteInputError as error:  # NaN hidden states / logits, caught before the loss math
-            self._stop_on_nonfinite(model, inputs, str(error))
+            problem = str(error)
         # Host-device sync (one per micro-batch, on purpose): a NaN loss must stop the run before the optimizer
         # applies it. The fused loss syncs too: its finiteness checks and the count of loss tokens (nonzero).
-        if not torch.isfinite(loss.detach()).item():
-            self._stop_on_nonfinite(model, inputs, f"the loss is {float(loss)}")
+        if problem is None and not torch.isfinite(loss.detach()).item():
+            problem = f"the loss is {float(loss)}"
+        failures = self._failures.gather(None if problem is None else self._nonfinite_problem(inputs, problem))
+        if failures:
+            self._stop_together(model, failures, NonFiniteLossError, _NONFINITE)
         metrics = self._train_metrics if model.training else self._eval_metrics
         metrics.add(output, _input_tokens(inputs), generated=bool(inputs.get(GENERATED_KEY, False)))  # no sync
         if self.ensemble is not None:
@@ -346,24 +436,33 @@ class Trainer(transformers.Trainer):
             metrics.add_hidden(hidden_output, hidden.names)
         return (loss, output) if return_outputs else loss
 
-    def _teacher_targets(self, model: nn.Module, inputs: dict[str, Any]) -> TeacherTargets:
-        """The batch's teacher targets: prefetched (see :mod:`distill.trainer.prefetch`) or asked for now."""
+    @staticmethod
+    def _step_share(
+        mean: Tensor, tokens: int, inputs: dict[str, Any], step: Tensor | int | StepTokens | None, hidden: bool
+    ) -> Tensor:
+        """A micro-batch's mean loss over ``tokens`` scaled to its share of the step (training), else as is."""
+        if not isinstance(step, StepTokens):  # evaluation, or a loss computed outside the training loop
+            return mean
+        check_counted(inputs[HIDDEN_TOKENS_KEY if hidden else LOSS_TOKENS_KEY], tokens,
+                      "hidden-state loss" if hidden else "distillation loss")  # fmt: skip
+        return mean * step.scale(tokens, hidden)
+
+    def _teacher_targets(self, inputs: dict[str, Any]) -> tuple[TeacherTargets | None, str | None]:
+        """The batch's teacher targets: prefetched (see :mod:`distill.trainer.prefetch`) or asked for now.
+
+        Returns:
+            ``(targets, None)``, or ``(None, problem)`` when the teacher server failed after its retries.
+        """
         input_ids = inputs["input_ids"]
         prefetched = inputs.get(PREFETCHED_KEY)
         try:
             if prefetched is not None:
-                return prefetched.result().to(input_ids.device)
+                return prefetched.result().to(input_ids.device), None
             if self.cross is not None:
-                return self.cross.teacher_targets(self.teacher, inputs)
-            return self.teacher.targets(input_ids, inputs["attention_mask"], inputs.get("position_ids"))
+                return self.cross.teacher_targets(self.teacher, inputs), None
+            return self.teacher.targets(input_ids, inputs["attention_mask"], inputs.get("position_ids")), None
         except ServerError as error:
-            where = self._save_last_good(model)
-            raise ServerError(
-                f"The teacher server failed at optimizer step {self.state.global_step + 1} after its retries: {error} "
-                f"The weights before this step were saved to {where}. Restart the server (or point the "
-                "ServerTeacher at another), then resume with trainer.train(resume_from_checkpoint=True): no step "
-                "is lost or repeated."
-            ) from error
+            return None, str(error)
 
     def _loss(
         self,
@@ -380,11 +479,11 @@ class Trainer(transformers.Trainer):
             head = output_head_of(model)
             return fused_objective_loss(
                 hidden,
-                full_tensor(head.weight),  # an FSDP2 student's head is a DTensor shard: gather it (differentiably)
+                student_weight(head.weight),  # plain, unsharded (see head_unsharded_through_loss)
                 teacher_targets,
                 targets,
                 objective,
-                student_bias=None if head.bias is None else full_tensor(head.bias),
+                student_bias=None if head.bias is None else student_weight(head.bias),
                 student_softcap=head.softcap,
                 chunk_size=self.args.loss_chunk_size,
             )
@@ -409,18 +508,29 @@ class Trainer(transformers.Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    def _stop_on_nonfinite(self, model: nn.Module, inputs: dict[str, Any], problem: str) -> NoReturn:
-        """Save the last good weights (this step has not been applied), then stop with where it happened."""
-        step = self.state.global_step
-        where = self._save_last_good(model)
+    def _nonfinite_problem(self, inputs: dict[str, Any], problem: str) -> str:
+        """``problem`` with where it happened: the micro-batch, its shape and first input ids."""
         rows, length = inputs["input_ids"].shape
         first_ids = inputs["input_ids"][0, :8].tolist()
-        raise NonFiniteLossError(
-            f"Non-finite distillation loss at optimizer step {step + 1} (micro-batch {self._micro_step + 1}, a "
-            f"batch of {rows} rows x {length} tokens; first input ids {first_ids}): {problem}. "
-            f"The weights before this step were saved to {where}. Common causes: "
-            "fp16 overflow (use bf16), a learning rate too high, a teacher giving NaN logits. Resume with "
-            "trainer.train(resume_from_checkpoint=True) after fixing it."
+        return (
+            f"{problem} (micro-batch {self._micro_step + 1}, a batch of {rows} rows x {length} tokens; first input "
+            f"ids {first_ids})"
+        )
+
+    def _stop_together(
+        self, model: nn.Module, failures: dict[int, str], error: type[Exception], text: tuple[str, str]
+    ) -> NoReturn:
+        """Every process: save the last good weights (this step is not applied) in one checkpoint, then raise
+        the same ``error`` naming the failing ranks. ``text``: a headline with ``{step}``, and advice."""
+        headline, advice = text
+        step = self.state.global_step
+        where = self._save_last_good(model)
+        if self.accelerator.num_processes > 1:
+            located = f" {describe(failures)}. Every process stopped at this step"
+        else:
+            located = f": {next(iter(failures.values()))}"
+        raise error(
+            f"{headline.format(step=step + 1)}{located}. The weights before this step were saved to {where}. {advice}"
         )
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -507,11 +617,13 @@ class Trainer(transformers.Trainer):
 
     def get_batch_samples(
         self, epoch_iterator: Iterator[Any], num_batches: int, device: torch.device
-    ) -> tuple[list[Any], Tensor | int | None]:
-        """The next optimizer step's micro-batches; a remote teacher is asked for the following ones meanwhile."""
+    ) -> tuple[list[Any], StepTokens]:
+        """The next optimizer step's micro-batches, on-policy ones generated, and the step's token counts (passed
+        on as ``num_items_in_batch``); a remote teacher is asked for the following batches meanwhile."""
         if self._prefetcher is not None:
             epoch_iterator = self._prefetcher.wrap(epoch_iterator)
-        return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        return self._build_step(batches)
 
     def _make_prefetcher(self) -> TargetPrefetcher | None:
         """A prefetcher when the teacher answers remotely and every batch's tokens are known before its step."""
@@ -551,11 +663,22 @@ class Trainer(transformers.Trainer):
                 self._prefetcher.shutdown()
                 self._prefetcher = None
         if self._preemption is not None and self._preemption.stopped_at_step is not None:
+            ranks = self._preemption.signalled_ranks
+            received = f" (received by rank {', '.join(map(str, ranks))})" if len(ranks) and ranks != [0] else ""
             raise TrainingPreempted(
-                f"Stopped by SIGTERM after step {self._preemption.stopped_at_step}; checkpoint saved in "
+                f"Stopped by SIGTERM{received} after step {self._preemption.stopped_at_step}; checkpoint saved in "
                 f"{self.args.output_dir}. Run again with trainer.train(resume_from_checkpoint=True) to continue."
             )
         return result
+
+
+@contextlib.contextmanager
+def _seeded_rng(key: str, device: torch.device) -> Iterator[None]:
+    """Run the block with torch's RNG (CPU and ``device``) seeded from ``key``, then restore it as it was."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if device.type != "cpu" else None):
+        torch.manual_seed(random.Random(key).getrandbits(63))
+        yield
 
 
 def _input_tokens(inputs: dict[str, Any]) -> Tensor:
