@@ -4,30 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from distill.cache.encoding import ENCODINGS
-from distill.checks import InputError, arg_dtype, arg_float, arg_int, check_device, is_path_like
-
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-def load_rows(name: str, split: str) -> Any:
-    """A ``datasets.Dataset`` from a ``save_to_disk`` folder, a json/jsonl/parquet/csv file, or a hub name."""
-    import datasets
-
-    path = Path(name).expanduser()
-    if not path.exists() and (is_path_like(name) or path.suffix in _FILE_BUILDERS):
-        raise InputError(f"--dataset {name!r}: no such file or folder (resolved to {path.resolve()}).")
-    if path.is_file() and path.suffix not in _FILE_BUILDERS:
-        raise InputError(f"--dataset {name!r}: unknown file type; give a {'/'.join(_FILE_BUILDERS)} file.")
-    if path.is_dir() and (path / "dataset_info.json").exists():
-        loaded = datasets.load_from_disk(str(path))
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    if path.is_file() and path.suffix in _FILE_BUILDERS:
-        return datasets.load_dataset(_FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
-    return datasets.load_dataset(name, split=split)
+from distill.checks import InputError, arg_dtype, arg_float, arg_int, check_device
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,12 +82,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Build (or resume) the cache; print its totals as JSON."""
     from distill.cache.writer import build_cache, check_cache_folder
+    from distill.data.sources import load_rows
     from distill.models.loading import check_model_source, load_tokenizer
 
-    # Arguments, the output folder and the model names are checked before anything is loaded.
+    # Arguments, the model names, the rows and the output folder are checked before any model is loaded.
     check_server_arguments(args)
     if args.teacher is not None:
         check_model_source(args.teacher, "--teacher")
+    rows = load_rows(args.dataset, args.split)
     check_cache_folder(args.out, "--out")
     tokenizer = None
     if args.tokenizer is not None:
@@ -115,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     teacher = args.teacher if args.server is None else server_teacher(args, tokenizer, args.top_k)
     manifest = build_cache(
         teacher,
-        load_rows(args.dataset, args.split),
+        rows,
         args.out,
         tokenizer=tokenizer,
         top_k=args.top_k,

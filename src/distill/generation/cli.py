@@ -65,7 +65,7 @@ def _load_prompts(name: str, split: str, limit: int | None) -> list[dict[str, An
 
         rows = list(read_problems().values())
     else:
-        from distill.cache.cli import load_rows
+        from distill.data.sources import load_rows
 
         rows = list(load_rows(name, split))
     return rows[:limit] if limit is not None else rows
@@ -77,13 +77,13 @@ def run(args: argparse.Namespace) -> int:
     from distill.generation.generate import check_generation_folder, generate_dataset
     from distill.models.loading import check_model_source, load_causal_lm, load_tokenizer
 
-    # Arguments (numbers: while parsing), the device, the output folder and the model names are checked
-    # before anything is loaded.
+    # Arguments (numbers: while parsing), the device, the model names, the prompts and the output folder are
+    # checked before any model is loaded (the folder last: a refused command leaves no empty folder behind).
     check_server_arguments(args)
     if args.teacher is not None:
         check_model_source(args.teacher, "--teacher")
-    check_generation_folder(args.out, "--out")
     prompts = _load_prompts(args.dataset, args.split, args.limit)
+    check_generation_folder(args.out, "--out")
     tokenizer = load_tokenizer(args.tokenizer or args.teacher, "--tokenizer" if args.tokenizer else "--teacher")
     if args.server is not None:
         teacher = server_teacher(args, tokenizer)
