@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import datasets
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from distill.checks import check_int
 from distill.data import DistillCollator, prepare_dataset
@@ -51,6 +52,10 @@ class HeldoutMetrics:
         num_rows: rows evaluated.
         num_tokens: completion tokens scored (the denominator of every mean).
         vocab_size: vocabulary rows both distributions were normalised over.
+        row_sums: per row, in the order the rows came in, the sums the means are made of: ``tokens``
+            (scored tokens), ``kl``, ``top1_agreement`` (matches), ``ce`` (student) and ``teacher_ce``,
+            each a tuple of ``num_rows`` floats; what :func:`distill.evaluation.stats.paired_difference`
+            resamples. Left out of :meth:`as_dict`.
     """
 
     forward_kl: float
@@ -60,6 +65,7 @@ class HeldoutMetrics:
     num_rows: int
     num_tokens: int
     vocab_size: int
+    row_sums: dict[str, tuple[float, ...]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def student_perplexity(self) -> float:
@@ -84,43 +90,37 @@ class HeldoutMetrics:
         """The teacher's row: its ``ce`` and ``perplexity``, and ``kl`` 0 / ``top1_agreement`` 1 by definition."""
         return {"ce": self.teacher_ce, "perplexity": self.teacher_perplexity, "kl": 0.0, "top1_agreement": 1.0}
 
+    def student_row_sums(self) -> dict[str, tuple[float, ...]] | None:
+        """The student's per-row sums (``tokens``, ``ce``, ``kl``, ``top1_agreement``), for paired comparisons."""
+        if self.row_sums is None:
+            return None
+        return {key: self.row_sums[key] for key in ("tokens", "ce", "kl", "top1_agreement")}
+
     def as_dict(self) -> dict[str, float]:
-        """Every field plus both perplexities, for JSON."""
+        """Every field but ``row_sums``, plus both perplexities, for JSON."""
+        fields = asdict(self)
+        fields.pop("row_sums")
         return {
-            **asdict(self),
+            **fields,
             "student_perplexity": self.student_perplexity,
             "teacher_perplexity": self.teacher_perplexity,
         }
 
 
 def load_rows(source: str | Any, max_rows: int | None = None) -> datasets.Dataset:
-    """A dataset from a ``.json``/``.jsonl``/``.parquet``/``.csv`` file, a ``save_to_disk`` folder, or rows.
+    """A dataset from a ``.json``/``.jsonl``/``.parquet``/``.csv`` file, a ``save_to_disk`` folder, a hub id, or rows.
 
     Args:
-        source: a path, a ``datasets.Dataset``, or a list of row dicts.
+        source: a path, a hub id, a ``datasets.Dataset``, or a list of row dicts (see
+            :func:`distill.data.sources.load_rows`, which resolves local paths before any hub lookup).
         max_rows: keep only the first ``max_rows`` rows.
 
     Returns:
         The rows as a ``datasets.Dataset``.
     """
-    from pathlib import Path
+    from distill.data.sources import load_rows as load_source
 
-    if isinstance(source, datasets.Dataset):
-        dataset = source
-    elif isinstance(source, (list, tuple)):
-        dataset = datasets.Dataset.from_list(list(source))
-    else:
-        path = Path(source).expanduser()
-        kinds = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-        if path.is_file() and path.suffix in kinds:
-            dataset = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
-        elif path.is_dir() and (path / "dataset_info.json").exists():
-            dataset = datasets.load_from_disk(str(path))
-        else:
-            raise FileNotFoundError(
-                f"No dataset at {str(source)!r}: pass a .json/.jsonl/.parquet/.csv file or a folder written by "
-                "Dataset.save_to_disk()."
-            )
+    dataset = load_source(source, what="--dataset")
     if max_rows is not None:
         max_rows = check_int(max_rows, "max_rows")
         dataset = dataset.select(range(min(max_rows, len(dataset))))
@@ -162,18 +162,20 @@ def _scored(model: nn.Module, head: Any, batch: Mapping[str, Tensor], scored: Te
     return hidden[:, :-1][scored], to_logits
 
 
-def _chunk_sums(
-    student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, vocab_size: int
-) -> tuple[float, float, float, float]:
-    """Sums over a chunk of ``(forward KL, top-1 matches, student CE, teacher CE)``; logits ``[c, >= vocab_size]``."""
+# The per-token values _chunk_values returns, in order; also the keys of HeldoutMetrics.row_sums (with "tokens").
+_VALUES = ("kl", "top1_agreement", "ce", "teacher_ce")
+
+
+def _chunk_values(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
+    """``[4, c]`` float64 per token: forward KL, top-1 match (0/1), student CE, teacher CE; logits ``[c, vocab+]``."""
     student_logprobs = student_logits[:, :vocab_size].float().log_softmax(-1)
     teacher_logprobs = teacher_logits[:, :vocab_size].float().to(student_logprobs.device).log_softmax(-1)
     targets = targets.to(student_logprobs.device)[:, None]
-    kl = forward_kl_per_token(student_logprobs, teacher_logprobs).sum()
-    matches = (student_logprobs.argmax(-1) == teacher_logprobs.argmax(-1)).sum()
-    student_ce = -student_logprobs.gather(-1, targets).sum()
-    teacher_ce = -teacher_logprobs.gather(-1, targets).sum()
-    return float(kl), float(matches), float(student_ce), float(teacher_ce)
+    kl = forward_kl_per_token(student_logprobs, teacher_logprobs)
+    matches = (student_logprobs.argmax(-1) == teacher_logprobs.argmax(-1)).float()
+    student_ce = -student_logprobs.gather(-1, targets)[:, 0]
+    teacher_ce = -teacher_logprobs.gather(-1, targets)[:, 0]
+    return torch.stack([kl, matches, student_ce, teacher_ce]).double().cpu()
 
 
 @torch.no_grad()
@@ -189,6 +191,7 @@ def heldout_metrics(
     max_rows: int | None = None,
     chunk_size: int | None = None,
     vocab_size: int | None = None,
+    progress: bool = True,
 ) -> HeldoutMetrics:
     """KL, top-1 agreement, cross-entropy and perplexity of a student and its teacher on held-out rows.
 
@@ -210,6 +213,7 @@ def heldout_metrics(
             :func:`distill.losses.default_chunk_size` (64 MiB per block on a CPU, 512 MiB on a GPU).
         vocab_size: shared vocabulary rows; default :func:`distill.models.shared_vocab_size` of the
             tokenizers and both heads (padding rows past the tokenizer are left out).
+        progress: show a bar of rows scored (rate and ETA).
 
     Returns:
         The :class:`HeldoutMetrics`.
@@ -229,37 +233,45 @@ def heldout_metrics(
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     collate = DistillCollator(pad_token_id=pad_id)
     pairs = zip(prepared["input_ids"], prepared["labels"], strict=True)
-    examples = [{"input_ids": ids, "labels": labels} for ids, labels in pairs]
-    examples.sort(key=lambda row: len(row["input_ids"]))
+    examples = [{"input_ids": ids, "labels": labels, "row": row} for row, (ids, labels) in enumerate(pairs)]
+    examples.sort(key=lambda example: len(example["input_ids"]))
 
     was_training = student.training, teacher.training
     student.eval()
     teacher.eval()
-    totals = [0.0, 0.0, 0.0, 0.0]  # KL, top-1 matches, student CE, teacher CE; Python floats are float64
-    num_tokens = 0
+    # Per original row: the sums of each per-token value (float64), and scored tokens; rows are what a paired
+    # bootstrap resamples (distill.evaluation.stats).
+    row_sums = torch.zeros(len(_VALUES), len(examples), dtype=torch.float64)
+    row_tokens = torch.zeros(len(examples), dtype=torch.float64)
+    bar = tqdm(total=len(examples), desc="Held-out metrics", unit="row", disable=not progress)
     try:
         for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start : start + batch_size])
+            batch_examples = examples[start : start + batch_size]
+            batch = collate(batch_examples)  # the "row" key is ignored
             shifted_labels = batch["labels"][:, 1:]
             scored = shifted_labels != IGNORE_INDEX
             targets = shifted_labels[scored]
             check_labels(targets, vocab_size, IGNORE_INDEX)
+            token_rows = torch.tensor([ex["row"] for ex in batch_examples])[scored.nonzero()[:, 0]]  # [tokens]
+            row_tokens.index_add_(0, token_rows, torch.ones(len(token_rows), dtype=torch.float64))
             student_features, student_logits = _scored(student, student_head, batch, scored)
             teacher_features, teacher_logits = _scored(teacher, teacher_head, batch, scored)
             for first in range(0, len(targets), chunk):
                 last = first + chunk
-                sums = _chunk_sums(
+                values = _chunk_values(
                     student_logits(student_features[first:last]),
                     teacher_logits(teacher_features[first:last]),
                     targets[first:last],
                     vocab_size,
                 )
-                totals = [total + value for total, value in zip(totals, sums, strict=True)]
-            num_tokens += len(targets)
+                row_sums.index_add_(1, token_rows[first:last], values)
+            bar.update(len(batch_examples))
     finally:
+        bar.close()
         student.train(was_training[0])
         teacher.train(was_training[1])
-    kl, matches, student_ce, teacher_ce = (total / max(num_tokens, 1) for total in totals)
+    num_tokens = int(row_tokens.sum())
+    kl, matches, student_ce, teacher_ce = (float(total) / max(num_tokens, 1) for total in row_sums.sum(1))
     return HeldoutMetrics(
         forward_kl=kl,
         top1_agreement=matches,
@@ -268,4 +280,8 @@ def heldout_metrics(
         num_rows=report.num_rows,
         num_tokens=num_tokens,
         vocab_size=vocab_size,
+        row_sums={
+            "tokens": tuple(row_tokens.tolist()),
+            **dict(zip(_VALUES, map(tuple, row_sums.tolist()), strict=True)),
+        },
     )
