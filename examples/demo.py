@@ -173,9 +173,10 @@ def train(
 
     kd = method == "KD"
     steps = steps or budget.steps
-    name = f"{start}-{method}-seed{seed}".replace(" ", "_")
+    # Seed 0's students are kept (with their model cards) in out/students/; other seeds leave no folder behind.
+    folder = out / "students" / (f"{start}-{method}" + (f"-seed{seed}" if seed else "")).replace(" ", "_")
     args = DistillConfig(
-        output_dir=str(out / "runs" / name), loss="forward_kl", max_steps=steps,
+        output_dir=str(folder), loss="forward_kl", max_steps=steps,
         per_device_train_batch_size=budget.batch_size, learning_rate=budget.learning_rate, warmup_steps=0.05,
         lr_scheduler_type="cosine", max_length=budget.max_length, logging_steps=max(1, steps // 8),
         save_strategy="no", report_to=[],
@@ -188,6 +189,10 @@ def train(
         processing_class=tokenizer, callbacks=[curve],
     )  # fmt: skip
     trainer.train()
+    if seed == 0:
+        trainer.save_model()  # the student, its tokenizer and its model card (teacher, loss, data, budget)
+    elif folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()  # the Trainer made its output_dir; nothing was saved in it
     step, seconds, ce = curve.points[-1]
     say(
         f"{start} + {method} (seed {seed}): {step} steps in {seconds:.0f} s (+{curve.probing:.0f} s of probes), "
@@ -307,10 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     say("timing generation")
     phase = time.perf_counter()
     prompts = [row["text"][:200] for row in heldout_rows[:4]]
+    # Every model is timed itself (the baseline too: same shape, but a measured number is shown as measured),
+    # three runs each after a warm-up; the report gives the median and the range.
     speeds = {
-        name: measure_speed(model, tokenizer, prompts=prompts, batch_size=4, new_tokens=budget.speed_tokens, repeats=2)
-        for name, model in (("teacher", teacher), ("student", first[best].model))
-    }
+        name: measure_speed(model, tokenizer, prompts=prompts, batch_size=4, new_tokens=budget.speed_tokens, repeats=3)
+        for name, model in (("teacher", teacher), ("student", first[best].model),
+                            ("baseline", first[baseline_label].model))
+    }  # fmt: skip
     say(f"timed in {time.perf_counter() - phase:.0f} s")
     teacher_result = ModelResult.from_results(
         "teacher (SmolLM2-135M-Instruct)", scores[best].teacher_metrics(), speed=speeds["teacher"]
@@ -318,17 +326,25 @@ def main(argv: list[str] | None = None) -> int:
     student_result = ModelResult.from_results(
         f"{best} student ({pruned.pruned.shape})" if best.startswith("pruned") else f"{best} student",
         scores[best].student_metrics(), speed=speeds["student"], log_history=first[best].log_history,
+        row_sums=scores[best].student_row_sums(),
     )  # fmt: skip
     baseline_result = ModelResult.from_results(
         f"{baseline_label} (same start, same budget, no teacher)", scores[baseline_label].student_metrics(),
-        speed=speeds["student"], log_history=first[baseline_label].log_history,
+        speed=speeds["baseline"], log_history=first[baseline_label].log_history,
+        row_sums=scores[baseline_label].student_row_sums(),
     )  # fmt: skip
     card = write_report(
         out, teacher=teacher_result, student=student_result, baseline=baseline_result, primary_metric="ce",
         title="make demo: SmolLM2-135M-Instruct pruned and distilled on Python code (CPU)",
+        budget={
+            "optimizer steps (each student)": budget.steps, "rows per step": budget.batch_size,
+            "tokens per row": budget.max_length, "training tokens (each student)":
+            budget.steps * budget.batch_size * budget.max_length, "learning rate": budget.learning_rate,
+            "training seconds (KD student)": round(first[best].curve[-1][1], 1),
+            "held-out rows x tokens": f"{len(heldout_rows)} x {budget.heldout_length}",
+        },
     )  # fmt: skip
     curve_md = write_curve(out, runs, scores, teacher_ce=scores[best].teacher_ce, budget=budget)
-    save_students(out, first, tokenizer)
     print()
     print(summary_tables(teacher_result, student_result, baseline_result))
     print()
@@ -399,14 +415,6 @@ def seed_spread(runs: list[Run]) -> str:
         f"{min(final['fine-tuning']):.3f}-{max(final['fine-tuning']):.3f}): KD is better by {gap:.3f} nats/token, "
         f"{verdict} than the largest spread ({spread:.3f})."
     )
-
-
-def save_students(out: Path, runs: dict[str, Run], tokenizer: Any) -> None:
-    """Keep every trained student (seed 0) under ``out/students/<start>-<method>/``."""
-    for label, run in runs.items():
-        folder = out / "students" / label.replace(" + ", "-").replace(" ", "_")
-        run.model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
 
 
 if __name__ == "__main__":

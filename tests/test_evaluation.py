@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -254,14 +255,103 @@ def test_gpu_price_comes_from_the_planning_catalogue():
 
 
 def test_measure_speed_on_a_tiny_model(tokenizer):
+    from distill.evaluation.memory import status_bytes
+
     model = tiny_llama(len(tokenizer))
-    speed = measure_speed(model, tokenizer, batch_size=3, new_tokens=5, price_per_hour=3.6)
+    speed = measure_speed(model, tokenizer, batch_size=3, new_tokens=5, repeats=4, price_per_hour=3.6)
     assert speed.batch_size == 3 and speed.new_tokens == 5 and speed.device == "cpu"
-    assert speed.tokens_per_s == pytest.approx(15 / speed.seconds)
+    # Each timed run is kept; the headline rate is their median, and the runs add up to the time measured.
+    assert len(speed.run_tokens_per_s) == 4 and speed.seconds == pytest.approx(
+        sum(15 / r for r in speed.run_tokens_per_s)
+    )
+    ordered = sorted(speed.run_tokens_per_s)
+    assert speed.tokens_per_s == pytest.approx((ordered[1] + ordered[2]) / 2)
+    assert speed.spread.low == ordered[0] and speed.spread.high == ordered[-1] and speed.spread.count == 4
     assert speed.parameter_bytes == parameter_bytes(model)
-    assert speed.peak_memory_bytes is not None and speed.peak_memory_bytes > speed.parameter_bytes
+    # The model's own memory: its weights plus what generating added, not the process (torch alone is ~300 MB).
+    assert speed.activation_bytes is not None and speed.activation_bytes >= 0
+    assert speed.peak_memory_bytes == speed.parameter_bytes + speed.activation_bytes
+    assert speed.peak_memory_bytes < status_bytes("VmRSS") / 4
     assert speed.cost_per_million_tokens == pytest.approx(1000.0 / speed.tokens_per_s)
     assert model.training
+    assert speed.as_dict()["tokens_per_s_min"] == ordered[0]
+
+
+def test_speed_headline_says_when_the_runs_overlap(tmp_path, monkeypatch):
+    monkeypatch.setattr(report_module, "plots_unavailable", lambda: "off")
+    teacher = ModelResult("t", {"ce": 1.0}, tokens_per_s=100.0, run_tokens_per_s=[90.0, 100.0, 110.0])
+    clear = ModelResult("s", {"ce": 1.0}, tokens_per_s=200.0, run_tokens_per_s=[190.0, 200.0, 230.0])
+    card = write_report(tmp_path, teacher, clear)
+    assert card.headline.endswith("2.00x faster (1.73-2.56x over 3+ timed runs each).")
+    assert card.data["speedup_range"] == pytest.approx([190 / 110, 230 / 90])
+    # The issue's case: one noisy run made a 118x "speed-up"; with the runs' range overlapping, no claim.
+    noisy = ModelResult("s", {"ce": 1.0}, tokens_per_s=105.0, run_tokens_per_s=[60.0, 105.0, 11800.0])
+    assert "no clear speed difference (speed ratio 0.55-131.11" in write_report(tmp_path, teacher, noisy).headline
+    slower = ModelResult("s", {"ce": 1.0}, tokens_per_s=50.0, run_tokens_per_s=[45.0, 50.0, 55.0])
+    assert "2.00x slower (1.64-2.44x over 3+ timed runs each)" in write_report(tmp_path, teacher, slower).headline
+
+
+# ---- how sure a comparison is -----------------------------------------------------------------------------------
+
+
+def test_paired_bootstrap_interval_and_verdicts():
+    from distill.evaluation.stats import paired_difference, spread
+
+    # The issue's case: 8 rows, top-1 agreement 0.002 apart, rows that vary far more than that: no clear winner.
+    a = _row_sums(rows=8, tokens=50, jitter=0.1, top1_agreement=0.502)
+    b = _row_sums(rows=8, tokens=50, jitter=-0.1, top1_agreement=0.500)
+    small = paired_difference(a, b, "top1_agreement")
+    assert small.difference == pytest.approx(0.002) and small.low < 0 < small.high and not small.clear
+    assert (small.num_rows, small.num_tokens, small.resamples) == (8, 400, 2000)
+    assert paired_difference(a, b, "top1_agreement") == small  # seeded: the same interval every time
+    # The same rows with a large gap: the interval excludes 0.
+    big = paired_difference(
+        _row_sums(rows=8, tokens=50, jitter=0.1, ce=1.0), _row_sums(rows=8, tokens=50, ce=2.0), "ce"
+    )
+    assert big.clear and big.high < 0 and big.low <= -1.0 <= big.high
+    ppl = paired_difference(_row_sums(ce=1.0), _row_sums(ce=2.0), "perplexity")
+    assert ppl.difference == pytest.approx(math.e - math.e**2) and ppl.clear
+    with pytest.raises(ValueError, match="same rows"):
+        paired_difference(_row_sums(rows=4, ce=1.0), _row_sums(rows=6, ce=1.0), "ce")
+    with pytest.raises(ValueError, match="per-row"):
+        paired_difference(a, b, "humaneval/pass@1")
+    runs = spread([3.0, 1.0, 2.0, 10.0])
+    assert (runs.median, runs.low, runs.high, runs.count) == (2.5, 1.0, 10.0, 4)
+    assert runs.text() == "2.5 (min-max 1.0-10.0, n=4)" and spread([7.0]).text() == "7.0 (n=1)"
+
+
+def test_report_says_no_clear_difference_when_the_interval_holds_zero(tmp_path, monkeypatch):
+    monkeypatch.setattr(report_module, "plots_unavailable", lambda: "off")
+    teacher = ModelResult("t", {"ce": 1.0, "top1_agreement": 1.0})
+    student = ModelResult("s", {"ce": 1.5, "top1_agreement": 0.502},
+                          row_sums=_row_sums(jitter=0.1, ce=1.5, top1_agreement=0.502))  # fmt: skip
+    baseline = ModelResult("b", {"ce": 1.5, "top1_agreement": 0.500},
+                           row_sums=_row_sums(jitter=-0.1, ce=1.5, top1_agreement=0.500))  # fmt: skip
+    card = write_report(tmp_path, teacher, student, baseline)
+    assert card.data["kd_vs_baseline"]["top1_agreement"]["better"] == "no clear difference"
+    markdown = (tmp_path / "report.md").read_text()
+    assert "no clear difference on `ce` (" in markdown and "kd better" not in markdown
+
+
+def test_heldout_row_sums_add_up_to_the_means_in_the_rows_order(tokenizer, tiny_pair):
+    teacher, student = tiny_pair
+    rows = arithmetic_rows(5, layout="prompt_completion")
+    metrics = heldout_metrics(student, teacher, tokenizer, rows, batch_size=2)
+    sums = metrics.row_sums
+    assert len(sums["tokens"]) == 5 and sum(sums["tokens"]) == metrics.num_tokens
+    assert sum(sums["ce"]) / metrics.num_tokens == pytest.approx(metrics.student_ce, rel=1e-9)
+    assert sum(sums["teacher_ce"]) / metrics.num_tokens == pytest.approx(metrics.teacher_ce, rel=1e-9)
+    assert sum(sums["kl"]) / metrics.num_tokens == pytest.approx(metrics.forward_kl, rel=1e-9)
+    # Rows come back in the order given, whatever order they were batched in (by length).
+    reversed_sums = heldout_metrics(student, teacher, tokenizer, rows[::-1], batch_size=2).row_sums
+    assert reversed_sums["ce"] == pytest.approx(sums["ce"][::-1], rel=1e-5)
+    assert reversed_sums["tokens"] == sums["tokens"][::-1]
+    assert "row_sums" not in metrics.as_dict() and set(metrics.student_row_sums()) == {
+        "tokens",
+        "ce",
+        "kl",
+        "top1_agreement",
+    }
 
 
 # ---- the report card -------------------------------------------------------------------------------------------
@@ -282,6 +372,7 @@ def _entries(with_history: bool = True) -> tuple[ModelResult, ModelResult, Model
         {"ce": 1.5, "perplexity": math.exp(1.5), "kl": 0.3, "top1_agreement": 0.7, "humaneval/pass@1": 0.4},
         speed=SpeedResult(400.0, 1_000_000, 3_000_000, "cpu", 8, 64, 1.28, price_per_hour=2.0),
         log_history=history if with_history else None,
+        row_sums=_row_sums(ce=1.5, kl=0.3, top1_agreement=0.7),
     )
     baseline = ModelResult(
         "plain-student",
@@ -290,8 +381,16 @@ def _entries(with_history: bool = True) -> tuple[ModelResult, ModelResult, Model
         tokens_per_s=400.0,
         price_per_hour=2.0,
         log_history=[{**entry, "kd_loss": 0.0} for entry in history] if with_history else None,
+        row_sums=_row_sums(jitter=-0.05, ce=1.8, kl=0.5, top1_agreement=0.6),  # rows vary the other way
     )
     return teacher, student, baseline
+
+
+def _row_sums(rows: int = 8, tokens: int = 10, jitter: float = 0.05, **means: float) -> dict[str, list[float]]:
+    """Per-row sums whose token-weighted means are ``means``; rows differ by +-``jitter`` per token around them."""
+    signs = [(-1) ** row for row in range(rows)]  # an even count: the jitter cancels in the mean
+    sums = {key: [tokens * (mean + jitter * sign) for sign in signs] for key, mean in means.items()}
+    return {"tokens": [float(tokens)] * rows, **sums}
 
 
 def test_report_card_headline_numbers_and_files(tmp_path):
@@ -318,15 +417,20 @@ def test_report_card_headline_numbers_and_files(tmp_path):
     assert data["models"]["student"]["kept"]["perplexity"] == pytest.approx(math.exp(-0.5))
     assert data["models"]["student"]["kept"]["kl"] is None
     comparison = data["kd_vs_baseline"]
-    assert comparison["ce"] == {"kd_minus_baseline": pytest.approx(-0.3), "better": "kd"}
-    assert comparison["humaneval/pass@1"] == {"kd_minus_baseline": pytest.approx(-0.05), "better": "baseline"}
+    assert comparison["ce"]["kd_minus_baseline"] == pytest.approx(-0.3) and comparison["ce"]["better"] == "kd"
+    assert comparison["ce"]["num_rows"] == 8 and comparison["ce"]["num_tokens"] == 80
+    low, high = comparison["ce"]["interval_95"]
+    assert low <= -0.3 <= high < 0  # the rows' jitter is the same for both models: a tight interval
+    # A task score without per-problem scores gets no verdict: its 0.05 difference may be noise.
+    assert comparison["humaneval/pass@1"] == {"kd_minus_baseline": pytest.approx(-0.05), "better": "not tested"}
     assert comparison["top1_agreement"]["better"] == "kd" and comparison["kl"]["better"] == "kd"
     assert data["plots_skipped"] is None and "exp(-CE)" in data["metric_definitions"]["ce"]
 
     markdown = (out / "report.md").read_text()
     assert card.headline in markdown and "![training curves](training_curves.png)" in markdown
-    row = "| `humaneval/pass@1` | fraction | 0.5000 | 0.4000 | 0.4500 | 80.0% | 90.0% | -0.0500 (baseline better) |"
+    row = "| `humaneval/pass@1` | fraction | 0.5000 | 0.4000 | 0.4500 | 80.0% | 90.0% | -0.0500 (not tested) |"
     assert row in markdown
+    assert "`ce` (-0.3, 95% CI [" in markdown and "8 rows / 80 tokens" in markdown
 
 
 def test_report_card_without_matplotlib_or_speed(tmp_path, monkeypatch):
@@ -386,7 +490,8 @@ def test_distill_eval_cli_writes_the_report(tmp_path, tokenizer, capsys):
     argv = ["eval", "--student", str(paths["student"]), "--teacher", str(paths["teacher"])]
     argv += ["--baseline", str(paths["baseline"]), "--dataset", str(dataset), "--max-rows", "4"]
     argv += ["--humaneval", "1", "--samples", "1", "--k", "1,5", "--max-new-tokens", "4"]
-    argv += ["--price-per-hour", "2.5", "--speed-batch-size", "2", "--speed-new-tokens", "3", "--out"]
+    argv += ["--price-per-hour", "2.5", "--speed-batch-size", "2", "--speed-new-tokens", "3", "--speed-repeats", "3"]
+    argv += ["--out"]
     assert main([*argv, str(tmp_path / "out")]) == 0
 
     printed = capsys.readouterr().out
@@ -400,6 +505,15 @@ def test_distill_eval_cli_writes_the_report(tmp_path, tokenizer, capsys):
     assert data["models"]["teacher"]["metrics"]["kl"] == 0.0 and "baseline" in data["models"]
     assert sorted(data["plots"]) == ["quality_vs_cost.png", "training_curves.png"]
     assert (tmp_path / "out" / "report.md").exists()
+    # Three timed runs each, kept; every KD-vs-baseline verdict on held-out metrics has its interval and sample size.
+    assert len(student["run_tokens_per_s"]) == 3 and student["tokens_per_s"] == sorted(student["run_tokens_per_s"])[1]
+    assert (
+        data["speedup_range"] is not None and data["speedup_range"][0] <= data["speedup"] <= data["speedup_range"][1]
+    )
+    for metric in ("ce", "kl", "top1_agreement"):
+        entry = data["kd_vs_baseline"][metric]
+        assert entry["num_rows"] == 4 and entry["num_tokens"] > 0 and len(entry["interval_95"]) == 2
+    assert data["kd_vs_baseline"]["humaneval/pass@1"]["better"] == "not tested"
 
 
 def test_distill_eval_cli_fails_fast_on_a_missing_dataset(tmp_path, capsys):
@@ -410,5 +524,19 @@ def test_distill_eval_cli_fails_fast_on_a_missing_dataset(tmp_path, capsys):
     # Bad input ends the command with one line and exit code 2 (distill.cli), before any model loads.
     assert main(["eval", "--student", "x", "--teacher", "y", "--dataset", str(tmp_path / "no.jsonl"),
                  "--out", str(out)]) == 2  # fmt: skip
-    assert "No dataset" in capsys.readouterr().err
+    assert "no such file or folder" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_eval_stages_show_rate_and_eta(tokenizer, tiny_pair, capsys):
+    teacher, student = tiny_pair
+    heldout_metrics(student, teacher, tokenizer, arithmetic_rows(3), batch_size=2)
+    measure_speed(student, tokenizer, batch_size=1, new_tokens=2, repeats=2)
+    bars = capsys.readouterr().err
+    # tqdm's "[elapsed<remaining, rate]": the rate is "row/s", or "s/row" when a row takes more than a second.
+    assert re.search(r"Held-out metrics: 100%.*3/3 \[\d\d:\d\d<\d\d:\d\d,\s*[\d.]+(row/s|s/row)\]", bars)
+    assert re.search(r"Timing generation: 100%.*3/3 \[\d\d:\d\d<\d\d:\d\d,\s*[\d.]+(run/s|s/run)\]", bars)
+    heldout_metrics(student, teacher, tokenizer, arithmetic_rows(3), progress=False)
+    measure_speed(student, tokenizer, batch_size=1, new_tokens=2, repeats=1, progress=False)
+    quiet = capsys.readouterr().err  # (the datasets library's own "Tokenizing" bar may be there)
+    assert "Held-out metrics" not in quiet and "Timing generation" not in quiet

@@ -71,6 +71,18 @@ def test_demo_quick_distills_the_real_teacher_and_writes_the_report_card(tmp_pat
         assert f"| {label} |" in curve_table
         student = tmp_path / "students" / label.replace(" + ", "-").replace(" ", "_")
         assert (student / "config.json").exists()
+        assert "| teacher |" in (student / "README.md").read_text()  # each kept student has its model card
+    # No folder is left empty; the baseline's speed is its own measurement; every verdict has its evidence.
+    assert not [path for path in tmp_path.rglob("*") if path.is_dir() and not any(path.iterdir())]
+    models = report["models"]
+    assert models["baseline"]["run_tokens_per_s"] != models["student"]["run_tokens_per_s"]
+    assert len(models["baseline"]["run_tokens_per_s"]) == 3
+    for entry in report["kd_vs_baseline"].values():
+        assert entry["num_rows"] == 8 and len(entry["interval_95"]) == 2
+    assert (
+        report["budget"]["optimizer steps (each student)"] == 3
+        and "Training budget:" in (tmp_path / "report.md").read_text()
+    )
     curves = json.loads((tmp_path / "quality_vs_time.json").read_text())
     assert len(curves["runs"]) == 4 and all(run["curve"][0]["step"] == 0 for run in curves["runs"])
     pruned = json.loads((tmp_path / "students" / "pruned-KD" / "config.json").read_text())

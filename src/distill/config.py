@@ -161,6 +161,15 @@ class DistillConfig(TrainingArguments):
         default=True,
         metadata={"help": "Loss only on completion / assistant tokens (prompts are context only)."},
     )
+    chat_loss_tokens: Literal["assistant_turns", "trl"] = field(
+        default="assistant_turns",
+        metadata={
+            "help": "Which tokens of a chat row carry loss. 'assistant_turns': every assistant turn's content and "
+            "end-of-turn token (not the newline a template writes after it, which the model never generates). "
+            "'trl': TRL GKDTrainer's convention (DataCollatorForChatML): only the last message, through the end "
+            "of the render, that newline included; use it to lay a loss curve over TRL's."
+        },
+    )
     packing: bool = field(
         default=False,
         metadata={"help": "Pack several rows into each max_length sequence (documents never attend to each other)."},
@@ -269,6 +278,8 @@ class DistillConfig(TrainingArguments):
         trl_compat.check_data_keywords(self.assistant_only_loss, self.completion_only_loss, self.padding_free)
         if not self.dataset_text_field:
             raise InputError("dataset_text_field must name a column (default 'text').")
+        if self.chat_loss_tokens not in ("assistant_turns", "trl"):
+            raise ValueError(f"chat_loss_tokens must be 'assistant_turns' or 'trl'; got {self.chat_loss_tokens!r}.")
 
     def load_kwargs(self, role: Literal["student", "teacher"]) -> dict[str, Any]:
         """Keywords for :func:`distill.models.load_causal_lm` beyond the dtype, for a model given by name."""

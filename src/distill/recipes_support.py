@@ -388,6 +388,7 @@ def evaluate_and_report(
             heldout,
             max_length=trainer.args.max_length,
             batch_size=trainer.args.per_device_eval_batch_size,
+            progress=not trainer.args.disable_tqdm,
         )
         metrics["heldout"] = heldout_kd.as_dict()
         card = write_report(

@@ -60,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
     from distill.data.rows import load_rows
     from distill.models.loading import check_model_source, load_tokenizer
 
-    # Arguments, the output folder and the model names are checked before anything is loaded.
+    # Arguments, the model names, the rows and the output folder are checked before any model is loaded.
     check_server_arguments(args)
     if args.teacher is not None:
         check_model_source(args.teacher, "--teacher")
+    rows = load_rows(args.dataset, args.split)
     check_cache_folder(args.out, "--out")
     tokenizer = None
     if args.tokenizer is not None:
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     teacher = args.teacher if args.server is None else server_teacher(args, tokenizer, args.top_k)
     manifest = build_cache(
         teacher,
-        load_rows(args.dataset, args.split),
+        rows,
         args.out,
         tokenizer=tokenizer,
         top_k=args.top_k,

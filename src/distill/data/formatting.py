@@ -14,9 +14,13 @@ from typing import Any
 
 from distill.checks import InputError
 
-__all__ = ["FORMATS", "DataError", "FormattedRow", "RowError", "detect_format", "format_row"]
+__all__ = ["CHAT_LOSS_TOKENS", "FORMATS", "DataError", "FormattedRow", "RowError", "detect_format", "format_row"]
 
 FORMATS = ("messages", "prompt_completion", "text", "tokenized")
+# Which tokens of a chat render carry loss: every assistant turn's content and end-of-turn token (ours), or
+# TRL's DataCollatorForChatML convention: the last message, from the generation prompt to the end of the render
+# (the newline the template writes after the end-of-turn token included; earlier assistant turns are prompt).
+CHAT_LOSS_TOKENS = ("assistant_turns", "trl")
 
 _LAYOUTS = (
     "`messages` (a list of {'role', 'content'} dicts), "
@@ -145,14 +149,20 @@ def _render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_promp
         raise RowError(f"the chat template failed on this conversation: {type(error).__name__}: {error}") from None
 
 
-def _format_chat(tokenizer: Any, messages: list[dict[str, Any]], first_completion_turn: int) -> FormattedRow:
+def _format_chat(
+    tokenizer: Any, messages: list[dict[str, Any]], first_completion_turn: int, loss_tokens: str = "assistant_turns"
+) -> FormattedRow:
     """Render a conversation; assistant turns from ``first_completion_turn`` on carry loss.
 
     An assistant turn spans from the end of ``render(messages[:i], add_generation_prompt=True)`` (so the
     ``<|im_start|>assistant\\n`` header is prompt) to the end of ``render(messages[:i + 1])`` with trailing
     whitespace dropped (so ``<|im_end|>`` carries loss but the newline the template writes after it, which
-    the model never generates, does not).
+    the model never generates, does not). ``loss_tokens="trl"``: only the last turn (or, for prompt/completion
+    rows, the completion), and through the end of the render, trailing newline included, as TRL's
+    ``DataCollatorForChatML`` labels it.
     """
+    if loss_tokens == "trl":
+        return _format_chat_trl(tokenizer, messages, first_completion_turn)
     turns = [i for i in range(first_completion_turn, len(messages)) if messages[i]["role"] == "assistant"]
     if not turns:
         raise RowError(NO_ASSISTANT)
@@ -177,13 +187,35 @@ def _format_chat(tokenizer: Any, messages: list[dict[str, Any]], first_completio
     return FormattedRow(text=text, completion_spans=spans, prompt_text=prompt_text, plain=False)
 
 
-def format_row(row: dict[str, Any], fmt: str, tokenizer: Any) -> FormattedRow:
+def _format_chat_trl(tokenizer: Any, messages: list[dict[str, Any]], first_completion_turn: int) -> FormattedRow:
+    """TRL's convention: loss from the end of the prompt's render (generation prompt included) to the end."""
+    start = first_completion_turn or len(messages) - 1  # messages rows: the last message is the completion
+    if messages[-1]["role"] != "assistant" or not any(m["role"] == "assistant" for m in messages[start:]):
+        raise RowError(NO_ASSISTANT)
+    if start == 0:
+        raise RowError(STARTS_WITH_ASSISTANT)
+    if any(not m["content"].strip() for m in messages[start:] if m["role"] == "assistant"):
+        raise RowError(EMPTY_ASSISTANT)
+    text = _render(tokenizer, messages)
+    prompt_text = _render(tokenizer, messages[:start], add_generation_prompt=True)
+    if not text.startswith(prompt_text) or len(text.rstrip()) <= len(prompt_text):
+        raise RowError(NOT_PREFIX_STABLE)
+    return FormattedRow(
+        text=text, completion_spans=[(len(prompt_text), len(text))], prompt_text=prompt_text, plain=False
+    )
+
+
+def format_row(
+    row: dict[str, Any], fmt: str, tokenizer: Any, chat_loss_tokens: str = "assistant_turns"
+) -> FormattedRow:
     """Turn one row of a ``messages``, ``prompt_completion`` or ``text`` dataset into text and loss spans.
 
     Args:
         row: the dataset row.
         fmt: its layout, from :func:`detect_format` (not ``"tokenized"``).
         tokenizer: a tokenizer with a ``chat_template`` when the rows are chats.
+        chat_loss_tokens: which tokens of a chat render carry loss, one of :data:`CHAT_LOSS_TOKENS`
+            (``"assistant_turns"``: every assistant turn's content and end-of-turn token; ``"trl"``: TRL's).
 
     Returns:
         The :class:`FormattedRow`.
@@ -192,7 +224,7 @@ def format_row(row: dict[str, Any], fmt: str, tokenizer: Any) -> FormattedRow:
         RowError: the row cannot be used; the message names the problem and the fix.
     """
     if fmt == "messages":
-        return _format_chat(tokenizer, _clean_messages(row["messages"]), first_completion_turn=0)
+        return _format_chat(tokenizer, _clean_messages(row["messages"]), 0, chat_loss_tokens)
     if fmt == "text":
         text = row["text"]
         if text is not None and not isinstance(text, str):
@@ -219,5 +251,5 @@ def format_row(row: dict[str, Any], fmt: str, tokenizer: Any) -> FormattedRow:
         if not completion:
             raise RowError(NO_ASSISTANT)
         messages = _clean_messages(prompt + completion)
-        return _format_chat(tokenizer, messages, first_completion_turn=len(prompt))
+        return _format_chat(tokenizer, messages, len(prompt), chat_loss_tokens)
     raise RowError(MIXED_PROMPT_COMPLETION)

@@ -161,6 +161,7 @@ def prepare_dataset(
     packing: bool = False,
     need_prompts: bool = False,
     num_proc: int | None = None,
+    chat_loss_tokens: str = "assistant_turns",
 ) -> tuple[datasets.Dataset, DataReport]:
     """Check, tokenize, truncate and optionally pack a dataset for the distillation trainer.
 
@@ -175,6 +176,8 @@ def prepare_dataset(
         packing: pack several rows into each row of at most ``max_length`` tokens (adds ``position_ids``).
         need_prompts: the trainer generates from prompts (on-policy or sequence-level KD): require them.
         num_proc: processes for ``dataset.map``.
+        chat_loss_tokens: which tokens of a chat carry loss: ``"assistant_turns"`` (every assistant turn's content
+            and end-of-turn token) or ``"trl"`` (TRL's: the last turn through the end of the render).
 
     Returns:
         ``(rows, report)``. ``rows`` has lists of ints ``input_ids`` and ``labels`` (same length, unshifted,
@@ -197,6 +200,7 @@ def prepare_dataset(
         tokenizer=tokenizer,
         max_length=max_length,
         completion_only_loss=completion_only_loss,
+        chat_loss_tokens=chat_loss_tokens,
         keep_prompts=has_prompts,
         bos=bos_prefix(tokenizer) if fmt != "tokenized" else [],
     )

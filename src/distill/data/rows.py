@@ -18,7 +18,14 @@ __all__ = ["FILE_BUILDERS", "load_rows", "split_heldout"]
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_rows(source: Any, split: str = "train", subset: str | None = None, *, max_rows: int | None = None) -> Any:
+def load_rows(
+    source: Any,
+    split: str = "train",
+    subset: str | None = None,
+    *,
+    max_rows: int | None = None,
+    what: str = "--dataset",
+) -> Any:
     """A ``datasets.Dataset`` of rows.
 
     Args:
@@ -27,6 +34,7 @@ def load_rows(source: Any, split: str = "train", subset: str | None = None, *, m
         split: the split of a hub dataset or of a saved ``DatasetDict`` (a file is one split).
         subset: the configuration of a hub dataset (e.g. ``"main"`` of ``openai/gsm8k``).
         max_rows: keep only the first ``max_rows`` rows.
+        what: how error messages name the source (e.g. ``--dataset``).
 
     Raises:
         InputError: a local path that does not exist, or a file of a type no builder reads.
@@ -37,6 +45,10 @@ def load_rows(source: Any, split: str = "train", subset: str | None = None, *, m
         rows = source
     elif isinstance(source, (list, tuple)):
         rows = datasets.Dataset.from_list(list(source))
+    elif subset is None:
+        from distill.data.sources import load_rows as load_named  # local paths before the hub, one-line errors
+
+        rows = load_named(str(source), split, what=what)
     else:
         rows = _load_named(str(source), split, subset)
     if max_rows is not None:

@@ -35,12 +35,13 @@ def prepare_stream(
     completion_only_loss: bool = True,
     packing: bool = False,
     need_prompts: bool = False,
+    chat_loss_tokens: str = "assistant_turns",
 ) -> tuple[datasets.IterableDataset, DataReport]:
     """Check a stream's first rows and return it tokenized lazily, with rows as :func:`prepare_dataset` makes them.
 
     Args:
         dataset: the streaming rows, in any layout :func:`prepare_dataset` accepts.
-        tokenizer, max_length, completion_only_loss, need_prompts: as in :func:`prepare_dataset`.
+        tokenizer, max_length, completion_only_loss, need_prompts, chat_loss_tokens: as in :func:`prepare_dataset`.
         packing: must be False.
 
     Returns:
@@ -60,8 +61,9 @@ def prepare_stream(
     if not head:
         raise DataError("The streaming dataset is empty: there is nothing to train on.")
     checked, report = prepare_dataset(
-        head, tokenizer, max_length=max_length, completion_only_loss=completion_only_loss, need_prompts=need_prompts
-    )
+        head, tokenizer, max_length=max_length, completion_only_loss=completion_only_loss, need_prompts=need_prompts,
+        chat_loss_tokens=chat_loss_tokens,
+    )  # fmt: skip
     report.streamed = True
     tokenize = functools.partial(
         tokenize_batch,
@@ -69,6 +71,7 @@ def prepare_stream(
         tokenizer=tokenizer,
         max_length=max_length,
         completion_only_loss=completion_only_loss,
+        chat_loss_tokens=chat_loss_tokens,
         keep_prompts="prompt_input_ids" in checked.column_names,
         bos=bos_prefix(tokenizer) if report.format != "tokenized" else [],
     )

@@ -112,7 +112,7 @@ def _encode(tokenizer: Any, texts: list[str], offsets: bool = False) -> dict[str
 
 
 def _tokenize_texts(
-    batch: dict[str, list[Any]], fmt: str, tokenizer: Any, bos: list[int]
+    batch: dict[str, list[Any]], fmt: str, tokenizer: Any, bos: list[int], chat_loss_tokens: str
 ) -> tuple[list[_Tokens | None], list[str]]:
     """Format and tokenize a batch of text rows: per row its :data:`_Tokens` (None on a problem), and its problem."""
     num_rows = len(next(iter(batch.values())))
@@ -120,7 +120,8 @@ def _tokenize_texts(
     errors = []
     for index in range(num_rows):
         try:
-            formatted.append(format_row({name: values[index] for name, values in batch.items()}, fmt, tokenizer))
+            row = {name: values[index] for name, values in batch.items()}
+            formatted.append(format_row(row, fmt, tokenizer, chat_loss_tokens))
             errors.append("")
         except RowError as error:
             formatted.append(None)
@@ -154,6 +155,7 @@ def tokenize_batch(
     completion_only_loss: bool,
     keep_prompts: bool,
     bos: list[int],
+    chat_loss_tokens: str = "assistant_turns",
 ) -> dict[str, list[Any]]:
     """Tokenize a batch of rows of one layout into ids, unshifted labels and prompt ids, truncated to ``max_length``.
 
@@ -165,6 +167,7 @@ def tokenize_batch(
         completion_only_loss: loss on completion/assistant tokens only; else on every token.
         keep_prompts: also return ``prompt_input_ids``.
         bos: :func:`bos_prefix` of the tokenizer.
+        chat_loss_tokens: which tokens of a chat render carry loss (:data:`~distill.data.formatting.CHAT_LOSS_TOKENS`).
 
     Returns:
         Columns ``input_ids``, ``labels`` (``-100`` where no loss), optionally ``prompt_input_ids``, and the
@@ -177,7 +180,7 @@ def tokenize_batch(
     if fmt == "tokenized":
         results, errors = _tokenized_rows(batch, len(tokenizer))
     else:
-        results, errors = _tokenize_texts(batch, fmt, tokenizer, bos)
+        results, errors = _tokenize_texts(batch, fmt, tokenizer, bos, chat_loss_tokens)
     for result, error in zip(results, errors, strict=True):
         ids, in_completion, prompt = result if result is not None else ([], [], [])
         carries_loss = in_completion if completion_only_loss and fmt != "text" else [True] * len(ids)

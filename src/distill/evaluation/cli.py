@@ -61,9 +61,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-speed", action="store_true", help="skip the generation speed measurement")
     parser.add_argument("--speed-batch-size", type=arg_int(1), default=8)
     parser.add_argument("--speed-new-tokens", type=arg_int(1), default=64)
+    parser.add_argument(
+        "--speed-repeats", type=arg_int(1), default=5,
+        help="timed generation runs per model (default 5): the report gives their median and min-max",
+    )  # fmt: skip
+    parser.add_argument("--speed-warmup", type=arg_int(0), default=1, help="untimed runs first (default 1)")
     parser.add_argument("--dtype", type=arg_dtype, default="auto", help="auto, bf16, fp16 or fp32")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--seed", type=arg_int(None), default=0)
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--out", required=True, help="output folder for the report")
     parser.set_defaults(func=run)
 
@@ -74,6 +80,30 @@ def _log_history(model_path: str) -> list[dict[str, Any]] | None:
     if not state.is_file():
         return None
     return json.loads(state.read_text(encoding="utf-8")).get("log_history")
+
+
+def _budget(model_path: str) -> dict[str, Any] | None:
+    """What training the model at ``model_path`` cost: from the model card distill saved with it, else from the
+    ``trainer_state.json`` a Trainer saved beside it."""
+    from distill.trainer.model_card import read_budget
+
+    recorded = read_budget(model_path)
+    if recorded is not None:
+        return recorded
+    state_file = Path(model_path) / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    budget: dict[str, Any] = {"optimizer steps": state.get("global_step")}
+    if state.get("train_batch_size"):
+        budget["rows per step (per device)"] = state["train_batch_size"]
+    finished = next((entry for entry in reversed(state.get("log_history") or []) if "train_runtime" in entry), {})
+    if "train_runtime" in finished:
+        budget["training seconds"] = round(float(finished["train_runtime"]), 1)
+    for key, name in (("num_input_tokens_seen", "training tokens"), ("total_flos", "training FLOPs")):
+        if state.get(key):
+            budget[name] = state[key]
+    return {key: value for key, value in budget.items() if value is not None} or None
 
 
 def _tokenizer(path: str, what: str) -> Any:
@@ -113,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 workers=args.sandbox_workers,
                 isolation=args.sandbox_isolation,
+                progress=args.progress,
             )
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -135,11 +166,17 @@ def run(args: argparse.Namespace) -> int:
                 model_tokenizer,
                 batch_size=args.speed_batch_size,
                 new_tokens=args.speed_new_tokens,
+                warmup=args.speed_warmup,
+                repeats=args.speed_repeats,
                 price_per_hour=price,
+                progress=args.progress,
             )
-        return ModelResult.from_results(path, metrics, speed=speed, log_history=_log_history(path))
+        return ModelResult.from_results(
+            path, metrics, speed=speed, log_history=_log_history(path), row_sums=row_sums.get(path)
+        )
 
     teacher = load(args.teacher)
+    row_sums: dict[str, Any] = {}  # per student path: per-row sums for the paired KD-vs-baseline comparison
     students: dict[str, ModelResult] = {}
     teacher_metrics: dict[str, float] = {}
     for role, path in (("student", args.student), ("baseline", args.baseline)):
@@ -155,14 +192,19 @@ def run(args: argparse.Namespace) -> int:
             teacher_tokenizer=teacher_tokenizer,
             max_length=args.max_length,
             batch_size=args.batch_size,
+            progress=args.progress,
         )
+        row_sums[path] = heldout.student_row_sums()
         students[role] = evaluate(path, model, tokenizer, heldout.student_metrics())
         teacher_metrics = heldout.teacher_metrics()  # the same for every student: the teacher's own scores
         del model
         gc.collect()
     teacher_result = evaluate(args.teacher, teacher, teacher_tokenizer, teacher_metrics)
     sandbox = tasks[0].sandbox_record if tasks else None
-    card = write_report(args.out, teacher_result, students["student"], students.get("baseline"), sandbox=sandbox)
+    card = write_report(
+        args.out, teacher_result, students["student"], students.get("baseline"), sandbox=sandbox,
+        budget=_budget(args.student),
+    )  # fmt: skip
     print(card.headline)
     print()
     print(summary_tables(teacher_result, students["student"], students.get("baseline")))

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import datasets
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from distill.checks import check_int
 from distill.data import DistillCollator, prepare_dataset
@@ -51,6 +52,10 @@ class HeldoutMetrics:
         num_rows: rows evaluated.
         num_tokens: completion tokens scored (the denominator of every mean).
         vocab_size: vocabulary rows both distributions were normalised over.
+        row_sums: per row, in the order the rows came in, the sums the means are made of: ``tokens``
+            (scored tokens), ``kl``, ``top1_agreement`` (matches), ``ce`` (student) and ``teacher_ce``,
+            each a tuple of ``num_rows`` floats; what :func:`distill.evaluation.stats.paired_difference`
+            resamples. Left out of :meth:`as_dict`.
     """
 
     forward_kl: float
@@ -60,6 +65,7 @@ class HeldoutMetrics:
     num_rows: int
     num_tokens: int
     vocab_size: int
+    row_sums: dict[str, tuple[float, ...]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def student_perplexity(self) -> float:
@@ -84,10 +90,18 @@ class HeldoutMetrics:
         """The teacher's row: its ``ce`` and ``perplexity``, and ``kl`` 0 / ``top1_agreement`` 1 by definition."""
         return {"ce": self.teacher_ce, "perplexity": self.teacher_perplexity, "kl": 0.0, "top1_agreement": 1.0}
 
+    def student_row_sums(self) -> dict[str, tuple[float, ...]] | None:
+        """The student's per-row sums (``tokens``, ``ce``, ``kl``, ``top1_agreement``), for paired comparisons."""
+        if self.row_sums is None:
+            return None
+        return {key: self.row_sums[key] for key in ("tokens", "ce", "kl", "top1_agreement")}
+
     def as_dict(self) -> dict[str, float]:
-        """Every field plus both perplexities, for JSON."""
+        """Every field but ``row_sums``, plus both perplexities, for JSON."""
+        fields = asdict(self)
+        fields.pop("row_sums")
         return {
-            **asdict(self),
+            **fields,
             "student_perplexity": self.student_perplexity,
             "teacher_perplexity": self.teacher_perplexity,
         }
@@ -124,22 +138,24 @@ def _scored(model: nn.Module, head: Any, batch: Mapping[str, Tensor], scored: Te
     return hidden[:, :-1][scored], head.logits
 
 
+# The per-token values _chunk_values returns, in order; also the keys of HeldoutMetrics.row_sums (with "tokens").
+_VALUES = ("kl", "top1_agreement", "ce", "teacher_ce")
+
+
 def _logprobs(logits: Tensor, vocab_size: int) -> Tensor:
     """``[c, vocab_size]`` float32 log-probabilities over the shared vocabulary from ``[c, >= vocab_size]`` logits."""
     return logits[:, :vocab_size].float().log_softmax(-1)
 
 
-def _chunk_sums(
-    student_logprobs: Tensor, teacher_logprobs: Tensor, targets: Tensor
-) -> tuple[float, float, float, float]:
-    """Sums over a chunk of ``(forward KL, top-1 matches, student CE, teacher CE)``; log-probs ``[c, vocab]``."""
+def _chunk_values(student_logprobs: Tensor, teacher_logprobs: Tensor, targets: Tensor) -> Tensor:
+    """``[4, c]`` float64 per token: forward KL, top-1 match (0/1), student CE and teacher CE; log-probs ``[c, V]``."""
     teacher_logprobs = teacher_logprobs.to(student_logprobs.device)
     targets = targets.to(student_logprobs.device)[:, None]
-    kl = forward_kl_per_token(student_logprobs, teacher_logprobs).sum()
-    matches = (student_logprobs.argmax(-1) == teacher_logprobs.argmax(-1)).sum()
-    student_ce = -student_logprobs.gather(-1, targets).sum()
-    teacher_ce = -teacher_logprobs.gather(-1, targets).sum()
-    return float(kl), float(matches), float(student_ce), float(teacher_ce)
+    kl = forward_kl_per_token(student_logprobs, teacher_logprobs)
+    matches = (student_logprobs.argmax(-1) == teacher_logprobs.argmax(-1)).float()
+    student_ce = -student_logprobs.gather(-1, targets)[:, 0]
+    teacher_ce = -teacher_logprobs.gather(-1, targets)[:, 0]
+    return torch.stack([kl, matches, student_ce, teacher_ce]).double().cpu()
 
 
 @torch.no_grad()
@@ -155,6 +171,7 @@ def heldout_metrics(
     max_rows: int | None = None,
     chunk_size: int | None = None,
     vocab_size: int | None = None,
+    progress: bool = True,
 ) -> HeldoutMetrics:
     """KL, top-1 agreement, cross-entropy and perplexity of a student and its teacher on held-out rows.
 
@@ -176,6 +193,7 @@ def heldout_metrics(
             :func:`distill.losses.default_chunk_size` (64 MiB per block on a CPU, 512 MiB on a GPU).
         vocab_size: shared vocabulary rows; default :func:`distill.models.shared_vocab_size` of the
             tokenizers and both heads (padding rows past the tokenizer are left out).
+        progress: show a bar of rows scored (rate and ETA).
 
     Returns:
         The :class:`HeldoutMetrics`.
@@ -187,7 +205,7 @@ def heldout_metrics(
     metrics = heldout_metrics_per_student(
         {"student": student}, teacher, tokenizer, dataset, teacher_tokenizer=teacher_tokenizer,
         max_length=max_length, batch_size=batch_size, max_rows=max_rows, chunk_size=chunk_size,
-        vocab_size=vocab_size,
+        vocab_size=vocab_size, progress=progress,
     )  # fmt: skip
     return metrics["student"]
 
@@ -205,11 +223,14 @@ def heldout_metrics_per_student(
     max_rows: int | None = None,
     chunk_size: int | None = None,
     vocab_size: int | None = None,
+    progress: bool = True,
 ) -> dict[str, HeldoutMetrics]:
     """:func:`heldout_metrics` of several students against one teacher, running the teacher once per batch.
 
     Comparing N students costs N + 1 forward passes per batch instead of 2N (the teacher is usually the
-    largest model). The students share ``tokenizer``; arguments as :func:`heldout_metrics`.
+    largest model), and each chunk's teacher log-probabilities are computed once. The students share
+    ``tokenizer``; every student's scored features for one batch are held at once. Arguments as
+    :func:`heldout_metrics`.
 
     Returns:
         ``{name: HeldoutMetrics}`` in the order of ``students``.
@@ -223,30 +244,35 @@ def heldout_metrics_per_student(
     teacher_head, teacher_rows = _split_head(teacher)
     if vocab_size is None:
         vocab_size = min(
-            shared_vocab_size(tokenizer, teacher_tokenizer or tokenizer, rows_, teacher_rows)
-            for _, rows_ in heads.values()
+            shared_vocab_size(tokenizer, teacher_tokenizer or tokenizer, student_rows, teacher_rows)
+            for _, student_rows in heads.values()
         )
     chunk = chunk_size or default_chunk_size(vocab_size, _device(next(iter(students.values()))))
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     collate = DistillCollator(pad_token_id=pad_id)
     pairs = zip(prepared["input_ids"], prepared["labels"], strict=True)
-    examples = [{"input_ids": ids, "labels": labels} for ids, labels in pairs]
-    examples.sort(key=lambda row: len(row["input_ids"]))
+    examples = [{"input_ids": ids, "labels": labels, "row": row} for row, (ids, labels) in enumerate(pairs)]
+    examples.sort(key=lambda example: len(example["input_ids"]))
 
     models = [teacher, *students.values()]
     was_training = [model.training for model in models]
     for model in models:
         model.eval()
-    # Per student: KL, top-1 matches, student CE, teacher CE; Python floats are float64.
-    totals = {name: [0.0, 0.0, 0.0, 0.0] for name in students}
-    num_tokens = 0
+    # Per student and original row: the sums of each per-token value (float64); rows are what a paired bootstrap
+    # resamples (distill.evaluation.stats). Scored tokens per row are the same for every student.
+    row_sums = {name: torch.zeros(len(_VALUES), len(examples), dtype=torch.float64) for name in students}
+    row_tokens = torch.zeros(len(examples), dtype=torch.float64)
+    bar = tqdm(total=len(examples), desc="Held-out metrics", unit="row", disable=not progress)
     try:
         for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start : start + batch_size])
+            batch_examples = examples[start : start + batch_size]
+            batch = collate(batch_examples)  # the "row" key is ignored
             shifted_labels = batch["labels"][:, 1:]
             scored = shifted_labels != IGNORE_INDEX
             targets = shifted_labels[scored]
             check_labels(targets, vocab_size, IGNORE_INDEX)
+            token_rows = torch.tensor([ex["row"] for ex in batch_examples])[scored.nonzero()[:, 0]]  # [tokens]
+            row_tokens.index_add_(0, token_rows, torch.ones(len(token_rows), dtype=torch.float64))
             teacher_features, teacher_logits = _scored(teacher, teacher_head, batch, scored)
             # Every student's features at once (hidden states: small beside a [chunk x vocab] block), so each
             # chunk's teacher distribution is computed once for all of them.
@@ -255,20 +281,23 @@ def heldout_metrics_per_student(
                 last = first + chunk
                 teacher_logprobs = _logprobs(teacher_logits(teacher_features[first:last]), vocab_size)
                 for name, (student_features, student_logits) in scored_students.items():
-                    sums = _chunk_sums(
+                    values = _chunk_values(
                         _logprobs(student_logits(student_features[first:last]), vocab_size),
                         teacher_logprobs,
                         targets[first:last],
                     )
-                    totals[name] = [total + value for total, value in zip(totals[name], sums, strict=True)]
+                    row_sums[name].index_add_(1, token_rows[first:last], values)
             del scored_students
-            num_tokens += len(targets)
+            bar.update(len(batch_examples))
     finally:
+        bar.close()
         for model, mode in zip(models, was_training, strict=True):
             model.train(mode)
+    num_tokens = int(row_tokens.sum())
+    tokens = tuple(row_tokens.tolist())
     results = {}
-    for name, sums in totals.items():
-        kl, matches, student_ce, teacher_ce = (total / max(num_tokens, 1) for total in sums)
+    for name, sums in row_sums.items():
+        kl, matches, student_ce, teacher_ce = (float(total) / max(num_tokens, 1) for total in sums.sum(1))
         results[name] = HeldoutMetrics(
             forward_kl=kl,
             top1_agreement=matches,
@@ -277,5 +306,6 @@ def heldout_metrics_per_student(
             num_rows=report.num_rows,
             num_tokens=num_tokens,
             vocab_size=vocab_size,
+            row_sums={"tokens": tokens, **dict(zip(_VALUES, map(tuple, sums.tolist()), strict=True))},
         )
     return results

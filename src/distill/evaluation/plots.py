@@ -21,6 +21,11 @@ __all__ = [
 
 # Trainer log keys drawn against the optimizer step: total loss, its KD term, its cross-entropy term.
 TRAINING_SERIES = ("loss", "kd_loss", "ce_loss")
+_SERIES_LABELS = {
+    "loss": "loss (the objective trained)",
+    "kd_loss": "kd_loss (to the teacher)",
+    "ce_loss": "ce_loss (to the data)",
+}
 
 
 def plots_unavailable() -> str | None:
@@ -43,39 +48,48 @@ def _figure(width: float, height: float, panels: int) -> tuple[Any, list[Any]]:
 
 
 def plot_training_curves(path: str | Path, histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> bool:
-    """Draw ``loss``, ``kd_loss`` and ``ce_loss`` against the optimizer step, one line per model.
+    """Draw each model's logged ``loss``, ``kd_loss`` and ``ce_loss`` against the optimizer step, one panel per model.
+
+    Models never share an axis: a KD student's ``loss`` is a divergence to its teacher and a baseline's is a
+    cross-entropy to the data, and the two numbers mean different things. Each panel's y axis starts at 0
+    (every series is a non-negative loss).
 
     Args:
         path: the PNG to write.
-        histories: per model name, a Trainer's ``state.log_history`` (dicts with ``step`` and the
-            logged values; evaluation lines are ignored).
+        histories: per model name (a short role such as ``"student"``; it titles the panel), a Trainer's
+            ``state.log_history`` (dicts with ``step`` and the logged values; evaluation lines are ignored).
 
     Returns:
         False (and nothing written) when no history holds any of the series.
     """
-    series = {
-        key: {
-            name: [(entry["step"], entry[key]) for entry in history if key in entry and "step" in entry]
-            for name, history in histories.items()
+    panels = {
+        name: {
+            key: [(entry["step"], entry[key]) for entry in history if key in entry and "step" in entry]
+            for key in TRAINING_SERIES
         }
-        for key in TRAINING_SERIES
+        for name, history in histories.items()
     }
-    series = {key: {name: pts for name, pts in lines.items() if pts} for key, lines in series.items()}
-    series = {key: lines for key, lines in series.items() if lines}
-    if not series:
+    panels = {name: {key: pts for key, pts in lines.items() if pts} for name, lines in panels.items()}
+    panels = {name: lines for name, lines in panels.items() if lines}
+    if not panels:
         return False
-    figure, axes = _figure(4.2 * len(series), 3.4, len(series))
-    for ax, (key, lines) in zip(axes, series.items(), strict=True):
-        for name, points in lines.items():
+    figure, axes = _figure(4.2 * len(panels), 3.4, len(panels))
+    for ax, (name, lines) in zip(axes, panels.items(), strict=True):
+        for key, points in lines.items():
             steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3, label=name)
-        ax.set_title(key)
+            ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3, label=_SERIES_LABELS[key])
+        ax.set_title(name)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("nats/token")
+        ax.set_ylabel("training loss (nats/token)")
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     figure.savefig(path, dpi=120)
     return True
+
+
+# Markers cycled over models, so the legend tells points apart without text on the plot (which overlaps).
+_MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 def plot_quality_vs_cost(
@@ -84,6 +98,9 @@ def plot_quality_vs_cost(
     quality_label: str,
 ) -> bool:
     """Two scatters of quality: against size (MB, log scale) and against generation speed (tokens/s).
+
+    Each model has its own colour and marker, named once in a legend below the panels (no text beside the
+    points, which overlaps when two models are close). The quality axis starts at 0: quality is never negative.
 
     Args:
         path: the PNG to write.
@@ -101,17 +118,19 @@ def plot_quality_vs_cost(
 
     panels = [
         (index, title)
-        for index, title in ((2, "size (MB of parameters)"), (3, "generation speed (tokens/s)"))
+        for index, title in ((2, "size (MB of parameters)"), (3, "generation speed (tokens/s, median)"))
         if any(usable(point[1]) and usable(point[index]) for point in points)
     ]
     if not panels:
         return False
-    figure, axes = _figure(4.6 * len(panels), 3.6, len(panels))
+    figure, axes = _figure(4.6 * len(panels), 3.9, len(panels))
+    handles = {}
     for ax, (index, title) in zip(axes, panels, strict=True):
-        for point in points:
+        for number, point in enumerate(points):
             if usable(point[1]) and usable(point[index]):
-                ax.scatter([point[index]], [point[1]], s=60, label=point[0])
-                ax.annotate(point[0], (point[index], point[1]), textcoords="offset points", xytext=(6, 4))
+                handles[point[0]] = ax.scatter(
+                    [point[index]], [point[1]], s=60, marker=_MARKERS[number % len(_MARKERS)], color=f"C{number}"
+                )
         ax.set_xscale("log")
         # Plain numbers (200, 500, 1000) instead of 2x10^2 on the log axis.
         ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
@@ -121,7 +140,9 @@ def plot_quality_vs_cost(
         ax.set_xlabel(title)
         ax.set_ylabel(quality_label)
         ax.grid(alpha=0.3, which="both")
-        ax.margins(0.25)
+        ax.margins(x=0.25, y=0.15)
+        ax.set_ylim(bottom=0)
+    figure.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 3))
     figure.savefig(path, dpi=120)
     return True
 

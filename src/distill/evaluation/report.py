@@ -12,6 +12,13 @@ Quality is defined per metric, and the headline names the one it uses:
 * task scores (``humaneval/pass@1``, ...; higher is better): kept = ``student / teacher``.
 * ``kl`` and ``top1_agreement`` are measured against the teacher, so no "kept" ratio; they are shown
   as they are.
+
+Every "better" or "worse" has its evidence beside it: the KD student and the baseline are compared on
+the same rows with a paired bootstrap (:func:`distill.evaluation.stats.paired_difference`), and the
+report gives the difference, its 95% interval and the number of rows and tokens; an interval that holds
+0 reads "no clear difference", and a metric without per-row scores (task scores) gets no verdict.
+Speeds are medians of repeated timed runs, with their range; a speed-up whose range holds 1 reads "no
+clear speed difference".
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any
 
 from distill.evaluation.plots import plot_quality_vs_cost, plot_training_curves, plots_unavailable
 from distill.evaluation.speed import SpeedResult, cost_per_million_tokens
+from distill.evaluation.stats import paired_difference, spread
 
 __all__ = ["ModelResult", "ReportCard", "higher_is_better", "kept", "quality", "summary_tables", "write_report"]
 
@@ -104,6 +112,9 @@ class ModelResult:
         peak_memory_bytes: peak memory while generating, in bytes.
         price_per_hour: USD per hour of the device the speed was measured on.
         log_history: a Trainer's ``state.log_history``, for the training curves.
+        run_tokens_per_s: tokens/s of each timed run (``tokens_per_s`` is their median), for the spread.
+        row_sums: per held-out row, ``tokens`` and the sums of ``ce``, ``kl``, ``top1_agreement``
+            (:meth:`HeldoutMetrics.student_row_sums`), for the paired comparison with a baseline.
     """
 
     name: str
@@ -113,6 +124,8 @@ class ModelResult:
     peak_memory_bytes: int | None = None
     price_per_hour: float | None = None
     log_history: list[dict[str, Any]] | None = None
+    run_tokens_per_s: list[float] | None = None
+    row_sums: dict[str, Sequence[float]] | None = field(default=None, repr=False)
 
     @classmethod
     def from_results(
@@ -122,8 +135,10 @@ class ModelResult:
         *,
         speed: SpeedResult | None = None,
         log_history: Sequence[Mapping[str, Any]] | None = None,
+        row_sums: Mapping[str, Sequence[float]] | None = None,
     ) -> ModelResult:
-        """An entry from metrics and a :class:`SpeedResult` (size, speed, peak memory and price)."""
+        """An entry from metrics, a :class:`SpeedResult` (size, speed and its runs, model memory, price) and
+        per-row sums (:meth:`HeldoutMetrics.student_row_sums`)."""
         return cls(
             name=name,
             metrics=dict(metrics or {}),
@@ -132,6 +147,8 @@ class ModelResult:
             peak_memory_bytes=speed.peak_memory_bytes if speed else None,
             price_per_hour=speed.price_per_hour if speed else None,
             log_history=[dict(entry) for entry in log_history] if log_history is not None else None,
+            run_tokens_per_s=list(speed.run_tokens_per_s) if speed and speed.run_tokens_per_s else None,
+            row_sums={key: list(values) for key, values in row_sums.items()} if row_sums is not None else None,
         )
 
     @property
@@ -183,12 +200,37 @@ def _usd(value: float) -> str:
     return f"${value:,.2f}" if value >= 0.1 else f"${value:.3g}"
 
 
-def _headline(teacher: ModelResult, student: ModelResult, primary: str | None) -> tuple[str, dict[str, float | None]]:
-    """The sentence and its numbers: ``quality_kept``, ``size_ratio``, ``speedup`` and both costs."""
+def _speedup_range(teacher: ModelResult, student: ModelResult) -> tuple[float, float, int] | None:
+    """Slowest student run / fastest teacher run, the reverse, and the fewest runs; None without 2+ runs each."""
+    if not teacher.run_tokens_per_s or not student.run_tokens_per_s:
+        return None
+    runs = min(len(teacher.run_tokens_per_s), len(student.run_tokens_per_s))
+    if runs < 2:
+        return None
+    low = min(student.run_tokens_per_s) / max(teacher.run_tokens_per_s)
+    high = max(student.run_tokens_per_s) / min(teacher.run_tokens_per_s)
+    return low, high, runs
+
+
+def _speed_clause(speedup: float, band: tuple[float, float, int] | None) -> str:
+    if band is None:
+        return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+    low, high, runs = band
+    if low <= 1 <= high:
+        return f"no clear speed difference (speed ratio {low:.2f}-{high:.2f} over {runs}+ timed runs each)"
+    if speedup >= 1:
+        return f"{speedup:.2f}x faster ({low:.2f}-{high:.2f}x over {runs}+ timed runs each)"
+    return f"{1 / speedup:.2f}x slower ({1 / high:.2f}-{1 / low:.2f}x over {runs}+ timed runs each)"
+
+
+def _headline(teacher: ModelResult, student: ModelResult, primary: str | None) -> tuple[str, dict[str, Any]]:
+    """The sentence and its numbers: ``quality_kept``, ``size_ratio``, ``speedup`` (+ range) and both costs."""
+    band = _speedup_range(teacher, student)
     numbers = {
         "quality_kept": kept(primary, student.metrics[primary], teacher.metrics[primary]) if primary else None,
         "size_ratio": _ratio(student.parameter_bytes, teacher.parameter_bytes),
         "speedup": _ratio(student.tokens_per_s, teacher.tokens_per_s),
+        "speedup_range": [band[0], band[1]] if band else None,
         "student_cost_per_million_tokens": student.cost_per_million_tokens,
         "teacher_cost_per_million_tokens": teacher.cost_per_million_tokens,
     }
@@ -204,7 +246,7 @@ def _headline(teacher: ModelResult, student: ModelResult, primary: str | None) -
     if size_ratio is not None:
         clauses.append(f"at {size_ratio:.1%} of its size")
     if speedup is not None:
-        clauses.append(f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower")
+        clauses.append(_speed_clause(speedup, band))
     student_cost, teacher_cost = numbers["student_cost_per_million_tokens"], numbers["teacher_cost_per_million_tokens"]
     if student_cost is not None and teacher_cost is not None:
         clauses.append(f"{_usd(student_cost)} per million tokens instead of {_usd(teacher_cost)}")
@@ -213,36 +255,57 @@ def _headline(teacher: ModelResult, student: ModelResult, primary: str | None) -
     return sentence + ".", numbers
 
 
-def _comparison(student: ModelResult, baseline: ModelResult) -> dict[str, dict[str, float | str]]:
-    """Per metric both have: ``kd_minus_baseline`` and which of the two is better."""
-    out: dict[str, dict[str, float | str]] = {}
+# Verdicts of the KD-vs-baseline comparison, beside "kd" and "baseline" (which is better, at the 95% level).
+UNCLEAR = "no clear difference"
+UNTESTED = "not tested"
+_PER_ROW = ("ce", "kl", "perplexity", "top1_agreement")  # the metrics HeldoutMetrics keeps per-row sums of
+
+
+def _comparison(student: ModelResult, baseline: ModelResult) -> dict[str, dict[str, Any]]:
+    """Per metric both have: ``kd_minus_baseline``, its 95% paired-bootstrap interval, rows, tokens and a verdict.
+
+    ``better`` is ``"kd"`` or ``"baseline"`` only when the interval excludes 0, :data:`UNCLEAR` when it holds
+    0, and :data:`UNTESTED` for a metric without per-row scores on both sides (no interval, no claim).
+    """
+    out: dict[str, dict[str, Any]] = {}
     for metric, value in student.metrics.items():
         if metric not in baseline.metrics:
             continue
-        difference = value - baseline.metrics[metric]
-        gain = difference if higher_is_better(metric) else -difference
-        out[metric] = {
-            "kd_minus_baseline": difference,
-            "better": "kd" if gain > 0 else "baseline" if gain < 0 else "tie",
-        }
+        entry: dict[str, Any] = {"kd_minus_baseline": value - baseline.metrics[metric], "better": UNTESTED}
+        if student.row_sums is not None and baseline.row_sums is not None and metric in _PER_ROW:
+            difference = paired_difference(student.row_sums, baseline.row_sums, metric)
+            kd_ahead = (difference.low > 0) == higher_is_better(metric)  # when clear: low > 0 means KD is higher
+            better = UNCLEAR if not difference.clear else "kd" if kd_ahead else "baseline"
+            entry.update(
+                interval_95=[difference.low, difference.high], num_rows=difference.num_rows,
+                num_tokens=difference.num_tokens, better=better,
+            )  # fmt: skip
+        out[metric] = entry
     return out
 
 
-def _comparison_line(comparison: dict[str, dict[str, float | str]]) -> str:
-    by_verdict = {
-        verdict: ", ".join(
-            f"`{m}` ({entry['kd_minus_baseline']:+.4g})"
-            for m, entry in comparison.items()
-            if entry["better"] == verdict
-        )
-        for verdict in ("kd", "baseline", "tie")
-    }
-    parts = [
-        f"{label} {by_verdict[verdict]}"
-        for verdict, label in (("kd", "better on"), ("baseline", "worse on"), ("tie", "tied on"))
-        if by_verdict[verdict]
-    ]
-    return "Against the baseline student (KD − baseline): " + "; ".join(parts) + "."
+def _evidence(entry: Mapping[str, Any]) -> str:
+    if "interval_95" not in entry:
+        return f"{entry['kd_minus_baseline']:+.4g}, no per-row scores: {UNTESTED}"
+    low, high = entry["interval_95"]
+    return (
+        f"{entry['kd_minus_baseline']:+.4g}, 95% CI [{low:+.4g}, {high:+.4g}], "
+        f"{entry['num_rows']} rows / {entry['num_tokens']} tokens"
+    )
+
+
+def _comparison_line(comparison: dict[str, dict[str, Any]]) -> str:
+    groups = (("kd", "better on"), ("baseline", "worse on"), (UNCLEAR, UNCLEAR + " on"), (UNTESTED, "not tested on"))
+    parts = []
+    for verdict, label in groups:
+        listed = [f"`{m}` ({_evidence(entry)})" for m, entry in comparison.items() if entry["better"] == verdict]
+        if listed:
+            parts.append(f"{label} " + ", ".join(listed))
+    return (
+        "Against the baseline student (KD − baseline, paired bootstrap over the same held-out rows): "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -263,7 +326,7 @@ def _metrics_table(models: dict[str, ModelResult], teacher: ModelResult, compari
     metrics = list(dict.fromkeys(metric for model in models.values() for metric in model.metrics))
     header = ["metric", "unit", *roles] + [f"{role} kept" for role in roles if role != "teacher"]
     if comparison is not None:
-        header.append("KD − baseline")
+        header.append("KD − baseline [95% CI] (verdict)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
     for metric in metrics:
         cells = [f"`{metric}`", _UNITS.get(metric, "fraction" if "pass@" in metric else "")]
@@ -277,15 +340,26 @@ def _metrics_table(models: dict[str, ModelResult], teacher: ModelResult, compari
             if entry is None:
                 cells.append("–")
             else:
-                verdict = "tie" if entry["better"] == "tie" else f"{entry['better']} better"
-                cells.append(f"{entry['kd_minus_baseline']:+.4f} ({verdict})")
+                verdict = entry["better"] if entry["better"] in (UNCLEAR, UNTESTED) else f"{entry['better']} better"
+                interval = entry.get("interval_95")
+                ci = f" [{interval[0]:+.4f}, {interval[1]:+.4f}]" if interval else ""
+                cells.append(f"{entry['kd_minus_baseline']:+.4f}{ci} ({verdict})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def _tokens_per_s(model: ModelResult) -> str:
+    if model.tokens_per_s is None:
+        return "–"
+    if not model.run_tokens_per_s:
+        return f"{model.tokens_per_s:,.1f}"
+    return spread(model.run_tokens_per_s).text()
+
+
 def _cost_table(models: dict[str, ModelResult]) -> str:
     lines = [
-        "| role | model | parameters | tokens/s | peak memory | $/hour | $ per million tokens |",
+        "| role | model | parameters | tokens/s: median (min-max, runs) | model memory (weights + activations) "
+        "| $/hour | $ per million tokens |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for role, model in models.items():
@@ -294,7 +368,7 @@ def _cost_table(models: dict[str, ModelResult]) -> str:
             role,
             f"`{model.name}`",
             _size(model.parameter_bytes),
-            f"{model.tokens_per_s:,.1f}" if model.tokens_per_s is not None else "–",
+            _tokens_per_s(model),
             _size(model.peak_memory_bytes),
             _usd(model.price_per_hour) if model.price_per_hour is not None else "–",
             _usd(cost) if cost is not None else "–",
@@ -308,7 +382,7 @@ def _plots(out: Path, models: dict[str, ModelResult], primary: str | None) -> tu
     if reason is not None:
         return [], reason
     written = []
-    histories = {f"{role} ({m.name})": m.log_history for role, m in models.items() if m.log_history}
+    histories = {role: m.log_history for role, m in models.items() if m.log_history}
     if histories and plot_training_curves(out / "training_curves.png", histories):
         written.append(out / "training_curves.png")
     if primary is not None:
@@ -331,11 +405,20 @@ def _plots(out: Path, models: dict[str, ModelResult], primary: str | None) -> tu
     return written, None
 
 
+def _budget_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
 def summary_tables(teacher: ModelResult, student: ModelResult, baseline: ModelResult | None = None) -> str:
-    """The report's two markdown tables: cost (size, tokens/s, peak memory, $ per million tokens) and quality.
+    """The report's two markdown tables: cost (size, tokens/s with spread, model memory, $ per million tokens) and
+    quality.
 
     The quality table has every metric of every model, the fraction of the teacher's quality each student
-    keeps (see :func:`kept`), and, with a baseline, ``KD - baseline`` per metric.
+    keeps (see :func:`kept`), and, with a baseline, ``KD - baseline`` per metric with its 95% interval.
     """
     models = {"teacher": teacher, "student": student, **({"baseline": baseline} if baseline else {})}
     comparison = _comparison(student, baseline) if baseline else None
@@ -362,6 +445,7 @@ def write_report(
     primary_metric: str | None = None,
     title: str = "Distillation report card",
     sandbox: dict[str, Any] | None = None,
+    budget: Mapping[str, Any] | None = None,
 ) -> ReportCard:
     """Write ``report.md``, ``report.json`` and PNG plots comparing a KD student with its teacher.
 
@@ -382,6 +466,8 @@ def write_report(
         title: the markdown title.
         sandbox: how model-written code ran for the task scores, ``{"isolation": ..., "layers": [...]}``
             (:attr:`HumanEvalPassAtK.sandbox_record`); recorded in both files.
+        budget: what training the student cost (e.g. ``{"optimizer steps": 40, "training tokens": 20480,
+            "training seconds": 95}``), printed under the headline and saved in ``report.json``.
 
     Returns:
         The :class:`ReportCard`. Without matplotlib the plots are skipped and the report says so.
@@ -410,6 +496,7 @@ def write_report(
                 "metrics": m.metrics,
                 "parameter_bytes": m.parameter_bytes,
                 "tokens_per_s": m.tokens_per_s,
+                "run_tokens_per_s": m.run_tokens_per_s,
                 "peak_memory_bytes": m.peak_memory_bytes,
                 "price_per_hour": m.price_per_hour,
                 "cost_per_million_tokens": m.cost_per_million_tokens,
@@ -422,10 +509,15 @@ def write_report(
         "plots": [path.name for path in plots],
         "plots_skipped": skipped,
         "sandbox": sandbox,
+        "budget": dict(budget) if budget else None,
     }
     (out / "report.json").write_text(json.dumps(_finite(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
     sections = [f"# {title}", f"**{headline}**"]
+    if budget:
+        sections.append(
+            "Training budget: " + "; ".join(f"{key}: {_budget_value(v)}" for key, v in budget.items()) + "."
+        )
     if primary:
         sections.append(f"Quality in this sentence is `{primary}`: {_definition(primary)}.")
     if comparison:

@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from distill.evaluation.passk import mean_pass_at_k
 from distill.generation.filters import CODE_STOP
@@ -100,6 +101,7 @@ def sample_completions(
     stop: Sequence[str] = CODE_STOP,
     seed: int = 0,
     batch_size: int = 8,
+    progress: bool = True,
 ) -> list[list[str]]:
     """``num_samples`` completions per text prompt, cut before the first stop string.
 
@@ -118,6 +120,7 @@ def sample_completions(
         stop: a completion ends before the first of these strings.
         seed: sampling seed.
         batch_size: sequences per forward pass.
+        progress: show a bar of completions (rate and ETA).
 
     Returns:
         Per prompt, ``num_samples`` completion texts (without the prompt).
@@ -130,6 +133,7 @@ def sample_completions(
     completions: list[list[str]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(jobs), desc="Sampling completions", unit="completion", disable=not progress)
     try:
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start : start + batch_size]
@@ -147,7 +151,9 @@ def sample_completions(
             for (p, _), tokens in zip(batch, outputs, strict=True):
                 text = tokenizer.decode([t for t in tokens if t not in eos_ids], skip_special_tokens=True)
                 completions[p].append(cut_at_stop(text, stop))
+            bar.update(len(batch))
     finally:
+        bar.close()
         model.train(was_training)
     return [texts * (num_samples // distinct) for texts in completions]
 
@@ -197,6 +203,7 @@ class HumanEvalPassAtK:
         sampler: replaces the generation step, ``(model, tokenizer, prompts, n) -> completions``; by
             default :func:`sample_completions` with the settings above.
         name: prefix of the scores in the report.
+        progress: show bars (rate and ETA) for the sampling and for the tests.
 
     Example:
         >>> task = HumanEvalPassAtK(humaneval_problems(first=20), num_samples=5, ks=(1, 5))
@@ -217,6 +224,7 @@ class HumanEvalPassAtK:
     sampler: Sampler | None = None
     name: str = "humaneval"
     isolation: str = "strict"
+    progress: bool = True
     sandbox_record: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -244,6 +252,7 @@ class HumanEvalPassAtK:
             stop=self.stop,
             seed=self.seed,
             batch_size=self.batch_size,
+            progress=self.progress,
         )
 
     def run(self, model: nn.Module, tokenizer: Any) -> PassAtKResult:
@@ -256,14 +265,11 @@ class HumanEvalPassAtK:
             )
         jobs = [(p, text) for p, texts in enumerate(completions) for text in texts]
         with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
-            results = list(
-                pool.map(
-                    lambda job: check_humaneval(
-                        self.problems[job[0]], job[1], self.timeout_s, isolation=self.isolation
-                    ),
-                    jobs,
-                )
+            checks = pool.map(
+                lambda job: check_humaneval(self.problems[job[0]], job[1], self.timeout_s, isolation=self.isolation),
+                jobs,
             )
+            results = list(tqdm(checks, total=len(jobs), desc="Running tests", unit="test", disable=not self.progress))
         num_correct = [0] * len(prompts)
         for (p, _), result in zip(jobs, results, strict=True):
             num_correct[p] += int(result.passed)

@@ -79,13 +79,13 @@ def run(args: argparse.Namespace) -> int:
     from distill.models.loading import check_model_source, load_causal_lm, load_tokenizer
     from distill.shards import rank_device
 
-    # Arguments (numbers: while parsing), the device, the output folder and the model names are checked
-    # before anything is loaded.
+    # Arguments (numbers: while parsing), the device, the model names, the prompts and the output folder are
+    # checked before any model is loaded (the folder last: a refused command leaves no empty folder behind).
     check_server_arguments(args)
     if args.teacher is not None:
         check_model_source(args.teacher, "--teacher")
-    check_generation_folder(args.out, "--out")
     prompts = _load_prompts(args.dataset, args.split, args.limit)
+    check_generation_folder(args.out, "--out")
     tokenizer = load_tokenizer(args.tokenizer or args.teacher, "--tokenizer" if args.tokenizer else "--teacher")
     if args.server is not None:
         teacher = server_teacher(args, tokenizer)

@@ -49,6 +49,7 @@ _ACCEPTED_DTYPES = "'auto', 'bf16'/'bfloat16', 'fp16'/'float16', 'fp32'/'float32
 # "org/name" or "name": what the hub accepts as a repository id (neither part starts with "." so "./x" is a path).
 _HUB_ID = re.compile(r"^\w[\w.-]*(/\w[\w.-]*)?$")
 _TRUTHY = {"1", "ON", "YES", "TRUE"}
+_FIX = "Pass a folder written by save_pretrained() (it holds config.json) or a hub id such as Qwen/Qwen2.5-0.5B."
 _GIB = 1024**3
 
 
@@ -119,7 +120,7 @@ def check_model_source(name_or_path: str | os.PathLike, what: str = "model") -> 
         )
     if not isinstance(name_or_path, str) or is_path_like(text) or not _HUB_ID.match(text):
         raise FileNotFoundError(
-            f"no model folder at {text!r} ({what}): no such folder (resolved to {path.resolve()})."
+            f"no model folder at {text!r} ({what}): no such folder (resolved to {path.resolve()}). {_FIX}"
         )
     if not _hub_offline():
         return  # a hub id: from_pretrained downloads it (or reports the hub's own error)
@@ -130,7 +131,7 @@ def check_model_source(name_or_path: str | os.PathLike, what: str = "model") -> 
     if Path(text).parent.is_dir() and str(Path(text).parent) != ".":  # "out/student" beside an out/ folder
         raise FileNotFoundError(
             f"no model folder at {text!r} ({what}): no such folder (resolved to {path.resolve()}), and no hub model "
-            "of that name is cached while this machine is offline (HF_HUB_OFFLINE=1)."
+            f"of that name is cached while this machine is offline (HF_HUB_OFFLINE=1). {_FIX}"
         )
     raise FileNotFoundError(
         f"{what} {text!r} is neither a local model folder nor in the Hugging Face cache, and this machine is offline "

@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
     from distill.pruning.architecture import SUPPORTED_MODEL_TYPES
     from distill.pruning.search import resolve_target
 
-    # The target against the teacher's config, and the rows, before any weights are loaded.
+    # The rows, and the target against the teacher's config, before any weights are loaded.
+    rows = load_rows(args.dataset, args.split)
     config = AutoConfig.from_pretrained(args.model)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise InputError(
@@ -113,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as error:
         raise InputError(f"--target {args.target}: {error}") from None
     tokenizer = load_tokenizer(args.model)
-    rows = load_rows(args.dataset, args.split)
     batches = calibration_batches(
         rows, tokenizer, max_length=args.max_length, batch_size=args.batch_size, max_rows=args.calibration_rows
     )

@@ -286,9 +286,8 @@ def prune(
     best, pruned_best = results[0]
     damping = DEFAULT_DAMPING
     if refit and len(scoring) < len(calibration):  # the re-fit's ridge, chosen on the held-out batches too
-        for other in DAMPINGS:
-            if other == DEFAULT_DAMPING:
-                continue
+        others = [other for other in DAMPINGS if other != DEFAULT_DAMPING]
+        for other in tqdm(others, desc="Re-fit damping", unit="fit", disable=not progress):
             pruned = prune_to_shape(model, importance, best.shape, refit=True, damping=other)
             loss = calibration_loss(pruned.model, scoring)
             if loss < best.calibration_loss:

@@ -51,6 +51,7 @@ def prepare_splits(
                 completion_only_loss=args.completion_only_loss,
                 packing=args.packing,
                 need_prompts=args.uses_generation and split == "train",
+                chat_loss_tokens=args.chat_loss_tokens,
             )
             logger.info("%s data: %s", split, reports[split])
             continue
@@ -62,6 +63,7 @@ def prepare_splits(
             packing=args.packing,
             need_prompts=args.uses_generation and split == "train",
             num_proc=args.dataset_num_proc,
+            chat_loss_tokens=args.chat_loss_tokens,
         )
         logger.info("%s data: %s", split, reports[split])
     return prepared, reports

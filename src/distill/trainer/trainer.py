@@ -64,6 +64,7 @@ from distill.trainer.checkpoints import check_resume_settings, remove_incomplete
 from distill.trainer.cross_tokenizer import CrossTokenizer, uses_cross_tokenizer
 from distill.trainer.hidden import PROJECTIONS_FILE, HiddenDistillation, build_hidden_distillation, hidden_token_mask
 from distill.trainer.metrics import KDMetrics
+from distill.trainer.model_card import card_for_trainer, describe_data, write_model_card
 from distill.trainer.multi_teacher import TeacherEnsemble, named_teachers
 from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
 from distill.trainer.prefetch import PREFETCHED_KEY, TargetPrefetcher
@@ -140,6 +141,7 @@ class Trainer(transformers.Trainer):
                 f"{type(args).__name__}. Build it as DistillConfig(output_dir=..., ...)."
             )
         teacher = pick_teacher(teacher, kwargs.pop("teacher_model", None), args)
+        self._teacher_given = teacher  # for the model card: a name or path names the teacher best
         if isinstance(teacher, Teacher):  # what this teacher cannot train (e.g. a cache: no generation, no packing)
             teacher.check_config(args)
             teacher.check_objective(args.objective(None))
@@ -170,6 +172,7 @@ class Trainer(transformers.Trainer):
             else:
                 check_tokenizers_match(tokenizer, teacher_processing_class)
         prepared, self.data_reports = prepare_splits(args, tokenizer, train_dataset, eval_dataset)
+        self._data_description = describe_data(train_dataset, self.data_reports.get("train"))
         for split, raw in (("train", train_dataset), ("eval", eval_dataset)):
             if prepared[split] is not None and self.cross is not None:
                 prepared[split] = self.cross.add_teacher_columns(prepared[split], raw)
@@ -635,11 +638,13 @@ class Trainer(transformers.Trainer):
         return TargetPrefetcher(self.teacher, args.teacher_prefetch)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """``transformers.Trainer.save_model``; when you call it (not for a checkpoint), it prints where the student
+        """``transformers.Trainer.save_model``; when you call it (not for a checkpoint), it writes the model card
+        (``README.md``: teacher, loss, data, budget; a README.md of your own is kept), prints where the student
         is and three lines that load it."""
         super().save_model(output_dir, _internal_call)
         if not _internal_call and self.args.should_save:
             folder = Path(output_dir or self.args.output_dir)
+            write_model_card(folder, card_for_trainer(self, folder))
             kind = "LoRA adapters" if is_adapter_folder(folder) else "model"
             print(
                 f"The student ({kind} and tokenizer) is in {folder.resolve()}. Load it with:\n{load_snippet(folder)}"
