@@ -96,8 +96,7 @@ def run_chunks(
     grad_weight = weight.new_zeros(vocab, weight.shape[1], dtype=compute_dtype) if needs_weight else None
     grad_bias = weight.new_zeros(vocab, dtype=compute_dtype) if needs_bias else None
     sums = hidden.new_zeros(5, dtype=compute_dtype)  # loss, kd, ce, agreement, teacher entropy
-    rows_per_chunk = min(settings.chunk_size, max(hidden.shape[0], 1))
-    buffers = ChunkBuffers(rows_per_chunk, vocab, compute_dtype, hidden.device)
+    buffers = ChunkBuffers(vocab, compute_dtype, hidden.device)
 
     for start in range(0, hidden.shape[0], settings.chunk_size):
         rows = slice(start, start + settings.chunk_size)
