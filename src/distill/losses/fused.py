@@ -37,25 +37,44 @@ from distill.losses.sparse import prepare_sparse_targets
 from distill.losses.targets import SparseTargets, TeacherHead
 from distill.losses.vocab import check_labels, resolve_vocab_size
 
-__all__ = ["GRADIENTS", "FusedDistillationLoss", "Gradient", "default_chunk_size", "fused_distillation_loss"]
+__all__ = [
+    "GRADIENTS",
+    "FusedDistillationLoss",
+    "Gradient",
+    "default_chunk_size",
+    "default_compiled",
+    "fused_distillation_loss",
+]
 
-# Elements of one [chunk x vocab] float32 buffer the default chunk size aims for; the closed-form body
-# keeps 4 of them (dense teacher). The head matmuls, ~80% of the time, need tall chunks: on a CPU
-# (measured, 1 thread, V = 151,936, H = 576) they run ~1.45x slower per FLOP at 32 rows than at 128,
-# while the elementwise passes stream from memory at any chunk size (a [32 x V] buffer is already
-# 18.5 MiB, past the L2 cache). 64 MiB gives 96 rows there (~4% slower than 128 in a whole step), so that
-# 4 buffers plus the head gradient stay under the peak of the autograd body (~14 buffers) at its old
-# default of 32 rows. A GPU gets 512 MiB (864 rows at V = 151,936, 1,024 at 128,256: Liger's chunk).
-_TARGET_CHUNK_ELEMENTS = {"cpu": 2**24, "cuda": 2**27}
+# Elements of one [chunk x vocab] float32 buffer the default chunk size aims for. The head matmuls, ~80%
+# of the time, want tall chunks: on a CPU (measured in CPU time, 1 thread, V = 151,936, H = 576/960) the
+# four head GEMMs ran 1.15x faster per row at 192 rows than at 96 (and ~1.45x slower at 32 than at 128).
+# On a CPU the closed-form body keeps 2 chunk-sized buffers (its scratch is block-sized, see
+# closed_form.block_rows), so 128 MiB (192 rows at V = 151,936) holds the same memory as the previous 4
+# buffers of 96 rows. A GPU takes each chunk in one block (4 buffers) and gets 512 MiB (864 rows at
+# V = 151,936, 1,024 at 128,256: Liger's chunk).
+_TARGET_CHUNK_ELEMENTS = {"cpu": 2**25, "cuda": 2**27}
 
 
 def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
-    """Tokens per chunk: one ``[chunk, vocab]`` float32 buffer of 64 MiB on a CPU, 512 MiB on a GPU.
+    """Tokens per chunk: one ``[chunk, vocab]`` float32 buffer of 128 MiB on a CPU, 512 MiB on a GPU.
 
-    A multiple of 32 between 32 and 4096, e.g. 96 (CPU) / 864 (GPU) tokens at a 151,936 vocabulary.
+    A multiple of 32 between 32 and 4096, e.g. 192 (CPU) / 864 (GPU) tokens at a 151,936 vocabulary.
     """
     target = _TARGET_CHUNK_ELEMENTS["cpu" if torch.device(device).type == "cpu" else "cuda"]
     return max(32, min(4096, (target // vocab_size) // 32 * 32))
+
+
+def default_compiled(device: torch.device | str = "cpu") -> bool:
+    """Whether the fused loss compiles its chunk body by default on ``device``: currently never.
+
+    CPU: measured slower than the closed-form body (see ``docs/losses.md``). GPU: not yet measured, so
+    off until a measurement shows it faster.
+    """
+    return _COMPILED_BY_DEFAULT["cpu" if torch.device(device).type == "cpu" else "cuda"]
+
+
+_COMPILED_BY_DEFAULT = {"cpu": False, "cuda": False}
 
 
 def fused_distillation_loss(
@@ -78,6 +97,7 @@ def fused_distillation_loss(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     gradient: Gradient = "closed_form",
+    compiled: bool | None = None,
 ) -> DistillationOutput:
     """The distillation loss from the student's final hidden states, chunked over tokens.
 
@@ -107,6 +127,10 @@ def fused_distillation_loss(
         gradient: how each chunk's ``dLoss / d(logits)`` is computed: ``"closed_form"`` (default; the
             formulas beside each divergence, in place, 2-4 ``[chunk, V]`` float32 buffers) or
             ``"autograd"`` (the reference: autograd through :meth:`Objective.token_losses`, ~14 buffers).
+        compiled: run the chunk body through ``torch.compile`` (the objective and its autograd gradient
+            compiled together, as Liger's chunked losses do; the first call compiles, and on a CPU needs a
+            C++ compiler). ``None`` (default) is :func:`default_compiled`: off on a CPU, where it measured
+            slower than the closed form, and off on a GPU until measured there. Overrides ``gradient``.
 
     Returns:
         :class:`DistillationOutput`; ``.loss`` is differentiable with respect to ``student_hidden``,
@@ -146,6 +170,7 @@ def fused_distillation_loss(
     settings = ChunkSettings(
         objective, student_softcap, chunk_size or default_chunk_size(vocab, hidden_flat.device),
         1.0 / max(num_tokens, 1) if reduction == "mean" else 1.0, gradient,
+        default_compiled(hidden_flat.device) if compiled is None else compiled,
     )  # fmt: skip
     differentiable = [t for t in (hidden_flat, student_weight, student_bias) if t is not None]
     with _matmul_precision(student_hidden):
@@ -241,6 +266,7 @@ class FusedDistillationLoss(nn.Module):
         chunk_size: int | None = None,
         student_softcap: float | None = None,
         gradient: Gradient = "closed_form",
+        compiled: bool | None = None,
     ) -> None:
         super().__init__()
         Objective.from_kwargs(divergence, beta, alpha, temperature=temperature, kd_weight=kd_weight,
@@ -249,7 +275,7 @@ class FusedDistillationLoss(nn.Module):
         self.settings = dict(
             beta=beta, alpha=alpha, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight, tail=tail,
             reduction=reduction, vocab_size=vocab_size, ignore_index=ignore_index, chunk_size=chunk_size,
-            student_softcap=student_softcap, gradient=gradient,
+            student_softcap=student_softcap, gradient=gradient, compiled=compiled,
         )  # fmt: skip
 
     def forward(
