@@ -32,13 +32,16 @@ def _head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, out: Tenso
     """``hidden @ weight.T + bias``: ``[c, H] x [V, H] -> [c, V]``, the matmul in the inputs' dtype.
 
     Written into ``out`` (a float32 or float64 buffer) directly when the inputs have its dtype, else
-    computed in theirs (e.g. bf16) and upcast into it.
+    computed in theirs (e.g. bf16) and upcast into it. Hidden states of another dtype than the head's
+    (bf16 states into a float32 head, as a QLoRA student may give) are cast to the head's dtype first.
     """
-    if hidden.dtype == out.dtype and weight.dtype == out.dtype:
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    if hidden.dtype == out.dtype:
         if bias is None:
             return torch.mm(hidden, weight.t(), out=out)
         return torch.addmm(bias.to(out.dtype), hidden, weight.t(), out=out)
-    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+    logits = hidden @ weight.t() if bias is None else torch.addmm(bias.to(hidden.dtype), hidden, weight.t())
     return out.copy_(logits)
 
 

@@ -136,12 +136,19 @@ def closed_form_chunk(
         block = slice(start, start + step)
         parts.append(
             _block(
-                objective, raw_logits[block], None if labels is None else labels[block],
+                objective,
+                raw_logits[block],
+                None if labels is None else labels[block],
                 None if teacher_logits is None else teacher_logits[block],
-                None if teacher_sparse is None else teacher_sparse.take(block), student_softcap, grad_scale, buffers,
+                None if teacher_sparse is None else teacher_sparse.take(block),
+                student_softcap,
+                grad_scale,
+                buffers,
             )  # fmt: skip
         )
-    per_token = parts[0] if len(parts) == 1 else TokenLosses(*(torch.cat(values) for values in zip(*parts)))
+    per_token = (
+        parts[0] if len(parts) == 1 else TokenLosses(*(torch.cat(values) for values in zip(*parts, strict=True)))
+    )
     return per_token, None if grad_scale is None else raw_logits
 
 

@@ -223,9 +223,13 @@ def generalized_jsd_value_and_grad(
     :func:`forward_kl_value_and_grad`.
     """
     if beta == 0.0:
-        return forward_kl_value_and_grad(student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite, scale)
+        return forward_kl_value_and_grad(
+            student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite, scale=scale
+        )
     if beta == 1.0:
-        return reverse_kl_value_and_grad(student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite, scale)
+        return reverse_kl_value_and_grad(
+            student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite, scale=scale
+        )
     if not finite:
         value = generalized_jsd_per_token(student_logprobs, teacher_logprobs, beta, finite)
         mixture_logprobs = _log_mixture(teacher_logprobs, beta, student_logprobs, finite)
@@ -267,7 +271,9 @@ def skew_kl_value_and_grad(
 ) -> ValueAndGrad:
     """Skew KL and ``g = -(1 - alpha) * p * q / m``; arguments as in :func:`forward_kl_value_and_grad`."""
     if alpha == 0.0:
-        return forward_kl_value_and_grad(student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite, scale)
+        return forward_kl_value_and_grad(
+            student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite, scale=scale
+        )
     if not finite:
         value = skew_kl_per_token(student_logprobs, teacher_logprobs, alpha, finite)
         mixture_logprobs = _log_mixture(teacher_logprobs, alpha, student_logprobs, finite)
@@ -307,7 +313,9 @@ def skew_reverse_kl_value_and_grad(
     Arguments as in :func:`forward_kl_value_and_grad`.
     """
     if alpha == 0.0:
-        return reverse_kl_value_and_grad(student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite, scale)
+        return reverse_kl_value_and_grad(
+            student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite, scale=scale
+        )
     if not finite:
         value = skew_reverse_kl_per_token(student_logprobs, teacher_logprobs, alpha, finite)
         mixture_logprobs = _log_mixture(student_logprobs, alpha, teacher_logprobs, finite)

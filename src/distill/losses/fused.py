@@ -44,6 +44,7 @@ __all__ = [
     "default_chunk_size",
     "default_compiled",
     "fused_distillation_loss",
+    "uses_tf32",
 ]
 
 # Elements of one [chunk x vocab] float32 buffer the default chunk size aims for. The head matmuls, ~80%
@@ -98,6 +99,7 @@ def fused_distillation_loss(
     chunk_size: int | None = None,
     gradient: Gradient = "closed_form",
     compiled: bool | None = None,
+    tf32: bool | None = None,
 ) -> DistillationOutput:
     """The distillation loss from the student's final hidden states, chunked over tokens.
 
@@ -131,6 +133,9 @@ def fused_distillation_loss(
             compiled together, as Liger's chunked losses do; the first call compiles, and on a CPU needs a
             C++ compiler). ``None`` (default) is :func:`default_compiled`: off on a CPU, where it measured
             slower than the closed form, and off on a GPU until measured there. Overrides ``gradient``.
+        tf32: CUDA only: let the loss's float32 matmuls use TF32 (scoped to the call). ``None`` (default):
+            when the hidden states are 16-bit or CUDA autocast is on; pass ``True`` for a QLoRA student
+            trained in bf16 (see :func:`uses_tf32`).
 
     Returns:
         :class:`DistillationOutput`; ``.loss`` is differentiable with respect to ``student_hidden``,
@@ -173,7 +178,7 @@ def fused_distillation_loss(
         default_compiled(hidden_flat.device) if compiled is None else compiled,
     )  # fmt: skip
     differentiable = [t for t in (hidden_flat, student_weight, student_bias) if t is not None]
-    with _matmul_precision(student_hidden):
+    with _matmul_precision(uses_tf32(hidden_flat.device.type, hidden_flat.dtype, tf32)):
         if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
             inputs = (hidden_flat, student_weight, student_bias, labels_flat, teacher, settings)
             outputs = FusedDistillationFunction.apply(*inputs)
@@ -187,25 +192,39 @@ def fused_distillation_loss(
     return summarize(loss, kd_sum, ce_sum, agree_sum, entropy_sum, num_tokens, labels is not None)
 
 
-@contextmanager
-def _matmul_precision(student_hidden: Tensor) -> Iterator[None]:
-    """On CUDA with 16-bit hidden states, let the loss's float32 matmuls use TF32 (restored on exit).
+def uses_tf32(device_type: str, hidden_dtype: torch.dtype, tf32: bool | None) -> bool:
+    """Whether the loss lets its float32 matmuls use TF32: only on CUDA, where ``tf32`` (None: automatic) says.
 
-    The head gradient ``grad_logits^T @ hidden`` accumulates in float32, and with a float32 head (a
-    QLoRA student's ``lm_head``) the forward matmuls are float32 too; their inputs carry bf16/fp16
-    precision already, so TF32's 10-bit mantissa loses nothing that was there, and tensor cores run them
-    several times faster. CPU arithmetic (and float32 hidden states anywhere) is left exact.
+    Automatic: on when the hidden states are 16-bit or CUDA autocast is on, i.e. when the model already
+    runs at 16-bit precision. The float32 matmuls are the head gradient ``grad_logits^T @ hidden``
+    (accumulated in float32 over chunks) and, with a float32 head, the forward ones; their inputs then
+    carry 16-bit precision, so TF32's 10-bit mantissa loses little, and tensor cores run them several
+    times faster. A QLoRA student (peft keeps its ``lm_head`` and final norm in float32, so its hidden
+    states arrive in float32 outside autocast) needs ``tf32=True`` to get this. CPU arithmetic is exact.
     """
-    if student_hidden.device.type != "cuda" or student_hidden.dtype not in (torch.bfloat16, torch.float16):
+    if device_type != "cuda" or tf32 is False:
+        return False
+    return bool(tf32) or hidden_dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda")
+
+
+@contextmanager
+def _matmul_precision(enabled: bool) -> Iterator[None]:
+    """TF32 for CUDA float32 matmuls inside the block when ``enabled``, the previous setting restored on exit.
+
+    Through ``torch.backends.cuda.matmul.fp32_precision`` where torch has it: reading the legacy
+    ``allow_tf32`` raises once a user has set the new one.
+    """
+    if not enabled:
         yield
         return
     matmul = torch.backends.cuda.matmul
-    previous = matmul.allow_tf32
-    matmul.allow_tf32 = True
+    name, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    previous = getattr(matmul, name)
+    setattr(matmul, name, value)
     try:
         yield
     finally:
-        matmul.allow_tf32 = previous
+        setattr(matmul, name, previous)
 
 
 def _prepare_dense(objective: Objective, labels: Tensor | None, num_rows: int) -> tuple[Tensor | None, Tensor | None]:
@@ -267,6 +286,7 @@ class FusedDistillationLoss(nn.Module):
         student_softcap: float | None = None,
         gradient: Gradient = "closed_form",
         compiled: bool | None = None,
+        tf32: bool | None = None,
     ) -> None:
         super().__init__()
         Objective.from_kwargs(divergence, beta, alpha, temperature=temperature, kd_weight=kd_weight,
@@ -275,7 +295,7 @@ class FusedDistillationLoss(nn.Module):
         self.settings = dict(
             beta=beta, alpha=alpha, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight, tail=tail,
             reduction=reduction, vocab_size=vocab_size, ignore_index=ignore_index, chunk_size=chunk_size,
-            student_softcap=student_softcap, gradient=gradient, compiled=compiled,
+            student_softcap=student_softcap, gradient=gradient, compiled=compiled, tf32=tf32,
         )  # fmt: skip
 
     def forward(
