@@ -15,9 +15,11 @@ rule through everything between the logits and that support:
   (``1 - tanh^2``).
 
 Memory: every ``[n, V]`` tensor is a :class:`ChunkBuffers` buffer reused across chunks and computed in
-place. A dense teacher needs four (student logits -> student probs, student log-probs -> gradient,
-teacher logits -> teacher probs, teacher log-probs -> scratch), a sparse teacher two; soft-capping the
-student and a CE term at ``T != 1`` add one each. The autograd body (``gradient="autograd"``) keeps
+place, and the gradient is written over the student's logits. The elementwise work runs in row blocks
+(:func:`block_rows`): on a CPU blocks of a few rows, so only the student's and a dense teacher's logits
+are chunk-sized and the scratch (student and teacher log-probabilities; soft-capping's slope and a CE
+term at ``T != 1`` add one each) is block-sized; on a GPU one block per chunk, i.e. four chunk-sized
+buffers for a dense teacher, two for a sparse one. The autograd body (``gradient="autograd"``) keeps
 about fourteen.
 """
 
