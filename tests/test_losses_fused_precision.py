@@ -64,7 +64,7 @@ def _problem(dtype_hidden: torch.dtype, dtype_weight: torch.dtype):
 
 
 def test_16bit_hidden_states_into_a_float32_head() -> None:
-    """bf16 states and a float32 head (a QLoRA student's lm_head): cast to the head's dtype, gradients in each dtype."""
+    """bf16 states into a float32 head (a QLoRA student's lm_head): cast per chunk; each gradient in its dtype."""
     h, w, teacher, labels = _problem(torch.bfloat16, torch.float32)
     out = fused_distillation_loss(h, w, teacher, labels, "jsd", chunk_size=8, ce_weight=0.1)
     out.loss.backward()

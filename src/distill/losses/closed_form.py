@@ -134,7 +134,7 @@ def closed_form_chunk(
     rows = raw_logits.shape[0]
     step = block_rows(rows, raw_logits.shape[1], raw_logits.device)
     parts = []
-    for start in range(0, rows, step):
+    for start in range(0, max(rows, 1), step):  # an empty chunk is one empty block
         block = slice(start, start + step)
         parts.append(
             _block(
