@@ -133,7 +133,7 @@ def test_identical_tokenizers_sparse_equals_sparse_same_vocabulary_loss(seed: in
     cross = cross_vocab_loss(hidden, weight, labels, torch.arange(n), targets, projection, "pkl",
                              Objective(Divergence("forward_kl")))  # fmt: skip
     same = fused_distillation_loss(hidden, weight, targets, labels, "forward_kl")
-    assert torch.equal(cross.loss, same.loss)
+    assert torch.allclose(cross.loss, same.loss, rtol=1e-6, atol=0)  # float32 rounding only (row dot products)
 
 
 def test_no_span_rows_gives_ce_only_and_a_zero_kd() -> None:
