@@ -9,8 +9,10 @@ memory is measured on a clean process. See ``benchmarks/README.md``.
 ``distill fused`` is the fused loss as shipped (closed-form chunk gradients, default chunk);
 ``distill fused (autograd, today's path)`` is the same function with ``gradient="autograd"`` at the
 chunk the previous release defaulted to (``--autograd-chunk-size``, default 32 rows on a CPU at
-V=151,936): the path the closed form replaced, measured in the same run. Under each table a line gives
-the closed form's speed and memory ratios against every other case that ran.
+V=151,936): the path the closed form replaced, measured in the same run. ``distill fused (compiled
+chunk body)`` is ``compiled=True`` (``torch.compile`` of the objective and its gradient), compiled in
+an untimed step on the first 64 positions. Under each table a line gives the closed form's speed and
+memory ratios against every other case that ran.
 
 Examples::
 
@@ -70,6 +72,7 @@ CASE_LABELS: dict[str, str] = {
     "dense": "distill dense",
     "fused": "distill fused (closed form)",
     "fused_autograd": "distill fused (autograd, today's path)",
+    "fused_compiled": "distill fused (compiled chunk body)",
     "trl": "TRL generalized_jsd_loss",
     "liger": "Liger fused JSD",
 }
@@ -193,16 +196,18 @@ def build_case(case: str, beta: float, chunk_size: int | None, device: torch.dev
         from distill.losses import distillation_loss
 
         return lambda inp: distillation_loss(*materialised_logits(inp), inp.labels, "jsd", beta=beta).loss
-    if case in ("fused", "fused_autograd", REFERENCE):
+    if case in ("fused", "fused_autograd", "fused_compiled", REFERENCE):
         from distill.losses import TeacherHead, fused_distillation_loss
 
         gradient = "autograd" if case == "fused_autograd" else "closed_form"
+        compiled = case == "fused_compiled"
 
         def fused(inp: Inputs) -> Tensor:
             teacher = TeacherHead(inp.teacher_hidden, inp.teacher_weight)
             return fused_distillation_loss(
-                inp.hidden, inp.weight, teacher, inp.labels, "jsd", beta=beta, chunk_size=chunk_size, gradient=gradient
-            ).loss
+                inp.hidden, inp.weight, teacher, inp.labels, "jsd", beta=beta, chunk_size=chunk_size,
+                gradient=gradient, compiled=compiled,
+            ).loss  # fmt: skip
 
         return fused
     if case == "trl":
@@ -317,10 +322,26 @@ def case_dtype(case: str, args: argparse.Namespace) -> torch.dtype:
     return torch.float64 if case == REFERENCE else resolve_dtype(args)
 
 
+def compile_warmup(loss_fn: LossFn, inp: Inputs, device: torch.device, rows: int = 64) -> None:
+    """One step on the first ``rows`` positions, so a compiled case's compilation is not timed.
+
+    The chunk body is compiled with dynamic shapes, so the full-size run reuses what this step compiled.
+    """
+    small = Inputs(
+        inp.hidden.detach()[:rows].clone().requires_grad_(True), inp.weight,
+        inp.teacher_hidden[:rows], inp.teacher_weight, inp.labels[:rows],
+    )  # fmt: skip
+    seconds, _ = timed_step(loss_fn, small, device)
+    inp.weight.grad = None
+    log(f"  [compile warm-up on {rows} rows] {seconds:.2f} s")
+
+
 def measure(
     loss_fn: LossFn, inp: Inputs, args: argparse.Namespace, device: torch.device
 ) -> tuple[float, float, Tensor]:
     """Warm-up(s), then timed repeats; returns (median seconds, peak extra GiB of the repeats, last loss)."""
+    if args.case == "fused_compiled":
+        compile_warmup(loss_fn, inp, device)
     for _ in range(args.warmup):
         seconds, _ = timed_step(loss_fn, inp, device)
         log(f"  [{args.case}] warm-up: {seconds:.2f} s")
@@ -419,8 +440,9 @@ def estimated_gib(case: str, size: Size, args: argparse.Namespace) -> float:
     if case == "liger":
         rows = math.ceil(size.tokens / max(1, size.tokens // args.liger_chunk_size))
         return (18 * rows * size.vocab * 4 + grads) / GIB
-    rows = min(size.tokens, case_chunk(case, args) or default_chunk_size(size.vocab))
-    buffers = 14 if case == "fused_autograd" else 4
+    rows = min(size.tokens, case_chunk(case, args) or default_chunk_size(size.vocab, args.device))
+    # The closed form keeps 2 chunk-sized buffers on a CPU (block-sized scratch), 4 on a GPU.
+    buffers = {"fused_autograd": 14, "fused_compiled": 6}.get(case, 2 if args.device == "cpu" else 4)
     fused = (buffers * rows * size.vocab * 4 + grads) / GIB
     return 2 * fused if case == REFERENCE else fused
 

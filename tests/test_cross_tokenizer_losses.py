@@ -110,10 +110,9 @@ def test_identical_tokenizers_reproduce_the_same_vocabulary_loss(seed: int, dive
         outs.append(out)
         grads.append(h_leaf.grad)
     cross_out, same_out = outs
-    if divergence in ("forward_kl", "reverse_kl", "tvd"):
-        assert torch.equal(cross_out.loss, same_out.loss)  # bit for bit
-    else:  # the mixtures' log-sum-exp takes another (equally exact) route: float32 rounding only
-        assert torch.allclose(cross_out.loss, same_out.loss, rtol=1e-6, atol=0)
+    # The same-vocabulary closed form sums p * (log p - log q) as a row dot product (bmm) and the mixtures'
+    # log-sum-exp by another (equally exact) route: float32 rounding only.
+    assert torch.allclose(cross_out.loss, same_out.loss, rtol=1e-6, atol=0)
     # The cross path's autograd backward through the copy-per-class and the same-vocabulary loss's closed-form
     # gradient take other summation orders: float32 rounding only (gradients here are ~1e-2; 1e-6 is ~1e-4 of that).
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
@@ -134,7 +133,7 @@ def test_identical_tokenizers_sparse_equals_sparse_same_vocabulary_loss(seed: in
     cross = cross_vocab_loss(hidden, weight, labels, torch.arange(n), targets, projection, "pkl",
                              Objective(Divergence("forward_kl")))  # fmt: skip
     same = fused_distillation_loss(hidden, weight, targets, labels, "forward_kl")
-    assert torch.equal(cross.loss, same.loss)
+    assert torch.allclose(cross.loss, same.loss, rtol=1e-6, atol=0)  # float32 rounding only (row dot products)
 
 
 def test_no_span_rows_gives_ce_only_and_a_zero_kd() -> None:

@@ -190,7 +190,7 @@ def heldout_metrics(
         batch_size: rows per forward pass (rows are sorted by length first, to pad less).
         max_rows: evaluate only the first ``max_rows`` rows.
         chunk_size: scored tokens per ``[chunk, vocab]`` float32 block; default
-            :func:`distill.losses.default_chunk_size` (64 MiB per block on a CPU, 512 MiB on a GPU).
+            :func:`distill.losses.default_chunk_size` (128 MiB per block on a CPU, 512 MiB on a GPU).
         vocab_size: shared vocabulary rows; default :func:`distill.models.shared_vocab_size` of the
             tokenizers and both heads (padding rows past the tokenizer are left out).
         progress: show a bar of rows scored (rate and ETA).

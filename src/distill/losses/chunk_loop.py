@@ -10,8 +10,10 @@ computed.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -20,7 +22,7 @@ from distill.losses.closed_form import ChunkBuffers, closed_form_chunk
 from distill.losses.objective import Objective, TokenLosses, upcast
 from distill.losses.targets import OutputHead, SparseTargets, TeacherHead
 
-__all__ = ["GRADIENTS", "ChunkSettings", "FusedDistillationFunction", "Gradient", "run_chunks"]
+__all__ = ["GRADIENTS", "ChunkSettings", "FusedDistillationFunction", "Gradient", "compiled_chunk", "run_chunks"]
 
 Gradient = Literal["closed_form", "autograd"]
 GRADIENTS: tuple[str, ...] = ("closed_form", "autograd")
@@ -40,6 +42,7 @@ class ChunkSettings:
     chunk_size: int
     scale: float
     gradient: Gradient
+    compiled: bool = False  # the chunk body through torch.compile (see :func:`compiled_chunk`)
 
 
 def run_chunks(
@@ -78,8 +81,7 @@ def run_chunks(
     grad_weight = weight.new_zeros(vocab, weight.shape[1], dtype=compute_dtype) if needs_weight else None
     grad_bias = weight.new_zeros(vocab, dtype=compute_dtype) if needs_bias else None
     sums = hidden.new_zeros(5, dtype=compute_dtype)  # loss, kd, ce, agreement, teacher entropy
-    rows_per_chunk = min(settings.chunk_size, max(hidden.shape[0], 1))
-    buffers = ChunkBuffers(rows_per_chunk, vocab, compute_dtype, hidden.device)
+    buffers = ChunkBuffers(vocab, compute_dtype, hidden.device)
 
     for start in range(0, hidden.shape[0], settings.chunk_size):
         rows = slice(start, start + settings.chunk_size)
@@ -92,7 +94,11 @@ def run_chunks(
         else:
             teacher_sparse = teacher.take(rows)
         student_logits = student_head.logits(hidden_chunk, vocab, out=buffers.get("student", count))
-        if settings.gradient == "autograd":
+        if settings.compiled:
+            per_token, grad_logits = compiled_chunk(
+                objective, student_logits, labels_chunk, teacher_logits, teacher_sparse, settings, need_grad
+            )
+        elif settings.gradient == "autograd":
             per_token, grad_logits = _autograd_chunk(
                 objective, student_logits, labels_chunk, teacher_logits, teacher_sparse, settings, need_grad
             )
@@ -139,6 +145,56 @@ def _autograd_chunk(
         (grad_logits,) = torch.autograd.grad(chunk_loss * settings.scale, raw_logits)
     detached = TokenLosses(*(value.detach() for value in per_token))
     return detached, grad_logits
+
+
+def _chunk_objective(
+    raw_logits: Tensor,
+    labels: Tensor | None,
+    teacher_logits: Tensor | None,
+    teacher_sparse: SparseTargets | None,
+    objective: Objective,
+    student_softcap: float | None,
+    scale: float,
+) -> tuple[Tensor, TokenLosses]:
+    """A chunk's scaled weighted loss and its per-token values: what the compiled body differentiates."""
+    per_token = objective.token_losses(_softcap(raw_logits, student_softcap), labels, teacher_logits, teacher_sparse)
+    chunk_loss = objective.kd_weight * per_token.kd.sum()
+    if objective.ce_weight:
+        chunk_loss = chunk_loss + objective.ce_weight * per_token.ce.sum()
+    return chunk_loss * scale, TokenLosses(*(value.detach() for value in per_token))
+
+
+@functools.cache
+def _compiled_bodies() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The compiled chunk bodies, built on first use: (values and gradient, values only)."""
+    with_grad = torch.func.grad_and_value(_chunk_objective, has_aux=True)
+    return torch.compile(with_grad, dynamic=True), torch.compile(_chunk_objective, dynamic=True)
+
+
+def compiled_chunk(
+    objective: Objective,
+    student_logits: Tensor,
+    labels: Tensor | None,
+    teacher_logits: Tensor | None,
+    teacher_sparse: SparseTargets | None,
+    settings: ChunkSettings,
+    need_grad: bool,
+) -> tuple[TokenLosses, Tensor | None]:
+    """The chunk body as one ``torch.compile``d function (``compiled=True``), as Liger's chunked losses do.
+
+    :meth:`Objective.token_losses` and its gradient (``torch.func.grad_and_value``) compiled together, so
+    the compiler fuses the elementwise passes; one compilation per objective and input kind (dynamic
+    shapes cover the shorter last chunk). The first call compiles (tens of seconds, and a C++ compiler on
+    a CPU). Returns the values and the gradient w.r.t. the raw logits, as :func:`closed_form_chunk`.
+    """
+    with_grad, values_only = _compiled_bodies()
+    inputs = (student_logits, labels, teacher_logits, teacher_sparse, objective, settings.student_softcap)
+    if not need_grad:
+        _, per_token = values_only(*inputs, settings.scale)
+        return per_token, None
+    with torch.enable_grad():
+        grad_logits, (_, per_token) = with_grad(*inputs, settings.scale)
+    return per_token, grad_logits
 
 
 class FusedDistillationFunction(torch.autograd.Function):

@@ -64,6 +64,18 @@ def _log_mix_offset(d: Tensor, log_weight: float, log_other_weight: float, out: 
     return torch.logaddexp(out, out.new_tensor(log_weight), out=out)
 
 
+def row_sum_of_product(a: Tensor, b: Tensor) -> Tensor:
+    """``sum(a * b, -1)``; for ``[n, V]`` inputs a batched dot product, which writes no ``[n, V]`` product."""
+    if a.dim() == 2:
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    return (a * b).sum(-1)
+
+
+def _scaled(grad: Tensor, scale: float) -> Tensor:
+    """``grad * scale`` in place (skipped for 1)."""
+    return grad if scale == 1.0 else grad.mul_(scale)
+
+
 def _zero_where(values: Tensor, mask: Tensor | None) -> Tensor:
     """``values`` with the entries where ``mask`` is True set to 0 (in place); no-op for no mask."""
     return values if mask is None else values.masked_fill_(mask, 0.0)
@@ -123,7 +135,12 @@ def forward_kl_per_token(student_logprobs: Tensor, teacher_logprobs: Tensor, fin
 
 
 def forward_kl_value_and_grad(
-    student_logprobs: Tensor, teacher_logprobs: Tensor, student_probs: Tensor, teacher_probs: Tensor, finite: bool
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    student_probs: Tensor,
+    teacher_probs: Tensor,
+    finite: bool,
+    scale: float = 1.0,
 ) -> ValueAndGrad:
     """Forward KL and ``g = -p`` (the student's ``q`` enters through the caller's chain rule: ``q - p``).
 
@@ -131,14 +148,16 @@ def forward_kl_value_and_grad(
         student_logprobs, teacher_logprobs: ``[..., support]``; consumed (used as scratch).
         student_probs, teacher_probs: their exponentials ``q`` and ``p``, left unchanged.
         finite: no ``-inf`` entries (see :func:`forward_kl_per_token`).
+        scale: multiplies ``g`` (folded into its last pass; the value is not scaled).
 
     Returns:
-        ``([...] values in nats, [..., support] g)``, ``g`` in the storage of one of the log-prob tensors.
+        ``([...] values in nats, [..., support] scale * g)``, ``g`` in the storage of one of the log-prob
+        tensors.
     """
     empty = _empty(teacher_logprobs, finite)
     ratio = _zero_where(teacher_logprobs.sub_(student_logprobs), empty)  # log p - log q, 0 where p = 0
-    value = ratio.mul_(teacher_probs).sum(-1)
-    return value, torch.neg(teacher_probs, out=student_logprobs)
+    value = row_sum_of_product(ratio, teacher_probs)
+    return value, torch.mul(teacher_probs, -scale, out=student_logprobs)
 
 
 def reverse_kl_per_token(student_logprobs: Tensor, teacher_logprobs: Tensor, finite: bool = False) -> Tensor:
@@ -150,13 +169,19 @@ def reverse_kl_per_token(student_logprobs: Tensor, teacher_logprobs: Tensor, fin
 
 
 def reverse_kl_value_and_grad(
-    student_logprobs: Tensor, teacher_logprobs: Tensor, student_probs: Tensor, teacher_probs: Tensor, finite: bool
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    student_probs: Tensor,
+    teacher_probs: Tensor,
+    finite: bool,
+    scale: float = 1.0,
 ) -> ValueAndGrad:
     """Reverse KL and ``g = q * (log q - log p + 1)``; arguments as in :func:`forward_kl_value_and_grad`."""
     empty = _empty(student_logprobs, finite)
     ratio = _zero_where(student_logprobs.sub_(teacher_logprobs), empty)  # log q - log p, 0 where q = 0
-    weighted = torch.mul(ratio, student_probs, out=teacher_logprobs)
-    return weighted.sum(-1), weighted.add_(student_probs)
+    value = row_sum_of_product(ratio, student_probs)
+    grad = torch.addcmul(student_probs, ratio, student_probs, out=teacher_logprobs)
+    return value, _scaled(grad, scale)
 
 
 def generalized_jsd_per_token(
@@ -192,6 +217,7 @@ def generalized_jsd_value_and_grad(
     teacher_probs: Tensor,
     beta: float,
     finite: bool,
+    scale: float = 1.0,
 ) -> ValueAndGrad:
     """Generalized JSD and ``g = (1 - beta) * q * (log q - log m)``.
 
@@ -199,21 +225,25 @@ def generalized_jsd_value_and_grad(
     :func:`forward_kl_value_and_grad`.
     """
     if beta == 0.0:
-        return forward_kl_value_and_grad(student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite)
+        return forward_kl_value_and_grad(
+            student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite, scale=scale
+        )
     if beta == 1.0:
-        return reverse_kl_value_and_grad(student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite)
+        return reverse_kl_value_and_grad(
+            student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite, scale=scale
+        )
     if not finite:
         value = generalized_jsd_per_token(student_logprobs, teacher_logprobs, beta, finite)
         mixture_logprobs = _log_mixture(teacher_logprobs, beta, student_logprobs, finite)
         student_minus_mixture = _zero_where(student_logprobs - mixture_logprobs, student_logprobs == -math.inf)
-        return value, student_minus_mixture.mul_(student_probs).mul_(1.0 - beta)
+        return value, student_minus_mixture.mul_(student_probs).mul_((1.0 - beta) * scale)
     # d = log q - log p; log m - log p = log(beta + (1 - beta) e^d) =: a; log q - log m = d - a.
     # The student's term sum q (d - a) is sum(g) / (1 - beta): no separate product needed.
     d = student_logprobs.sub_(teacher_logprobs)
     a = _log_mix_offset(d, math.log(beta), math.log1p(-beta), out=teacher_logprobs)
     student_term = d.sub_(a).mul_(student_probs)
-    value = (1.0 - beta) * student_term.sum(-1) - beta * a.mul_(teacher_probs).sum(-1)
-    return value, student_term.mul_(1.0 - beta)
+    value = (1.0 - beta) * student_term.sum(-1) - beta * row_sum_of_product(a, teacher_probs)
+    return value, student_term.mul_((1.0 - beta) * scale)
 
 
 def skew_kl_per_token(
@@ -239,20 +269,23 @@ def skew_kl_value_and_grad(
     teacher_probs: Tensor,
     alpha: float,
     finite: bool,
+    scale: float = 1.0,
 ) -> ValueAndGrad:
     """Skew KL and ``g = -(1 - alpha) * p * q / m``; arguments as in :func:`forward_kl_value_and_grad`."""
     if alpha == 0.0:
-        return forward_kl_value_and_grad(student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite)
+        return forward_kl_value_and_grad(
+            student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite, scale=scale
+        )
     if not finite:
         value = skew_kl_per_token(student_logprobs, teacher_logprobs, alpha, finite)
         mixture_logprobs = _log_mixture(teacher_logprobs, alpha, student_logprobs, finite)
         student_over_mixture = _zero_where((student_logprobs - mixture_logprobs).exp_(), teacher_logprobs == -math.inf)
-        return value, student_over_mixture.mul_(teacher_probs).mul_(alpha - 1.0)
+        return value, student_over_mixture.mul_(teacher_probs).mul_((alpha - 1.0) * scale)
     # d = log q - log p; log m - log p = log(alpha + (1 - alpha) e^d) =: a; q / m = e^(d - a).
     d = student_logprobs.sub_(teacher_logprobs)
     a = _log_mix_offset(d, math.log(alpha), math.log1p(-alpha), out=teacher_logprobs)
-    grad = d.sub_(a).exp_().mul_(teacher_probs).mul_(alpha - 1.0)
-    return -a.mul_(teacher_probs).sum(-1), grad
+    grad = d.sub_(a).exp_().mul_(teacher_probs).mul_((alpha - 1.0) * scale)
+    return -row_sum_of_product(a, teacher_probs), grad
 
 
 def skew_reverse_kl_per_token(
@@ -275,23 +308,26 @@ def skew_reverse_kl_value_and_grad(
     teacher_probs: Tensor,
     alpha: float,
     finite: bool,
+    scale: float = 1.0,
 ) -> ValueAndGrad:
     """Skew reverse KL and ``g = q * (log q - log m + 1 - alpha * q / m)``.
 
     Arguments as in :func:`forward_kl_value_and_grad`.
     """
     if alpha == 0.0:
-        return reverse_kl_value_and_grad(student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite)
+        return reverse_kl_value_and_grad(
+            student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite, scale=scale
+        )
     if not finite:
         value = skew_reverse_kl_per_token(student_logprobs, teacher_logprobs, alpha, finite)
         mixture_logprobs = _log_mixture(student_logprobs, alpha, teacher_logprobs, finite)
         log_ratio = _zero_where(student_logprobs - mixture_logprobs, student_logprobs == -math.inf)
-        return value, (log_ratio + 1.0).sub_(log_ratio.exp().mul_(alpha)).mul_(student_probs)
+        return value, (log_ratio + 1.0).sub_(log_ratio.exp().mul_(alpha)).mul_(student_probs).mul_(scale)
     # -d = log p - log q; log m - log q = log(alpha + (1 - alpha) e^-d) =: b; log q - log m = -b.
     minus_d = torch.sub(teacher_logprobs, student_logprobs, out=teacher_logprobs)
     b = _log_mix_offset(minus_d, math.log(alpha), math.log1p(-alpha), out=teacher_logprobs)
     grad = torch.neg(b, out=student_logprobs).exp_().mul_(-alpha).sub_(b).add_(1.0).mul_(student_probs)
-    return -b.mul_(student_probs).sum(-1), grad
+    return -row_sum_of_product(b, student_probs), _scaled(grad, scale)
 
 
 def total_variation_per_token(student_logprobs: Tensor, teacher_logprobs: Tensor, finite: bool = False) -> Tensor:
@@ -304,7 +340,12 @@ def total_variation_per_token(student_logprobs: Tensor, teacher_logprobs: Tensor
 
 
 def total_variation_value_and_grad(
-    student_logprobs: Tensor, teacher_logprobs: Tensor, student_probs: Tensor, teacher_probs: Tensor, finite: bool
+    student_logprobs: Tensor,
+    teacher_logprobs: Tensor,
+    student_probs: Tensor,
+    teacher_probs: Tensor,
+    finite: bool,
+    scale: float = 1.0,
 ) -> ValueAndGrad:
     """TVD and its subgradient ``g = 0.5 * q * sign(q - p)`` (0 where ``q == p``, as torch's ``abs``).
 
@@ -312,7 +353,7 @@ def total_variation_value_and_grad(
     """
     difference = torch.sub(student_probs, teacher_probs, out=student_logprobs)
     sign = torch.sign(difference, out=teacher_logprobs)
-    return 0.5 * difference.abs_().sum(-1), sign.mul_(student_probs).mul_(0.5)
+    return 0.5 * difference.abs_().sum(-1), sign.mul_(student_probs).mul_(0.5 * scale)
 
 
 @dataclass(frozen=True)
@@ -392,15 +433,16 @@ class Divergence:
         student_probs: Tensor,
         teacher_probs: Tensor,
         finite: bool = False,
+        scale: float = 1.0,
     ) -> ValueAndGrad:
-        """Per-token values ``[...]`` and ``g = dD / d(student log-probs)`` ``[..., support]``, in closed form.
+        """Per-token values ``[...]`` and ``scale * dD / d(student log-probs)`` ``[..., support]``, in closed form.
 
         Consumes both log-prob tensors (see :func:`forward_kl_value_and_grad`).
         """
         formulas = _formulas(self.name)
         extra = (getattr(self, formulas.parameter),) if formulas.parameter else ()
         return formulas.value_and_grad(
-            student_logprobs, teacher_logprobs, student_probs, teacher_probs, *extra, finite
+            student_logprobs, teacher_logprobs, student_probs, teacher_probs, *extra, finite, scale
         )
 
     def __call__(self, student_logprobs: Tensor, teacher_logprobs: Tensor, finite: bool = False) -> Tensor:

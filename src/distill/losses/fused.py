@@ -43,27 +43,41 @@ __all__ = [
     "FusedDistillationLoss",
     "Gradient",
     "default_chunk_size",
+    "default_compiled",
     "fused_distillation_loss",
     "fused_objective_loss",
+    "uses_tf32",
 ]
 
-# Elements of one [chunk x vocab] float32 buffer the default chunk size aims for; the closed-form body
-# keeps 4 of them (dense teacher). The head matmuls, ~80% of the time, need tall chunks: on a CPU
-# (measured, 1 thread, V = 151,936, H = 576) they run ~1.45x slower per FLOP at 32 rows than at 128,
-# while the elementwise passes stream from memory at any chunk size (a [32 x V] buffer is already
-# 18.5 MiB, past the L2 cache). 64 MiB gives 96 rows there (~4% slower than 128 in a whole step), so that
-# 4 buffers plus the head gradient stay under the peak of the autograd body (~14 buffers) at its old
-# default of 32 rows. A GPU gets 512 MiB (864 rows at V = 151,936, 1,024 at 128,256: Liger's chunk).
-_TARGET_CHUNK_ELEMENTS = {"cpu": 2**24, "cuda": 2**27}
+# Elements of one [chunk x vocab] float32 buffer the default chunk size aims for. The head matmuls, ~80%
+# of the time, want tall chunks: on a CPU (measured in CPU time, 1 thread, V = 151,936, H = 576/960) the
+# four head GEMMs ran 1.15x faster per row at 192 rows than at 96 (and ~1.45x slower at 32 than at 128).
+# On a CPU the closed-form body keeps 2 chunk-sized buffers (its scratch is block-sized, see
+# closed_form.block_rows), so 128 MiB (192 rows at V = 151,936) holds the same memory as the previous 4
+# buffers of 96 rows. A GPU takes each chunk in one block (4 buffers) and gets 512 MiB (864 rows at
+# V = 151,936, 1,024 at 128,256: Liger's chunk).
+_TARGET_CHUNK_ELEMENTS = {"cpu": 2**25, "cuda": 2**27}
 
 
 def default_chunk_size(vocab_size: int, device: torch.device | str = "cpu") -> int:
-    """Tokens per chunk: one ``[chunk, vocab]`` float32 buffer of 64 MiB on a CPU, 512 MiB on a GPU.
+    """Tokens per chunk: one ``[chunk, vocab]`` float32 buffer of 128 MiB on a CPU, 512 MiB on a GPU.
 
-    A multiple of 32 between 32 and 4096, e.g. 96 (CPU) / 864 (GPU) tokens at a 151,936 vocabulary.
+    A multiple of 32 between 32 and 4096, e.g. 192 (CPU) / 864 (GPU) tokens at a 151,936 vocabulary.
     """
     target = _TARGET_CHUNK_ELEMENTS["cpu" if torch.device(device).type == "cpu" else "cuda"]
     return max(32, min(4096, (target // vocab_size) // 32 * 32))
+
+
+def default_compiled(device: torch.device | str = "cpu") -> bool:
+    """Whether the fused loss compiles its chunk body by default on ``device``: currently never.
+
+    CPU: measured slower than the closed-form body (see ``docs/losses.md``). GPU: not yet measured, so
+    off until a measurement shows it faster.
+    """
+    return _COMPILED_BY_DEFAULT["cpu" if torch.device(device).type == "cpu" else "cuda"]
+
+
+_COMPILED_BY_DEFAULT = {"cpu": False, "cuda": False}
 
 
 def fused_distillation_loss(
@@ -86,6 +100,8 @@ def fused_distillation_loss(
     ignore_index: int = -100,
     chunk_size: int | None = None,
     gradient: Gradient = "closed_form",
+    compiled: bool | None = None,
+    tf32: bool | None = None,
 ) -> DistillationOutput:
     """The distillation loss from the student's final hidden states, chunked over tokens.
 
@@ -115,6 +131,13 @@ def fused_distillation_loss(
         gradient: how each chunk's ``dLoss / d(logits)`` is computed: ``"closed_form"`` (default; the
             formulas beside each divergence, in place, 2-4 ``[chunk, V]`` float32 buffers) or
             ``"autograd"`` (the reference: autograd through :meth:`Objective.token_losses`, ~14 buffers).
+        compiled: run the chunk body through ``torch.compile`` (the objective and its autograd gradient
+            compiled together, as Liger's chunked losses do; the first call compiles, and on a CPU needs a
+            C++ compiler). ``None`` (default) is :func:`default_compiled`: off on a CPU, where it measured
+            slower than the closed form, and off on a GPU until measured there. Overrides ``gradient``.
+        tf32: CUDA only: let the loss's float32 matmuls use TF32 (scoped to the call). ``None`` (default):
+            when the hidden states are 16-bit or CUDA autocast is on; pass ``True`` for a QLoRA student
+            trained in bf16 (see :func:`uses_tf32`).
 
     Returns:
         :class:`DistillationOutput`; ``.loss`` is differentiable with respect to ``student_hidden``,
@@ -130,6 +153,7 @@ def fused_distillation_loss(
     return fused_objective_loss(
         student_hidden, student_weight, teacher, labels, objective, student_bias=student_bias,
         student_softcap=student_softcap, reduction=reduction, chunk_size=chunk_size, gradient=gradient,
+        compiled=compiled, tf32=tf32,
     )  # fmt: skip
 
 
@@ -145,6 +169,8 @@ def fused_objective_loss(
     reduction: Reduction = "mean",
     chunk_size: int | None = None,
     gradient: Gradient = "closed_form",
+    compiled: bool | None = None,
+    tf32: bool | None = None,
 ) -> DistillationOutput:
     """:func:`fused_distillation_loss` for an :class:`Objective` built once (the trainer's), not from keywords.
 
@@ -178,9 +204,10 @@ def fused_objective_loss(
     settings = ChunkSettings(
         objective, student_softcap, chunk_size or default_chunk_size(vocab, hidden_flat.device),
         1.0 / max(num_tokens, 1) if reduction == "mean" else 1.0, gradient,
+        default_compiled(hidden_flat.device) if compiled is None else compiled,
     )  # fmt: skip
     differentiable = [t for t in (hidden_flat, student_weight, student_bias) if t is not None]
-    with _matmul_precision(student_hidden):
+    with _matmul_precision(uses_tf32(hidden_flat.device.type, hidden_flat.dtype, tf32)):
         if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
             inputs = (hidden_flat, student_weight, student_bias, labels_flat, teacher, settings)
             outputs = FusedDistillationFunction.apply(*inputs)
@@ -207,25 +234,70 @@ def _teacher_rows(teacher: TeacherHead | SparseTargets) -> int | None:
     return teacher.weight.shape[0] if isinstance(teacher, TeacherHead) else None
 
 
-@contextmanager
-def _matmul_precision(student_hidden: Tensor) -> Iterator[None]:
-    """On CUDA with 16-bit hidden states, let the loss's float32 matmuls use TF32 (restored on exit).
+def uses_tf32(device_type: str, hidden_dtype: torch.dtype, tf32: bool | None) -> bool:
+    """Whether the loss lets its float32 matmuls use TF32: only on CUDA, where ``tf32`` (None: automatic) says.
 
-    The head gradient ``grad_logits^T @ hidden`` accumulates in float32, and with a float32 head (a
-    QLoRA student's ``lm_head``) the forward matmuls are float32 too; their inputs carry bf16/fp16
-    precision already, so TF32's 10-bit mantissa loses nothing that was there, and tensor cores run them
-    several times faster. CPU arithmetic (and float32 hidden states anywhere) is left exact.
+    Automatic: on when the hidden states are 16-bit or CUDA autocast is on, i.e. when the model already
+    runs at 16-bit precision. The float32 matmuls are the head gradient ``grad_logits^T @ hidden``
+    (accumulated in float32 over chunks) and, with a float32 head, the forward ones; their inputs then
+    carry 16-bit precision, so TF32's 10-bit mantissa loses little, and tensor cores run them several
+    times faster. A QLoRA student (peft keeps its ``lm_head`` and final norm in float32, so its hidden
+    states arrive in float32 outside autocast) needs ``tf32=True`` to get this. CPU arithmetic is exact.
     """
-    if student_hidden.device.type != "cuda" or student_hidden.dtype not in (torch.bfloat16, torch.float16):
+    if device_type != "cuda" or tf32 is False:
+        return False
+    return bool(tf32) or hidden_dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda")
+
+
+@contextmanager
+def _matmul_precision(enabled: bool) -> Iterator[None]:
+    """TF32 for CUDA float32 matmuls inside the block when ``enabled``, the previous setting restored on exit.
+
+    Through ``torch.backends.cuda.matmul.fp32_precision`` where torch has it: reading the legacy
+    ``allow_tf32`` raises once a user has set the new one.
+    """
+    if not enabled:
         yield
         return
     matmul = torch.backends.cuda.matmul
-    previous = matmul.allow_tf32
-    matmul.allow_tf32 = True
+    name, value = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+    previous = getattr(matmul, name)
+    setattr(matmul, name, value)
     try:
         yield
     finally:
-        matmul.allow_tf32 = previous
+        setattr(matmul, name, previous)
+
+
+def _prepare_dense(objective: Objective, labels: Tensor | None, num_rows: int) -> tuple[Tensor | None, Tensor | None]:
+    """Checked flat labels and the unmasked rows, for a dense teacher."""
+    assert objective.vocab_size is not None
+    if labels is None:
+        if objective.ce_weight:
+            raise ValueError("ce_weight > 0 needs labels: pass the next-token ids (ignore_index where masked).")
+        return None, None
+    check_labels(labels, objective.vocab_size, objective.ignore_index)
+    labels_flat = labels.reshape(-1)
+    rows = select_valid_rows(labels_flat, num_rows, objective.ignore_index)
+    assert rows is not None
+    return labels_flat[rows], rows
+
+
+def _select_teacher_rows(teacher: TeacherHead, num_rows: int, rows: Tensor | None) -> TeacherHead:
+    """The teacher head with its hidden states flattened, detached and restricted to ``rows``."""
+    hidden = teacher.hidden.detach().reshape(-1, teacher.hidden.shape[-1])
+    if hidden.shape[0] != num_rows:
+        raise ValueError(
+            f"The teacher has hidden states for {hidden.shape[0]} positions but the student has {num_rows}."
+        )
+    if hidden.shape[-1] != teacher.weight.shape[1]:
+        raise ValueError(
+            f"Teacher hidden size {hidden.shape[-1]} does not match its head weight {tuple(teacher.weight.shape)}."
+        )
+    if rows is not None:
+        hidden = hidden[rows]
+    bias = None if teacher.bias is None else teacher.bias.detach()
+    return TeacherHead(hidden, teacher.weight.detach(), bias, teacher.softcap)
 
 
 def _prepare_dense(objective: Objective, labels: Tensor | None, num_rows: int) -> tuple[Tensor | None, Tensor | None]:
@@ -286,6 +358,8 @@ class FusedDistillationLoss(nn.Module):
         chunk_size: int | None = None,
         student_softcap: float | None = None,
         gradient: Gradient = "closed_form",
+        compiled: bool | None = None,
+        tf32: bool | None = None,
     ) -> None:
         super().__init__()
         Objective.from_kwargs(divergence, beta, alpha, temperature=temperature, kd_weight=kd_weight,
@@ -294,7 +368,7 @@ class FusedDistillationLoss(nn.Module):
         self.settings = dict(
             beta=beta, alpha=alpha, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight, tail=tail,
             reduction=reduction, vocab_size=vocab_size, ignore_index=ignore_index, chunk_size=chunk_size,
-            student_softcap=student_softcap, gradient=gradient,
+            student_softcap=student_softcap, gradient=gradient, compiled=compiled, tf32=tf32,
         )  # fmt: skip
 
     def forward(

@@ -50,7 +50,9 @@ class OutputHead:
         if out is None:
             logits = torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias)
             return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
-        if hidden.dtype == out.dtype and weight.dtype == out.dtype:
+        if hidden.dtype != weight.dtype:  # e.g. bf16 states into a QLoRA student's float32 head
+            hidden = hidden.to(weight.dtype)
+        if hidden.dtype == out.dtype:
             if bias is None:
                 torch.mm(hidden, weight.t(), out=out)
             else:
