@@ -258,7 +258,7 @@ def trainer_run(name: str, dry: bool, device: torch.device, gpu_name: str) -> di
     measured = _peak_gb(device)
     planned = plan_run(
         student_config.to_dict(), teacher_config.to_dict(), gpu="H100" if device.type == "cuda" else "cpu",
-        seq_len=size["seq"], per_device_batch=size["batch"], lora_rank=16 if lora else None,
+        max_length=size["seq"], per_device_train_batch_size=size["batch"], lora_rank=16 if lora else None,
         teacher_mode="4bit" if teacher_4bit and device.type == "cuda" else ("fp32" if dry else "bf16"),
         precision="fp32" if dry else "mixed", suggest=False,
     )  # fmt: skip

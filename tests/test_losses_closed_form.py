@@ -376,5 +376,7 @@ def test_compiled_chunk_body_equals_closed_form(rng) -> None:
     for what, a, c in zip(("hidden", "weight", "bias"), compiled_grads, closed_grads, strict=True):
         assert_close(a, c, CONTRACTION_TOL[what], f"grad {what}")
     with torch.no_grad():
-        evaluated = fused_distillation_loss(h, w, teacher, labels, "jsd", chunk_size=16, ce_weight=0.2, compiled=True)
+        evaluated = fused_distillation_loss(
+            h, w, teacher, labels, "jsd", student_bias=b, chunk_size=16, ce_weight=0.2, compiled=True
+        )
     assert_close(evaluated.loss, closed.loss.detach(), TOL, "evaluation loss")

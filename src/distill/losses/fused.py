@@ -300,37 +300,6 @@ def _select_teacher_rows(teacher: TeacherHead, num_rows: int, rows: Tensor | Non
     return TeacherHead(hidden, teacher.weight.detach(), bias, teacher.softcap)
 
 
-def _prepare_dense(objective: Objective, labels: Tensor | None, num_rows: int) -> tuple[Tensor | None, Tensor | None]:
-    """Checked flat labels and the unmasked rows, for a dense teacher."""
-    assert objective.vocab_size is not None
-    if labels is None:
-        if objective.ce_weight:
-            raise ValueError("ce_weight > 0 needs labels: pass the next-token ids (ignore_index where masked).")
-        return None, None
-    check_labels(labels, objective.vocab_size, objective.ignore_index)
-    labels_flat = labels.reshape(-1)
-    rows = select_valid_rows(labels_flat, num_rows, objective.ignore_index)
-    assert rows is not None
-    return labels_flat[rows], rows
-
-
-def _select_teacher_rows(teacher: TeacherHead, num_rows: int, rows: Tensor | None) -> TeacherHead:
-    """The teacher head with its hidden states flattened, detached and restricted to ``rows``."""
-    hidden = teacher.hidden.detach().reshape(-1, teacher.hidden.shape[-1])
-    if hidden.shape[0] != num_rows:
-        raise ValueError(
-            f"The teacher has hidden states for {hidden.shape[0]} positions but the student has {num_rows}."
-        )
-    if hidden.shape[-1] != teacher.weight.shape[1]:
-        raise ValueError(
-            f"Teacher hidden size {hidden.shape[-1]} does not match its head weight {tuple(teacher.weight.shape)}."
-        )
-    if rows is not None:
-        hidden = hidden[rows]
-    bias = None if teacher.bias is None else teacher.bias.detach()
-    return TeacherHead(hidden, teacher.weight.detach(), bias, teacher.softcap)
-
-
 class FusedDistillationLoss(nn.Module):
     """Module form of :func:`fused_distillation_loss`, holding the loss settings (validated here).
 
