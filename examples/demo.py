@@ -72,7 +72,7 @@ class Budget:
 
 
 # The layer-copy pair trains half as long: it is 3 nats behind at any time on the curve, and the demo's 10 minutes
-# are better spent on the pruned pair (--long gives all four the same 400 steps).
+# are better spent on the pruned pair (--long gives all four the same 120 steps).
 FULL = Budget(train_rows=256, heldout_rows=40, curve_rows=8, calibration_rows=64, max_length=128,
               heldout_length=256, batch_size=4, steps=40, curve_points=4, learning_rate=2e-4, prune_target=0.5,
               speed_tokens=32, layer_copy_steps=20)  # fmt: skip

@@ -71,7 +71,8 @@ def _assert_close_or_closer(closed, auto, exact, tol: float, what: str) -> None:
         return
     closed_error, auto_error = rel_err(closed, exact), rel_err(auto, exact)
     message = f"{what}: closed form {closed_error:.3g}, autograd {auto_error:.3g} from float64"
-    assert closed_error <= 2 * auto_error, message
+    # Below 1e-5 both are float32 rounding (e.g. a CE of ~1e-6 relative error on one 8-token draw): not a defect.
+    assert closed_error <= max(2 * auto_error, 1e-5), message
 
 
 def _assert_paths_agree(results) -> None:

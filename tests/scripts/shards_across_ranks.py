@@ -59,6 +59,10 @@ def main() -> None:
         prepare(teacher)
         generate_tiny.generate(teacher, tokenizer, args.out_dir)
     print(f"done rank={rank}", flush=True)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # tear the gloo groups down before exit: their threads abort the process otherwise
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
