@@ -19,7 +19,7 @@ everything written up as a report card (``report.md``, ``report.json``, plots); 
     python examples/demo.py              # ~10 minutes on 2 CPU cores
     python examples/demo.py --quick      # the same path at a tiny budget (CI)
     python examples/demo.py --seeds 3    # the pruned runs over 3 seeds: is KD's gain bigger than the spread?
-    python examples/demo.py --long       # every run 120 steps, ~30 minutes (docs/pruning.md)
+    python examples/demo.py --long       # every run 120 steps: 42 min at 1 thread (docs/pruning.md)
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the same path at a tiny budget (about a minute)")
-    mode.add_argument("--long", action="store_true", help="every run 120 steps, ~30 minutes (docs/pruning.md)")
+    mode.add_argument("--long", action="store_true", help="every run 120 steps: 42 min at 1 thread (docs/pruning.md)")
     parser.add_argument("--seeds", type=int, default=1, help="train the pruned student's KD and baseline N times")
     parser.add_argument("--hidden-loss-weight", type=float, default=None,
                         help="weight of KD's hidden-state term (default 1.0; 0 turns it off)")  # fmt: skip
