@@ -147,14 +147,22 @@ def _logprobs(logits: Tensor, vocab_size: int) -> Tensor:
     return logits[:, :vocab_size].float().log_softmax(-1)
 
 
-def _chunk_values(student_logprobs: Tensor, teacher_logprobs: Tensor, targets: Tensor) -> Tensor:
-    """``[4, c]`` float64 per token: forward KL, top-1 match (0/1), student CE and teacher CE; log-probs ``[c, V]``."""
-    teacher_logprobs = teacher_logprobs.to(student_logprobs.device)
-    targets = targets.to(student_logprobs.device)[:, None]
+def _teacher_values(teacher_logprobs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(top-1 ids [c], CE [c])`` of the teacher over a chunk: computed once, shared by every student."""
+    return teacher_logprobs.argmax(-1), -teacher_logprobs.gather(-1, targets[:, None])[:, 0]
+
+
+def _chunk_values(
+    student_logprobs: Tensor, teacher_logprobs: Tensor, teacher: tuple[Tensor, Tensor], targets: Tensor
+) -> Tensor:
+    """``[4, c]`` float64 per token: forward KL, top-1 match (0/1), student CE and teacher CE; log-probs ``[c, V]``;
+    ``teacher`` is :func:`_teacher_values` of the same chunk."""
+    device = student_logprobs.device
+    teacher_logprobs = teacher_logprobs.to(device)
+    teacher_top1, teacher_ce = (value.to(device) for value in teacher)
     kl = forward_kl_per_token(student_logprobs, teacher_logprobs)
-    matches = (student_logprobs.argmax(-1) == teacher_logprobs.argmax(-1)).float()
-    student_ce = -student_logprobs.gather(-1, targets)[:, 0]
-    teacher_ce = -teacher_logprobs.gather(-1, targets)[:, 0]
+    matches = (student_logprobs.argmax(-1) == teacher_top1).float()
+    student_ce = -student_logprobs.gather(-1, targets.to(device)[:, None])[:, 0]
     return torch.stack([kl, matches, student_ce, teacher_ce]).double().cpu()
 
 
@@ -280,10 +288,12 @@ def heldout_metrics_per_student(
             for first in range(0, len(targets), chunk):
                 last = first + chunk
                 teacher_logprobs = _logprobs(teacher_logits(teacher_features[first:last]), vocab_size)
+                teacher_values = _teacher_values(teacher_logprobs, targets[first:last].to(teacher_logprobs.device))
                 for name, (student_features, student_logits) in scored_students.items():
                     values = _chunk_values(
                         _logprobs(student_logits(student_features[first:last]), vocab_size),
                         teacher_logprobs,
+                        teacher_values,
                         targets[first:last],
                     )
                     row_sums[name].index_add_(1, token_rows[first:last], values)
