@@ -26,8 +26,10 @@ from distill.evaluation import (
     mean_pass_at_k,
     measure_speed,
     pass_at_k,
+    per_problem_pass_at_k,
     resolve_price,
     run_tasks,
+    task_problem_scores,
     write_report,
 )
 from distill.evaluation import report as report_module
@@ -97,6 +99,60 @@ def test_humaneval_pass_at_k_runs_the_tests_in_the_sandbox():
     assert run_tasks("fake-model", None, [task]) == pytest.approx(
         {"humaneval/pass@1": (1 / 3 + 1) / 3, "humaneval/pass@2": (2 / 3 + 1) / 3}
     )
+    # The per-problem scores the mean is over, kept for the report's intervals.
+    assert result.per_problem["pass@1"] == pytest.approx([1 / 3, 0.0, 1.0])
+    assert result.per_problem["pass@2"] == pytest.approx([2 / 3, 0.0, 1.0])
+    assert task_problem_scores([task]) == {f"humaneval/{k}": v for k, v in result.per_problem.items()}
+
+
+def test_pass_at_k_interval_over_problems():
+    from distill.evaluation.stats import mean_interval, paired_score_difference
+
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 6, (200,), generator=generator).tolist()  # 200 problems, 5 samples each
+    per_problem = per_problem_pass_at_k(counts, 5, ks=(1, 5, 7))
+    assert set(per_problem) == {"pass@1", "pass@5"}  # k above n is left out, as in the mean
+    assert per_problem["pass@1"] == pytest.approx([pass_at_k(5, c, 1) for c in counts])
+    assert mean_pass_at_k(counts, 5, ks=(1,))["pass@1"] == pytest.approx(sum(per_problem["pass@1"]) / 200)
+    # The interval holds the mean and its width is near the normal approximation's 2 x 1.96 x sd / sqrt(n).
+    scores = per_problem["pass@1"]
+    interval = mean_interval(scores)
+    assert interval.low < interval.mean < interval.high and interval.count == 200
+    normal = 2 * 1.96 * torch.tensor(scores, dtype=torch.float64).std().item() / math.sqrt(200)
+    assert interval.high - interval.low == pytest.approx(normal, rel=0.2)
+    assert mean_interval([0.5, 0.5, 0.5]).high - mean_interval([0.5, 0.5, 0.5]).low == pytest.approx(0.0)
+    assert math.isinf(mean_interval([1.0]).high) and mean_interval([1.0]).text() == "1.0000 (n=1)"
+    # Paired over problems: equal scores are no difference; one model ahead on every problem is a clear one.
+    same = paired_score_difference(scores, scores, "humaneval/pass@1")
+    assert (same.difference, same.low, same.high, same.unit, same.num_rows) == (0.0, 0.0, 0.0, "problems", 200)
+    assert not same.clear
+    ahead = paired_score_difference([min(1.0, x + 0.1) for x in scores], scores, "humaneval/pass@1")
+    assert ahead.clear and ahead.low > 0
+    with pytest.raises(ValueError, match="problems"):
+        paired_score_difference([1.0, 0.0], [1.0], "humaneval/pass@1")
+
+
+def test_report_gives_pass_at_k_an_interval_and_a_paired_verdict(tmp_path, monkeypatch):
+    monkeypatch.setattr(report_module, "plots_unavailable", lambda: "off")
+    teacher_scores = [1.0] * 15 + [0.0] * 5
+    student_scores = [1.0] * 12 + [0.0] * 8
+    baseline_scores = [1.0] * 11 + [0.0] * 9  # one problem apart from the student: noise on 20 problems
+    teacher, student, baseline = (
+        ModelResult(role, {"humaneval/pass@1": sum(s) / 20}, problem_scores={"humaneval/pass@1": s})
+        for role, s in (("t", teacher_scores), ("s", student_scores), ("b", baseline_scores))
+    )
+    card = write_report(tmp_path, teacher, student, baseline)
+    entry = card.data["kd_vs_baseline"]["humaneval/pass@1"]
+    assert entry["better"] == "no clear difference" and entry["unit"] == "problems" and entry["num_rows"] == 20
+    assert entry["interval_95"][0] < 0.05 < entry["interval_95"][1]
+    interval = card.data["models"]["student"]["intervals_95"]["humaneval/pass@1"]
+    assert interval["num_problems"] == 20 and interval["low"] < 0.6 < interval["high"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert "0.6000 [" in markdown and "(n=20)" in markdown and "20 problems" in markdown
+    # Without per-problem scores there is still no claim.
+    scores = ({"humaneval/pass@1": value} for value in (0.75, 0.6, 0.55))
+    plain = write_report(tmp_path / "plain", *(ModelResult(role, next(scores)) for role in "tsb"))
+    assert plain.data["kd_vs_baseline"]["humaneval/pass@1"]["better"] == "not tested"
 
 
 def test_humaneval_pass_at_k_with_a_real_model_generates_greedily(tokenizer):
@@ -513,7 +569,9 @@ def test_distill_eval_cli_writes_the_report(tmp_path, tokenizer, capsys):
     for metric in ("ce", "kl", "top1_agreement"):
         entry = data["kd_vs_baseline"][metric]
         assert entry["num_rows"] == 4 and entry["num_tokens"] > 0 and len(entry["interval_95"]) == 2
-    assert data["kd_vs_baseline"]["humaneval/pass@1"]["better"] == "not tested"
+    # pass@1 is compared over problems; one problem says nothing either way.
+    pass1 = data["kd_vs_baseline"]["humaneval/pass@1"]
+    assert (pass1["better"], pass1["unit"], pass1["num_rows"]) == ("no clear difference", "problems", 1)
 
 
 def test_distill_eval_cli_fails_fast_on_a_missing_dataset(tmp_path, capsys):

@@ -29,7 +29,7 @@ from distill._lazy import lazy_exports
 # Imported on first use: metrics and speed import torch, and ``distill eval --help`` should not wait for it.
 if TYPE_CHECKING:
     from distill.evaluation.metrics import HeldoutMetrics, heldout_metrics, heldout_metrics_per_student, load_rows
-    from distill.evaluation.passk import mean_pass_at_k, pass_at_k
+    from distill.evaluation.passk import mean_pass_at_k, pass_at_k, per_problem_pass_at_k
     from distill.evaluation.report import (
         ModelResult,
         ReportCard,
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
         humaneval_problems,
         run_tasks,
         sample_completions,
+        task_problem_scores,
     )
 
 __all__ = [
@@ -76,11 +77,13 @@ __all__ = [
     "mean_pass_at_k",
     "measure_speed",
     "pass_at_k",
+    "per_problem_pass_at_k",
     "quality",
     "resolve_price",
     "run_tasks",
     "sample_completions",
     "summary_tables",
+    "task_problem_scores",
     "write_report",
 ]
 

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from distill.evaluation.metrics import heldout_metrics, load_rows
     from distill.evaluation.report import ModelResult, summary_tables, write_report
     from distill.evaluation.speed import measure_speed, resolve_price
-    from distill.evaluation.tasks import HumanEvalPassAtK, humaneval_problems, run_tasks
+    from distill.evaluation.tasks import HumanEvalPassAtK, humaneval_problems, run_tasks, task_problem_scores
     from distill.models.loading import check_model_source, freeze, load_causal_lm
 
     # Everything that can fail without weights is checked before any model loads (numbers: while parsing).
@@ -172,8 +172,9 @@ def run(args: argparse.Namespace) -> int:
                 progress=args.progress,
             )
         return ModelResult.from_results(
-            path, metrics, speed=speed, log_history=_log_history(path), row_sums=row_sums.get(path)
-        )
+            path, metrics, speed=speed, log_history=_log_history(path), row_sums=row_sums.get(path),
+            problem_scores=task_problem_scores(tasks),
+        )  # fmt: skip
 
     teacher = load(args.teacher)
     row_sums: dict[str, Any] = {}  # per student path: per-row sums for the paired KD-vs-baseline comparison

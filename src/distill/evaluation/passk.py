@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["mean_pass_at_k", "pass_at_k"]
+__all__ = ["mean_pass_at_k", "pass_at_k", "per_problem_pass_at_k"]
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
@@ -43,6 +43,35 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
     return 1.0 - all_fail
 
 
+def per_problem_pass_at_k(
+    num_correct: Sequence[int], num_samples: int | Sequence[int], ks: Sequence[int]
+) -> dict[str, list[float]]:
+    """pass@k of each problem, for each ``k`` no larger than the samples of every problem.
+
+    Args:
+        num_correct: per problem, how many samples passed.
+        num_samples: samples per problem: one number for all, or one per problem.
+        ks: the ``k`` values wanted; those larger than the smallest ``num_samples`` are left out
+            (pass@k is not defined from fewer than ``k`` samples).
+
+    Returns:
+        ``{"pass@k": [pass@k of each problem]}`` per kept ``k``, in ascending ``k``; empty without problems.
+        These per-problem scores are what a confidence interval over problems resamples.
+    """
+    counts = list(num_correct)
+    samples = [num_samples] * len(counts) if isinstance(num_samples, int) else list(num_samples)
+    if len(samples) != len(counts):
+        raise ValueError(f"num_samples has {len(samples)} entries for {len(counts)} problems.")
+    if not counts:
+        return {}
+    fewest = min(samples)
+    return {
+        f"pass@{k}": [pass_at_k(n, c, k) for n, c in zip(samples, counts, strict=True)]
+        for k in sorted(set(ks))
+        if 1 <= k <= fewest
+    }
+
+
 def mean_pass_at_k(
     num_correct: Sequence[int], num_samples: int | Sequence[int], ks: Sequence[int]
 ) -> dict[str, float]:
@@ -57,15 +86,5 @@ def mean_pass_at_k(
     Returns:
         ``{"pass@k": mean over problems}`` per kept ``k``, in ascending ``k``; empty without problems.
     """
-    counts = list(num_correct)
-    samples = [num_samples] * len(counts) if isinstance(num_samples, int) else list(num_samples)
-    if len(samples) != len(counts):
-        raise ValueError(f"num_samples has {len(samples)} entries for {len(counts)} problems.")
-    if not counts:
-        return {}
-    fewest = min(samples)
-    return {
-        f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in zip(samples, counts, strict=True)) / len(counts)
-        for k in sorted(set(ks))
-        if 1 <= k <= fewest
-    }
+    per_problem = per_problem_pass_at_k(num_correct, num_samples, ks)
+    return {key: sum(values) / len(values) for key, values in per_problem.items()}

@@ -7,6 +7,7 @@ plots cannot be drawn, and the report then writes only its markdown and JSON.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ def plot_training_curves(path: str | Path, histories: Mapping[str, Sequence[Mapp
         for key, points in lines.items():
             steps, values = zip(*points, strict=True)
             ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3, label=_SERIES_LABELS[key])
-        ax.set_title(name)
+        ax.set_title(textwrap.fill(name, 40), fontsize="medium")  # wraps instead of running into the next panel
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss (nats/token)")
         ax.set_ylim(bottom=0)

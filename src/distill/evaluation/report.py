@@ -32,7 +32,7 @@ from typing import Any
 
 from distill.evaluation.plots import plot_quality_vs_cost, plot_training_curves, plots_unavailable
 from distill.evaluation.speed import SpeedResult, cost_per_million_tokens
-from distill.evaluation.stats import paired_difference, spread
+from distill.evaluation.stats import Interval, mean_interval, paired_difference, paired_score_difference, spread
 
 __all__ = ["ModelResult", "ReportCard", "higher_is_better", "kept", "quality", "summary_tables", "write_report"]
 
@@ -115,6 +115,9 @@ class ModelResult:
         run_tokens_per_s: tokens/s of each timed run (``tokens_per_s`` is their median), for the spread.
         row_sums: per held-out row, ``tokens`` and the sums of ``ce``, ``kl``, ``top1_agreement``
             (:meth:`HeldoutMetrics.student_row_sums`), for the paired comparison with a baseline.
+        problem_scores: per task metric (``"humaneval/pass@1"``), the score of each problem
+            (:func:`distill.evaluation.tasks.task_problem_scores`): the report gives such a metric a 95%
+            interval over problems and compares it with a baseline by a paired bootstrap over problems.
     """
 
     name: str
@@ -126,6 +129,7 @@ class ModelResult:
     log_history: list[dict[str, Any]] | None = None
     run_tokens_per_s: list[float] | None = None
     row_sums: dict[str, Sequence[float]] | None = field(default=None, repr=False)
+    problem_scores: dict[str, Sequence[float]] | None = field(default=None, repr=False)
 
     @classmethod
     def from_results(
@@ -136,9 +140,11 @@ class ModelResult:
         speed: SpeedResult | None = None,
         log_history: Sequence[Mapping[str, Any]] | None = None,
         row_sums: Mapping[str, Sequence[float]] | None = None,
+        problem_scores: Mapping[str, Sequence[float]] | None = None,
     ) -> ModelResult:
-        """An entry from metrics, a :class:`SpeedResult` (size, speed and its runs, model memory, price) and
-        per-row sums (:meth:`HeldoutMetrics.student_row_sums`)."""
+        """An entry from metrics, a :class:`SpeedResult` (size, speed and its runs, model memory, price),
+        per-row sums (:meth:`HeldoutMetrics.student_row_sums`) and per-problem task scores
+        (:func:`~distill.evaluation.tasks.task_problem_scores`)."""
         return cls(
             name=name,
             metrics=dict(metrics or {}),
@@ -149,7 +155,13 @@ class ModelResult:
             log_history=[dict(entry) for entry in log_history] if log_history is not None else None,
             run_tokens_per_s=list(speed.run_tokens_per_s) if speed and speed.run_tokens_per_s else None,
             row_sums={key: list(values) for key, values in row_sums.items()} if row_sums is not None else None,
+            problem_scores={key: list(values) for key, values in problem_scores.items()} if problem_scores else None,
         )
+
+    def interval(self, metric: str) -> Interval | None:
+        """``metric``'s mean over problems with its 95% bootstrap interval, when per-problem scores are kept."""
+        scores = (self.problem_scores or {}).get(metric)
+        return mean_interval(scores) if scores else None
 
     @property
     def cost_per_million_tokens(self) -> float | None:
@@ -266,19 +278,28 @@ def _comparison(student: ModelResult, baseline: ModelResult) -> dict[str, dict[s
 
     ``better`` is ``"kd"`` or ``"baseline"`` only when the interval excludes 0, :data:`UNCLEAR` when it holds
     0, and :data:`UNTESTED` for a metric without per-row scores on both sides (no interval, no claim).
+    Held-out metrics resample rows (token-weighted); task scores with per-problem scores resample problems.
     """
     out: dict[str, dict[str, Any]] = {}
     for metric, value in student.metrics.items():
         if metric not in baseline.metrics:
             continue
         entry: dict[str, Any] = {"kd_minus_baseline": value - baseline.metrics[metric], "better": UNTESTED}
+        difference = None
         if student.row_sums is not None and baseline.row_sums is not None and metric in _PER_ROW:
             difference = paired_difference(student.row_sums, baseline.row_sums, metric)
+        elif metric in (student.problem_scores or {}) and metric in (baseline.problem_scores or {}):
+            difference = paired_score_difference(
+                student.problem_scores[metric],
+                baseline.problem_scores[metric],
+                metric,  # type: ignore[index]
+            )
+        if difference is not None:
             kd_ahead = (difference.low > 0) == higher_is_better(metric)  # when clear: low > 0 means KD is higher
             better = UNCLEAR if not difference.clear else "kd" if kd_ahead else "baseline"
             entry.update(
                 interval_95=[difference.low, difference.high], num_rows=difference.num_rows,
-                num_tokens=difference.num_tokens, better=better,
+                num_tokens=difference.num_tokens, unit=difference.unit, better=better,
             )  # fmt: skip
         out[metric] = entry
     return out
@@ -288,10 +309,12 @@ def _evidence(entry: Mapping[str, Any]) -> str:
     if "interval_95" not in entry:
         return f"{entry['kd_minus_baseline']:+.4g}, no per-row scores: {UNTESTED}"
     low, high = entry["interval_95"]
-    return (
-        f"{entry['kd_minus_baseline']:+.4g}, 95% CI [{low:+.4g}, {high:+.4g}], "
-        f"{entry['num_rows']} rows / {entry['num_tokens']} tokens"
+    sample = (
+        f"{entry['num_rows']} problems"
+        if entry.get("unit") == "problems"
+        else f"{entry['num_rows']} rows / {entry['num_tokens']} tokens"
     )
+    return f"{entry['kd_minus_baseline']:+.4g}, 95% CI [{low:+.4g}, {high:+.4g}], {sample}"
 
 
 def _comparison_line(comparison: dict[str, dict[str, Any]]) -> str:
@@ -302,7 +325,7 @@ def _comparison_line(comparison: dict[str, dict[str, Any]]) -> str:
         if listed:
             parts.append(f"{label} " + ", ".join(listed))
     return (
-        "Against the baseline student (KD − baseline, paired bootstrap over the same held-out rows): "
+        "Against the baseline student (KD − baseline, paired bootstrap over the same held-out rows or task problems): "
         + "; ".join(parts)
         + "."
     )
@@ -330,7 +353,7 @@ def _metrics_table(models: dict[str, ModelResult], teacher: ModelResult, compari
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
     for metric in metrics:
         cells = [f"`{metric}`", _UNITS.get(metric, "fraction" if "pass@" in metric else "")]
-        cells += [_fmt(model.metrics.get(metric)) for model in models.values()]
+        cells += [_value_cell(model, metric) for model in models.values()]
         for role in roles[1:]:
             value, reference = models[role].metrics.get(metric), teacher.metrics.get(metric)
             ratio = kept(metric, value, reference) if value is not None and reference is not None else None
@@ -346,6 +369,24 @@ def _metrics_table(models: dict[str, ModelResult], teacher: ModelResult, compari
                 cells.append(f"{entry['kd_minus_baseline']:+.4f}{ci} ({verdict})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _value_cell(model: ModelResult, metric: str) -> str:
+    """The metric's value, with its 95% interval over problems and their count when per-problem scores are kept."""
+    interval = model.interval(metric)
+    if interval is None or interval.count < 2:
+        return _fmt(model.metrics.get(metric))
+    return f"{_fmt(model.metrics.get(metric))} [{interval.low:.2f}, {interval.high:.2f}] (n={interval.count})"
+
+
+def _intervals(model: ModelResult) -> dict[str, dict[str, float | int]]:
+    """Per task metric with per-problem scores: its 95% interval over problems and the problem count (for JSON)."""
+    out = {}
+    for metric in model.problem_scores or {}:
+        interval = model.interval(metric)
+        if interval is not None:
+            out[metric] = {"low": interval.low, "high": interval.high, "num_problems": interval.count}
+    return out
 
 
 def _tokens_per_s(model: ModelResult) -> str:
@@ -501,6 +542,7 @@ def write_report(
                 "price_per_hour": m.price_per_hour,
                 "cost_per_million_tokens": m.cost_per_million_tokens,
                 "kept": {k: kept(k, m.metrics[k], teacher.metrics[k]) for k in m.metrics if k in teacher.metrics},
+                "intervals_95": _intervals(m),
             }
             for role, m in models.items()
         },

@@ -7,6 +7,10 @@ recomputed as the token-weighted mean over the resampled rows (as :func:`heldout
 sums over rows divided by tokens), and the 2.5th and 97.5th percentiles of the difference are the 95%
 interval. An interval that holds 0 means "no clear difference". Efron & Tibshirani, *An Introduction to
 the Bootstrap* (1993), ch. 13 (percentile intervals) and ch. 16 (paired designs).
+
+Task scores such as pass@k have one score per problem, each problem weighing the same: they are compared
+the same way with problems as the resampling unit (:func:`paired_score_difference`), and one model's
+score gets a percentile interval of its mean over resampled problems (:func:`mean_interval`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Difference", "Spread", "paired_difference", "spread"]
+__all__ = [
+    "Difference",
+    "Interval",
+    "Spread",
+    "mean_interval",
+    "paired_difference",
+    "paired_score_difference",
+    "spread",
+]
 
 # Per-row sums a metric is a ratio of: numerator key -> how the token-weighted mean becomes the metric.
 _TRANSFORMS = {"ce": "ce", "kl": "kl", "top1_agreement": "top1_agreement", "perplexity": "ce"}
@@ -33,9 +45,10 @@ class Difference:
         difference: the observed ``a - b`` on all rows.
         low: 2.5th percentile of the bootstrap differences.
         high: 97.5th percentile.
-        num_rows: rows both models were scored on (the resampling unit).
-        num_tokens: scored tokens in those rows.
+        num_rows: rows (or problems, see ``unit``) both models were scored on: the resampling unit.
+        num_tokens: scored tokens in those rows; 0 for per-problem task scores, which weigh problems equally.
         resamples: bootstrap resamples drawn.
+        unit: what a row is: ``"rows"`` (held-out rows) or ``"problems"`` (task problems).
     """
 
     metric: str
@@ -45,6 +58,7 @@ class Difference:
     num_rows: int
     num_tokens: int
     resamples: int
+    unit: str = "rows"
 
     @property
     def clear(self) -> bool:
@@ -91,16 +105,93 @@ def paired_difference(
         raise ValueError("the two models were not scored on the same rows (per-row token counts differ)")
     a_sums = torch.tensor(a_rows[key], dtype=torch.float64)
     b_sums = torch.tensor(b_rows[key], dtype=torch.float64)
-    rows = len(tokens)
-    observed = float(_value(metric, a_sums.sum(), tokens.sum()) - _value(metric, b_sums.sum(), tokens.sum()))
-    if rows < 2:
-        return Difference(metric, observed, -math.inf, math.inf, rows, int(tokens.sum()), 0)
+    observed, low, high, drawn = _paired_bootstrap(metric, a_sums, b_sums, tokens, resamples, seed)
+    return Difference(metric, observed, low, high, len(tokens), int(tokens.sum()), drawn)
+
+
+def paired_score_difference(
+    a_scores: Sequence[float], b_scores: Sequence[float], metric: str, *, resamples: int = 2000, seed: int = 0
+) -> Difference:
+    """``mean(a) - mean(b)`` of per-problem task scores (e.g. pass@k), with a 95% paired-bootstrap interval.
+
+    Every problem weighs the same (as in the mean pass@k over problems); problems are resampled with
+    replacement, the same problems for both models.
+
+    Args:
+        a_scores: model ``a``'s score on each problem, ``[problems]`` (pass@k of a problem is in [0, 1]).
+        b_scores: model ``b``'s scores on the same problems, in the same order.
+        metric: the metric's name, carried into the :class:`Difference`.
+        resamples: bootstrap resamples.
+        seed: the resampling seed.
+
+    Returns:
+        The :class:`Difference`, with ``unit="problems"`` and ``num_tokens=0``.
+
+    Raises:
+        ValueError: the two lists differ in length (not scored on the same problems).
+    """
+    if len(a_scores) != len(b_scores):
+        raise ValueError(f"the two models were scored on {len(a_scores)} and {len(b_scores)} problems")
+    a = torch.tensor(list(a_scores), dtype=torch.float64)
+    b = torch.tensor(list(b_scores), dtype=torch.float64)
+    observed, low, high, drawn = _paired_bootstrap(metric, a, b, torch.ones_like(a), resamples, seed)
+    return Difference(metric, observed, low, high, len(a), 0, drawn, unit="problems")
+
+
+def _paired_bootstrap(
+    metric: str, a_sums: torch.Tensor, b_sums: torch.Tensor, weights: torch.Tensor, resamples: int, seed: int
+) -> tuple[float, float, float, int]:
+    """Observed difference of weighted means, its 2.5/97.5 percentiles and the resamples drawn (0 below 2 units)."""
+    observed = float(_value(metric, a_sums.sum(), weights.sum()) - _value(metric, b_sums.sum(), weights.sum()))
+    units = len(weights)
+    if units < 2:
+        return observed, -math.inf, math.inf, 0
     generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(rows, (resamples, rows), generator=generator)  # [resamples, rows], row indices
-    picked_tokens = tokens[picks].sum(1)
-    diffs = _value(metric, a_sums[picks].sum(1), picked_tokens) - _value(metric, b_sums[picks].sum(1), picked_tokens)
+    picks = torch.randint(units, (resamples, units), generator=generator)  # [resamples, units], unit indices
+    picked = weights[picks].sum(1)
+    diffs = _value(metric, a_sums[picks].sum(1), picked) - _value(metric, b_sums[picks].sum(1), picked)
     low, high = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return Difference(metric, observed, low, high, rows, int(tokens.sum()), resamples)
+    return observed, low, high, resamples
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over units with its 95% bootstrap percentile interval.
+
+    Attributes:
+        mean: the mean over all units.
+        low: 2.5th percentile of the resampled means.
+        high: 97.5th percentile.
+        count: units (e.g. problems) the mean is over.
+    """
+
+    mean: float
+    low: float
+    high: float
+    count: int
+
+    def text(self, digits: int = 4) -> str:
+        """``"0.3100 [0.2000, 0.4200], n=50"``; without an interval below 2 units."""
+        if self.count < 2:
+            return f"{self.mean:.{digits}f} (n={self.count})"
+        return f"{self.mean:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}], n={self.count}"
+
+
+def mean_interval(values: Sequence[float], *, resamples: int = 2000, seed: int = 0) -> Interval:
+    """The mean of ``values`` (one per unit, e.g. pass@k per problem) with a 95% bootstrap percentile interval.
+
+    With fewer than 2 values the interval is (-inf, inf): one problem says nothing about the spread.
+    """
+    if not values:
+        raise ValueError("mean_interval() needs at least one value")
+    scores = torch.tensor(list(values), dtype=torch.float64)
+    mean = float(scores.mean())
+    if len(scores) < 2:
+        return Interval(mean, -math.inf, math.inf, len(scores))
+    generator = torch.Generator().manual_seed(seed)
+    means = scores[torch.randint(len(scores), (resamples, len(scores)), generator=generator)].mean(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return Interval(mean, low, high, len(scores))
 
 
 @dataclass(frozen=True)

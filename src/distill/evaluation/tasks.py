@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill.evaluation.passk import mean_pass_at_k
+from distill.evaluation.passk import per_problem_pass_at_k
 from distill.generation.filters import CODE_STOP
 
 # The same eos set and stop-string cut as `distill generate`, so completions end the same way.
@@ -36,6 +36,7 @@ __all__ = [
     "humaneval_problems",
     "run_tasks",
     "sample_completions",
+    "task_problem_scores",
 ]
 
 # (model, tokenizer, prompts, num_samples) -> per prompt, num_samples completions continuing it.
@@ -59,6 +60,20 @@ def run_tasks(model: nn.Module, tokenizer: Any, tasks: Sequence[TaskMetric]) -> 
     for task in tasks:
         scores.update({f"{task.name}/{key}": float(value) for key, value in task.evaluate(model, tokenizer).items()})
     return scores
+
+
+def task_problem_scores(tasks: Sequence[TaskMetric]) -> dict[str, list[float]]:
+    """Per-problem scores of the tasks' last runs, keyed like :func:`run_tasks` (``"humaneval/pass@1"``).
+
+    A task that keeps them has a ``problem_scores`` attribute (``{metric: [score per problem]}``, as
+    :class:`HumanEvalPassAtK` does); they are what the report's intervals over problems resample. Tasks
+    without it are left out (their scores get no interval).
+    """
+    rows: dict[str, list[float]] = {}
+    for task in tasks:
+        for key, values in (getattr(task, "problem_scores", None) or {}).items():
+            rows[f"{task.name}/{key}"] = list(values)
+    return rows
 
 
 def humaneval_problems(first: int | None = None, task_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -164,6 +179,7 @@ class PassAtKResult:
 
     Attributes:
         scores: ``{"pass@k": mean unbiased pass@k over problems}``, probabilities in [0, 1].
+        per_problem: ``{"pass@k": [unbiased pass@k of each problem]}``, what ``scores`` averages.
         num_correct: per problem, samples that passed its tests.
         num_samples: samples per problem.
         task_ids: per problem, its ``task_id`` (or its index as a string).
@@ -173,6 +189,7 @@ class PassAtKResult:
     """
 
     scores: dict[str, float]
+    per_problem: dict[str, list[float]]
     num_correct: list[int]
     num_samples: int
     task_ids: list[str]
@@ -199,7 +216,8 @@ class HumanEvalPassAtK:
         workers: test runs in parallel (each is a sandboxed subprocess).
         isolation: ``"strict"`` refuses to run the tests on a kernel without the sandbox's required layers;
             ``"weak"`` runs them with what it has. The last run's isolation and layers are in
-            :attr:`sandbox_record` (and :attr:`PassAtKResult.sandbox`).
+            :attr:`sandbox_record` (and :attr:`PassAtKResult.sandbox`); its per-problem pass@k in
+            :attr:`problem_scores` (read by :func:`task_problem_scores`).
         sampler: replaces the generation step, ``(model, tokenizer, prompts, n) -> completions``; by
             default :func:`sample_completions` with the settings above.
         name: prefix of the scores in the report.
@@ -226,6 +244,7 @@ class HumanEvalPassAtK:
     isolation: str = "strict"
     progress: bool = True
     sandbox_record: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    problem_scores: dict[str, list[float]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -275,8 +294,10 @@ class HumanEvalPassAtK:
             num_correct[p] += int(result.passed)
         layers = sorted({layer for result in results for layer in result.layers})
         self.sandbox_record = {"isolation": self.isolation, "layers": layers}
+        self.problem_scores = per_problem_pass_at_k(num_correct, self.num_samples, self.ks)
         return PassAtKResult(
-            scores=mean_pass_at_k(num_correct, self.num_samples, self.ks),
+            scores={key: sum(values) / len(values) for key, values in self.problem_scores.items()},
+            per_problem=self.problem_scores,
             num_correct=num_correct,
             num_samples=self.num_samples,
             task_ids=[str(problem.get("task_id", index)) for index, problem in enumerate(self.problems)],
