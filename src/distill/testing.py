@@ -259,19 +259,8 @@ def tiny_qwen2(
 ) -> Qwen2ForCausalLM:
     """Build a random ``Qwen2ForCausalLM`` (q/k/v biases, like the Qwen family) from its config.
 
-    Args:
-        vocab_size: Rows of the embedding and the LM head.
-        hidden_size: Model width; must be divisible by ``num_heads``.
-        num_layers: Decoder layers.
-        num_heads: Attention (query) heads.
-        num_kv_heads: Key/value heads (grouped-query attention when fewer than ``num_heads``).
-        intermediate_size: MLP width.
-        tie_word_embeddings: Share one ``[vocab_size, hidden_size]`` tensor between embedding and head.
-        seed: ``torch.manual_seed`` value for the initialisation (the global RNG is reseeded).
-        dtype: Parameter dtype.
-
-    Returns:
-        The model, with ``max_position_embeddings`` 512 and SDPA attention, in train mode.
+    The arguments are :func:`tiny_llama`'s, with the same meaning. Returns the model, with
+    ``max_position_embeddings`` 512 and SDPA attention, in train mode.
     """
     config = Qwen2Config(
         **_config_kwargs(

@@ -75,13 +75,7 @@ def per_problem_pass_at_k(
 def mean_pass_at_k(
     num_correct: Sequence[int], num_samples: int | Sequence[int], ks: Sequence[int]
 ) -> dict[str, float]:
-    """pass@k averaged over problems, for each ``k`` no larger than the samples of every problem.
-
-    Args:
-        num_correct: per problem, how many samples passed.
-        num_samples: samples per problem: one number for all, or one per problem.
-        ks: the ``k`` values wanted; those larger than the smallest ``num_samples`` are left out
-            (pass@k is not defined from fewer than ``k`` samples).
+    """pass@k averaged over problems: the mean of :func:`per_problem_pass_at_k` (same arguments, same kept ``k``).
 
     Returns:
         ``{"pass@k": mean over problems}`` per kept ``k``, in ascending ``k``; empty without problems.

@@ -37,6 +37,13 @@ def prepare_splits(
             prepared[split] = None
             continue
         dataset = with_text_column(dataset, args.dataset_text_field)
+        settings = {
+            "max_length": args.max_length,
+            "completion_only_loss": args.completion_only_loss,
+            "packing": args.packing,
+            "need_prompts": args.uses_generation and split == "train",
+            "chat_loss_tokens": args.chat_loss_tokens,
+        }
         if is_stream(dataset):
             if split == "train" and args.max_steps <= 0:
                 raise DataError(
@@ -44,27 +51,11 @@ def prepare_splits(
                     "set max_steps=N (optimizer steps), or materialise the rows: "
                     "Dataset.from_list(list(stream.take(n)))."
                 )
-            prepared[split], reports[split] = prepare_stream(
-                dataset,
-                tokenizer,
-                max_length=args.max_length,
-                completion_only_loss=args.completion_only_loss,
-                packing=args.packing,
-                need_prompts=args.uses_generation and split == "train",
-                chat_loss_tokens=args.chat_loss_tokens,
+            prepared[split], reports[split] = prepare_stream(dataset, tokenizer, **settings)
+        else:
+            prepared[split], reports[split] = prepare_dataset(
+                dataset, tokenizer, num_proc=args.dataset_num_proc, **settings
             )
-            logger.info("%s data: %s", split, reports[split])
-            continue
-        prepared[split], reports[split] = prepare_dataset(
-            dataset,
-            tokenizer,
-            max_length=args.max_length,
-            completion_only_loss=args.completion_only_loss,
-            packing=args.packing,
-            need_prompts=args.uses_generation and split == "train",
-            num_proc=args.dataset_num_proc,
-            chat_loss_tokens=args.chat_loss_tokens,
-        )
         logger.info("%s data: %s", split, reports[split])
     return prepared, reports
 
