@@ -143,6 +143,43 @@ def test_gapped_and_packed_rows_are_refused_before_any_request() -> None:
         teacher.targets(input_ids, None, torch.tensor([[0, 1, 0, 1]]))
 
 
+def test_on_policy_training_with_the_real_server(server: str, smollm2: tuple[Any, Any], tmp_path: Path) -> None:
+    """lmbda=1: every batch is the student's own left-padded generations, scored by the real vLLM server.
+
+    The server's targets for a left-padded row are its targets for the same row right-padded, at the real
+    positions; the on-policy steps train (finite losses, weights move).
+    """
+    from trainer_helpers import arithmetic_dataset, config, logged
+
+    from distill import Trainer
+    from distill.models import student_from_teacher
+
+    model, tokenizer = smollm2
+    teacher = ServerTeacher(server, "teacher", top_k=16, tokenizer=tokenizer)
+    input_ids, attention_mask = _batch(tokenizer)
+    width, lengths = input_ids.shape[1], attention_mask.sum(dim=1).tolist()
+    left_ids, left_mask = torch.full_like(input_ids, tokenizer.pad_token_id), torch.zeros_like(attention_mask)
+    for b, n in enumerate(lengths):
+        left_ids[b, width - n :], left_mask[b, width - n :] = input_ids[b, :n], 1
+    right, left = teacher.targets(input_ids, attention_mask), teacher.targets(left_ids, left_mask)
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(
+            left.topk_logprobs[b, width - n : width - 1], right.topk_logprobs[b, : n - 1], atol=1e-4, rtol=0
+        )
+        assert torch.equal(left.topk_ids[b, width - n : width - 1], right.topk_ids[b, : n - 1])
+    student = student_from_teacher(model, 2)
+    before = [p.detach().clone() for p in student.parameters()]
+    args = config(tmp_path / "out", max_steps=2, per_device_train_batch_size=2, learning_rate=1e-4,
+                  loss="forward_kl", lmbda=1.0, max_new_tokens=8)  # fmt: skip
+    trainer = Trainer(
+        model=student, teacher=teacher, args=args, train_dataset=arithmetic_dataset(8), processing_class=tokenizer
+    )
+    trainer.train()
+    losses = logged(trainer, "loss")
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters(), strict=True))
+
+
 def test_left_padded_rows_get_the_targets_of_their_real_tokens() -> None:
     """On-policy batches are left-padded (generate() pads prompts on the left): each row's answer is placed at its
     real positions, the same as for the row right-padded."""
