@@ -202,3 +202,19 @@ def test_qlora_student_with_4bit_teacher_learns_on_policy(tmp_path, tokenizer, t
     assert logged(trainer, "on_policy_fraction") == [1.0] * 16
     # Without the fix the first layer's LoRA B receives exactly zero gradient after generate() on this CPU.
     assert all(not torch.equal(b, p.detach()) for b, p in zip(before, first_layer_lora, strict=True))
+
+
+def test_gradient_checkpointing_is_non_reentrant_unless_asked(tmp_path, tokenizer, tiny_pair) -> None:
+    """Reentrant checkpointing breaks DDP + LoRA ("mark a variable ready only once") and is transformers 4.x's
+    default: DistillConfig asks for the non-reentrant kind, and the student trains with it; a user's choice stays."""
+    trainer = build(tmp_path, tokenizer, tiny_pair, gradient_checkpointing=True, max_steps=1)
+    assert trainer.args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    trainer.train()
+    functions = [
+        m._gradient_checkpointing_func for m in trainer.model.modules() if getattr(m, "gradient_checkpointing", False)
+    ]
+    assert functions and all(f.keywords.get("use_reentrant") is False for f in functions)
+    asked = config(
+        tmp_path / "asked", gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}
+    )
+    assert asked.gradient_checkpointing_kwargs == {"use_reentrant": True}

@@ -258,6 +258,10 @@ class DistillConfig(TrainingArguments):
     def __post_init__(self) -> None:
         # The collator needs the raw columns, and our batches carry keys the model's forward does not take.
         self.remove_unused_columns = False
+        # Non-reentrant activation checkpointing unless asked otherwise: reentrant checkpointing under DDP with
+        # LoRA (frozen inputs) fails with "mark a variable ready only once" and is transformers 4.x's default.
+        if self.gradient_checkpointing_kwargs is None:
+            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().__post_init__()
         self._check()
         self._check_hidden()
