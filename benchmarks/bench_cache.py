@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import add_common_args, markdown_row, markdown_table, time_once, write_report
 
 from distill.formats.encoding import Encoding
 from distill.formats.sampling import priority_sample
@@ -161,10 +162,10 @@ def fidelity_table(args: argparse.Namespace, model: torch.nn.Module, tokenizer: 
         f"## Teacher cache: bytes vs fidelity (SmolLM2-135M-Instruct, vocab {vocab:,}, {logits.shape[0]:,} tokens "
         "of Python stdlib source)",
         "",
-        "| targets | encoding | k | bytes/token | KL(teacher ‖ cached) nats | logit-grad error | head-grad error | "
-        f"head-grad error, mean of {args.draws} draws | head-grad bias |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+        *markdown_table(["targets", "encoding", "k", "bytes/token", "KL(teacher ‖ cached) nats", "logit-grad error",
+                         "head-grad error", f"head-grad error, mean of {args.draws} draws", "head-grad bias"],
+                        [], align="llrrrrrrr"),
+    ]  # fmt: skip
     rows = [("top-k", name, k) for k in args.ks for name in args.encodings]
     rows += [("sampled", "compact", k) for k in args.sampled_ks]
     for kind, name, k in rows:
@@ -191,10 +192,8 @@ def fidelity_table(args: argparse.Namespace, model: torch.nn.Module, tokenizer: 
         bias = (
             float((hidden.t() @ (quantization_sum / draws)).norm() / exact_head.norm()) if is_sampled else head_error
         )
-        lines.append(
-            f"| {kind} | {name} | {k} | {encoding.bytes_per_token} | {kl_text} | {logit_error:.2e} | "
-            f"{head_error:.2e} | {mean_error:.2e} | {bias:.2e} |"
-        )
+        errors = [f"{logit_error:.2e}", f"{head_error:.2e}", f"{mean_error:.2e}", f"{bias:.2e}"]
+        lines.append(markdown_row([kind, name, k, encoding.bytes_per_token, kl_text, *errors]))
         print(lines[-1], file=sys.stderr)
     lines += [
         "",
@@ -241,16 +240,15 @@ def training_table(args: argparse.Namespace, model: torch.nn.Module, tokenizer: 
             model=student_from_teacher(model, args.student_layers), teacher=teacher, args=config,
             train_dataset=dataset, processing_class=tokenizer,
         )  # fmt: skip
-        started = time.perf_counter()
-        trainer.train()
-        return time.perf_counter() - started, [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        seconds = time_once(trainer.train)
+        return seconds, [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
     live_s, live_losses = train(TopKTeacher(model, k, encoding="compact"), "live")
     started = time.perf_counter()
     manifest = build_cache(
         model, dataset, work / "cache", tokenizer=tokenizer, top_k=k, max_length=args.max_length + 8, progress=False
     )
-    build_s = time.perf_counter() - started
+    build_s = time.perf_counter() - started  # the manifest is the result, so not through time_once
     cached_s, cached_losses = train(CachedTeacher(work / "cache", tokenizer=tokenizer), "cached")
     steps = len(live_losses)
     tokens = manifest["totals"]["tokens"]
@@ -262,10 +260,19 @@ def training_table(args: argparse.Namespace, model: torch.nn.Module, tokenizer: 
         f"layers, {args.train_rows} rows x {args.max_length} tokens, batch {args.batch}, {steps} steps, forward KL "
         f"on top-{k} compact targets, CPU)",
         "",
-        "| teacher | cache build s | training s | s/epoch | total s |",
-        "|---|---:|---:|---:|---:|",
-        f"| live `TopKTeacher` | – | {live_s:.1f} | {live_s / epochs:.1f} | {live_s:.1f} |",
-        f"| `CachedTeacher` | {build_s:.1f} | {cached_s:.1f} | {cached_s / epochs:.1f} | {build_s + cached_s:.1f} |",
+        *markdown_table(
+            ["teacher", "cache build s", "training s", "s/epoch", "total s"],
+            [
+                ["live `TopKTeacher`", "–", f"{live_s:.1f}", f"{live_s / epochs:.1f}", f"{live_s:.1f}"],
+                [
+                    "`CachedTeacher`",
+                    f"{build_s:.1f}",
+                    f"{cached_s:.1f}",
+                    f"{cached_s / epochs:.1f}",
+                    f"{build_s + cached_s:.1f}",
+                ],
+            ],
+        ),  # fmt: skip
         "",
         f"Cache: {tokens:,} tokens, {manifest['totals']['file_bytes']:,} bytes on disk "
         f"({manifest['totals']['file_bytes_per_token']} B/token, zstd). Loss trajectories over {steps} steps: "
@@ -282,14 +289,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--encodings", type=lambda v: v.split(","), default=["compact", "fp16"])
     parser.add_argument("--sampled-ks", type=lambda v: [int(x) for x in v.split(",") if x], default=[16, 24, 32])
     parser.add_argument("--draws", type=int, default=8, help="independent draws for the sampled rows' bias")
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_args(parser, "seed")
     parser.add_argument("--train-rows", type=int, default=32, help="rows of the training comparison (0: skip it)")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per training row")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--student-layers", type=int, default=6)
     parser.add_argument("--train-k", type=int, default=32)
-    parser.add_argument("--out", help="also write the tables to this file")
+    add_common_args(parser, "out")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -297,10 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = fidelity_table(args, model, tokenizer) if args.tokens else []
     if args.train_rows:
         lines += training_table(args, model, tokenizer)
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    write_report("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

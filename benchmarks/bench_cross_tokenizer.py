@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from harness import StepClock, add_common_args, emit, markdown_table, peak_rss_mib, run_in_child
+
+RESULT_PREFIX = "RESULT "
 PROMPT = "Write the next part of this Python module."
 
 
@@ -86,26 +87,6 @@ def _models(student_tokenizer: object, teacher_tokenizer: object, args: argparse
     return student, teacher
 
 
-class _StepTimer:
-    """A ``TrainerCallback`` recording each optimizer step's wall time."""
-
-    def __init__(self) -> None:
-        from transformers import TrainerCallback
-
-        timer = self
-
-        class Callback(TrainerCallback):
-            def on_step_begin(self, *unused: object, **kwargs: object) -> None:
-                timer.start = time.perf_counter()
-
-            def on_step_end(self, *unused: object, **kwargs: object) -> None:
-                timer.steps.append(time.perf_counter() - timer.start)
-
-        self.steps: list[float] = []
-        self.start = 0.0
-        self.callback = Callback()
-
-
 def run_arm(args: argparse.Namespace) -> dict[str, object]:
     import datasets
     import torch
@@ -123,7 +104,7 @@ def run_arm(args: argparse.Namespace) -> dict[str, object]:
     common = dict(output_dir=str(workdir / args.impl), per_device_train_batch_size=args.batch, max_steps=args.steps,
                   learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
                   dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
-    timer = _StepTimer()
+    timer = StepClock()
     if args.impl == "gold":
         from trl.experimental.gold import GOLDConfig, GOLDTrainer
 
@@ -143,15 +124,15 @@ def run_arm(args: argparse.Namespace) -> dict[str, object]:
                           callbacks=[timer.callback])  # fmt: skip
     texts = [student_tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
     tokens_per_row = sum(min(len(ids), args.max_length) for ids in student_tokenizer(texts)["input_ids"]) / len(rows)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = peak_rss_mib()
     trainer.train()
-    timed = timer.steps[1:]
+    timed = timer.times[1:]
     return {
         "impl": args.impl,
         "loss": args.loss,
         "tokens_per_second": tokens_per_row * args.batch * len(timed) / sum(timed),
         "seconds_per_step": sum(timed) / len(timed),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
         "rss_before_train_mib": rss_before,
         "student_vocab": len(student_tokenizer),
         "teacher_vocab": len(teacher_tokenizer),
@@ -169,11 +150,11 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=2400, help="characters of code per completion")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    add_common_args(parser, "threads", threads=2)
     parser.add_argument("--workdir", default="/tmp/xtok_bench")
     args = parser.parse_args()
     if args.impl != "both":
-        print("RESULT " + json.dumps(run_arm(args)), flush=True)
+        emit(run_arm(args), RESULT_PREFIX)
         return
     results = []
     arms = [("ours", args.loss), ("gold", args.loss)] + ([("ours", "pkl")] if args.loss != "pkl" else [])
@@ -181,18 +162,16 @@ def main() -> None:
         command = [sys.executable, __file__, "--impl", impl, "--loss", loss] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("impl", "loss")
         ]
-        out = subprocess.run(command, capture_output=True, text=True, check=False)
-        line = next((text for text in out.stdout.splitlines() if text.startswith("RESULT ")), None)
-        if line is None:
+        result, out = run_in_child(command, RESULT_PREFIX, stderr=subprocess.PIPE)
+        if result is None:
             print(out.stdout[-3000:], out.stderr[-5000:])
             raise SystemExit(f"arm {impl}/{loss} failed")
-        results.append(json.loads(line[len("RESULT ") :]))
+        results.append(result)
         print(results[-1], flush=True)
-    print("\n| impl | loss | tokens/s | s/step | peak RSS MiB | RSS before train MiB |")
-    print("|---|---|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['impl']} | {r['loss']} | {r['tokens_per_second']:.0f} | {r['seconds_per_step']:.2f} | "
-              f"{r['peak_rss_mib']:.0f} | {r['rss_before_train_mib']:.0f} |")  # fmt: skip
+    header = ["impl", "loss", "tokens/s", "s/step", "peak RSS MiB", "RSS before train MiB"]
+    rows = [[r["impl"], r["loss"], f"{r['tokens_per_second']:.0f}", f"{r['seconds_per_step']:.2f}",
+             f"{r['peak_rss_mib']:.0f}", f"{r['rss_before_train_mib']:.0f}"] for r in results]  # fmt: skip
+    print("\n" + "\n".join(markdown_table(header, rows, align="llrrrr")))
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ import copy
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from harness import markdown_row, markdown_table, time_once  # noqa: E402
 from trainer_helpers import arithmetic_dataset, config, pruned_student, taught_pair  # noqa: E402
 
 from distill import Trainer  # noqa: E402
@@ -68,14 +68,12 @@ def main() -> None:
                         train_dataset=arithmetic_dataset(64, seed=seed), eval_dataset=held_out,
                         processing_class=tokenizer,
                     )  # fmt: skip
-                    start = time.perf_counter()
-                    trainer.train()
-                    seconds = time.perf_counter() - start
+                    seconds = time_once(trainer.train)
                     ev = trainer.evaluate()
                     row = (ev["eval_kd_loss"], ev["eval_ce_loss"], ev["eval_top1_agreement"], seconds)
                     results.setdefault((init, setting), []).append(row)
-    print("| start | hidden loss | held-out KD (JSD) | held-out CE | top-1 agreement | train s |")
-    print("|---|---|---|---|---|---|")
+    header = ["start", "hidden loss", "held-out KD (JSD)", "held-out CE", "top-1 agreement", "train s"]
+    print("\n".join(markdown_table(header, [], align="llllll")))
     for (init, setting), rows in results.items():
 
         def cell(i: int, rows: list[tuple[float, ...]] = rows) -> str:
@@ -84,7 +82,7 @@ def main() -> None:
             return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
         seconds = statistics.mean(r[3] for r in rows)
-        print(f"| {init} | {setting} | {cell(0)} | {cell(1)} | {cell(2)} | {seconds:.1f} |")
+        print(markdown_row([init, setting, cell(0), cell(1), cell(2), f"{seconds:.1f}"]))
 
 
 if __name__ == "__main__":

@@ -26,26 +26,35 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import (
+    GIB,
+    PeakMemory,
+    add_common_args,
+    child_env,
+    cpu_model,
+    emit,
+    failure,
+    log,
+    markdown_table,
+    package_versions,
+    run_in_child,
+    status_bytes,
+    time_repeats,
+)
 from torch import Tensor
-
-from distill.evaluation.memory import GIB, PeakMemory, status_bytes
 
 IGNORE_INDEX = -100
 MASK_FRACTION = 0.1  # share of positions labelled IGNORE_INDEX (e.g. prompt tokens)
@@ -56,7 +65,6 @@ LIGER_CHUNK_SIZE = 1024  # Liger's default
 # autograd case runs at unless --autograd-chunk-size says otherwise.
 PREVIOUS_TARGET_CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**26}
 AUTO_WARMUP_MAX_ELEMENTS = 10**8  # above this many logit elements (N x V), no warm-up by default
-RESULT_PREFIX = "BENCH_RESULT "
 REFERENCE = "reference"
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -235,22 +243,13 @@ def build_case(case: str, beta: float, chunk_size: int | None, device: torch.dev
 # --------------------------------------------------------------------------------------------------
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work (no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_step(loss_fn: LossFn, inp: Inputs, device: torch.device) -> tuple[float, Tensor]:
-    """One forward + backward from fresh gradients; returns (seconds, detached loss)."""
+def one_step(loss_fn: LossFn, inp: Inputs) -> Tensor:
+    """One forward + backward from fresh gradients; returns the detached loss."""
     inp.hidden.grad = None
     inp.weight.grad = None
-    synchronize(device)
-    start = time.perf_counter()
     loss = loss_fn(inp)
     loss.backward()
-    synchronize(device)
-    return time.perf_counter() - start, loss.detach()
+    return loss.detach()
 
 
 def relative_errors(loss: Tensor, inp: Inputs, reference: dict[str, Tensor]) -> dict[str, float]:
@@ -296,16 +295,6 @@ class CaseResult:
     message: str = ""
 
 
-def emit(result: CaseResult) -> None:
-    """Print the result as one JSON line on stdout for the parent."""
-    print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
-
-
-def log(message: str) -> None:
-    """Progress to stderr."""
-    print(message, file=sys.stderr, flush=True)
-
-
 def cap_address_space(mem_cap_gib: float) -> None:
     """Make allocations fail, instead of exhausting the machine, once ``mem_cap_gib`` more is mapped.
 
@@ -331,9 +320,9 @@ def compile_warmup(loss_fn: LossFn, inp: Inputs, device: torch.device, rows: int
         inp.hidden.detach()[:rows].clone().requires_grad_(True), inp.weight,
         inp.teacher_hidden[:rows], inp.teacher_weight, inp.labels[:rows],
     )  # fmt: skip
-    seconds, _ = timed_step(loss_fn, small, device)
+    timing = time_repeats(lambda: one_step(loss_fn, small), repeats=1, warmup=0, device=device)
     inp.weight.grad = None
-    log(f"  [compile warm-up on {rows} rows] {seconds:.2f} s")
+    log(f"  [compile warm-up on {rows} rows] {timing.median:.2f} s")
 
 
 def measure(
@@ -342,21 +331,19 @@ def measure(
     """Warm-up(s), then timed repeats; returns (median seconds, peak extra GiB of the repeats, last loss)."""
     if args.case == "fused_compiled":
         compile_warmup(loss_fn, inp, device)
-    for _ in range(args.warmup):
-        seconds, _ = timed_step(loss_fn, inp, device)
-        log(f"  [{args.case}] warm-up: {seconds:.2f} s")
-    inp.hidden.grad = None
-    inp.weight.grad = None
     meter = PeakMemory(device)
-    meter.start()  # after the warm-up, so one-off allocations (thread pools, caches) are not counted
-    log(f"  [{args.case}] baseline {meter.baseline / GIB:.2f} GiB")
-    times, loss = [], None
-    for repeat in range(args.repeats):
-        seconds, loss = timed_step(loss_fn, inp, device)
-        times.append(seconds)
-        log(f"  [{args.case}] repeat {repeat + 1}/{args.repeats}: {seconds:.2f} s")
-    assert loss is not None
-    return statistics.median(times), meter.extra_gib(), loss
+
+    def start_meter() -> None:  # after the warm-up, so one-off allocations (thread pools, caches) are not counted
+        inp.hidden.grad = None
+        inp.weight.grad = None
+        meter.start()
+        log(f"  [{args.case}] baseline {meter.baseline / GIB:.2f} GiB")
+
+    losses: list[Tensor] = []
+    timing = time_repeats(
+        lambda: losses.append(one_step(loss_fn, inp)), args.repeats, args.warmup, device, args.case, start_meter
+    )
+    return timing.median, meter.extra_gib(), losses[-1]
 
 
 def run_child(args: argparse.Namespace) -> None:
@@ -367,7 +354,7 @@ def run_child(args: argparse.Namespace) -> None:
     try:
         loss_fn = build_case(args.case, args.beta, case_chunk(args.case, args), device, args.liger_chunk_size)
     except ImportError as error:
-        emit(CaseResult(args.case, "skipped", message=f"not importable ({error})"))
+        emit(asdict(CaseResult(args.case, "skipped", message=f"not importable ({error})")))
         return
     if device.type == "cpu":
         cap_address_space(args.mem_cap_gib)
@@ -377,7 +364,7 @@ def run_child(args: argparse.Namespace) -> None:
     except (RuntimeError, MemoryError) as error:
         if not is_out_of_memory(error):
             raise
-        emit(CaseResult(args.case, "oom", message=str(error).splitlines()[0][:200]))
+        emit(asdict(CaseResult(args.case, "oom", message=str(error).splitlines()[0][:200])))
         return
     unmasked = int((inp.labels != IGNORE_INDEX).sum())
     result = CaseResult(args.case, "ok", seconds, extra_gib, loss.double().item(), unmasked=unmasked)
@@ -387,7 +374,7 @@ def run_child(args: argparse.Namespace) -> None:
         torch.save({"loss": loss.cpu(), **grads}, reference_file)
     elif reference_file.exists():
         result.errors = relative_errors(loss, inp, torch.load(reference_file))
-    emit(result)
+    emit(asdict(result))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,47 +456,26 @@ def run_case(args: argparse.Namespace, case: str, size: Size, warmup: int, ref_d
         log(f"  [{case}] skipped: estimated {estimate:.0f} GiB > 2 x cap {args.mem_cap_gib:.1f} GiB")
         return CaseResult(case, "skipped", message=f"does not fit (est. {estimate:.0f} GiB)")
     log(f"  [{case}] starting (estimated {estimate:.1f} GiB)")
-    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1"}
-    # A fixed glibc mmap threshold: every buffer of 1 MiB or more is its own mapping, returned to the
-    # OS when freed, so RSS follows the live tensors. (By default glibc raises the threshold up to
-    # 32 MiB as buffers are freed and serves smaller ones from a heap that it does not give back,
-    # which makes the peak RSS of small runs noisy. Larger buffers are always mapped anyway.)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
-    start = time.perf_counter()
-    proc = subprocess.run(
-        child_command(args, case, size.tokens, warmup, ref_dir), stdout=subprocess.PIPE, text=True, env=env
-    )
-    log(f"  [{case}] finished in {time.perf_counter() - start:.1f} s (exit code {proc.returncode})")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return CaseResult(**json.loads(line[len(RESULT_PREFIX) :]))
-    reason = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-    return CaseResult(case, "error", message=f"failed ({reason}; see stderr)")
+    # child_env fixes glibc's mmap threshold at 1 MiB, so RSS follows the live tensors (see harness.child_env).
+    result, proc = run_in_child(child_command(args, case, size.tokens, warmup, ref_dir), label=f"  [{case}]",
+                             env=child_env())  # fmt: skip
+    if result is not None:
+        return CaseResult(**result)
+    return CaseResult(case, "error", message=f"failed ({failure(proc)}; see stderr)")
 
 
 def machine_description(args: argparse.Namespace) -> str:
     """CPU model and cores, or the GPU's name."""
     if args.device == "cuda":
         return f"GPU {gpu_properties()[0]}"
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     cores = f"{os.cpu_count()} cores ({args.threads} threads used)"
-    return f"CPU {model}, {cores}, {mem_available_gib():.1f} GiB RAM available"
+    return f"CPU {cpu_model()}, {cores}, {mem_available_gib():.1f} GiB RAM available"
 
 
-def package_versions() -> str:
+def versions() -> str:
     """Versions of torch and the peer libraries (without importing the peers)."""
-    parts = [f"torch {torch.__version__}", f"python {platform.python_version()}"]
-    for package in ("trl", "liger-kernel"):
-        try:
-            parts.append(f"{package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            parts.append(f"{package} not installed")
-    return ", ".join(parts)
+    peers = package_versions("trl", "liger-kernel")
+    return f"torch {torch.__version__}, python {platform.python_version()}, {peers}"
 
 
 def format_seconds(seconds: float) -> str:
@@ -525,16 +491,15 @@ def format_error(errors: dict[str, float]) -> str:
     return f"{value:.1e} ({name})"
 
 
-def table_row(result: CaseResult, naive_gib: float | None, cap_gib: float) -> str:
-    """One markdown row."""
+def table_row(result: CaseResult, naive_gib: float | None, cap_gib: float) -> list[str]:
+    """One table row's cells."""
     label = CASE_LABELS[result.case]
     if result.status != "ok":
         reason = {"oom": f"does not fit in {cap_gib:.1f} GiB"}.get(result.status, result.message)
-        return f"| {label} | — | {reason} | — | — |"
+        return [label, "—", reason, "—", "—"]
     assert result.seconds is not None and result.extra_gib is not None
     versus = f"{100 * result.extra_gib / naive_gib:.0f}%" if naive_gib else "n/a"
-    cells = [label, format_seconds(result.seconds), f"{result.extra_gib:.2f}", versus, format_error(result.errors)]
-    return "| " + " | ".join(cells) + " |"
+    return [label, format_seconds(result.seconds), f"{result.extra_gib:.2f}", versus, format_error(result.errors)]
 
 
 def size_heading(size: Size, unmasked: int | None, args: argparse.Namespace, warmup: int) -> str:
@@ -614,9 +579,11 @@ def run_size(args: argparse.Namespace, size: Size) -> str:
     lines = [
         size_heading(size, unmasked, args, warmup),
         "",
-        "| case | fwd+bwd (s) | peak extra memory (GiB) | vs naive memory | max rel error |",
-        "|---|---:|---:|---:|---|",
-        *(table_row(r, naive_gib, args.mem_cap_gib) for r in results),
+        *markdown_table(
+            ["case", "fwd+bwd (s)", "peak extra memory (GiB)", "vs naive memory", "max rel error"],
+            [table_row(r, naive_gib, args.mem_cap_gib) for r in results],
+            align="lrrrl",
+        ),
         "",
         ratio_line(results),
         "",
@@ -634,7 +601,7 @@ def run_parent(args: argparse.Namespace) -> None:
         f"## Generalized JSD (beta={args.beta}, T=1) forward + backward from hidden states",
         "",
         f"- machine: {machine_description(args)}",
-        f"- {package_versions()}",
+        f"- {versions()}",
         f"- device {args.device}, inputs {dtype} (softmax math in fp32), seed {args.seed}",
         "",
     ]
@@ -670,10 +637,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--liger-chunk-size", type=int, default=LIGER_CHUNK_SIZE, help=f"Liger's chunk (default {LIGER_CHUNK_SIZE})"
     )
     parser.add_argument("--cases", type=lambda s: s.split(","), default=list(CASE_LABELS), help=",".join(CASE_LABELS))
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    add_common_args(parser, "device", "threads", "repeats")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on cuda, fp32 on cpu")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs (the median is reported)")
     parser.add_argument(
         "--warmup",
         type=int,
@@ -688,8 +653,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="run the float64 reference for the error column (about twice the time of one fp32 case on a CPU)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="also write the markdown to this file")
+    add_common_args(parser, "seed", "out")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     parser.add_argument("--ref-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+
+from harness import Timing, markdown_row, markdown_table, time_once
 
 from distill.sandbox import check_humaneval, run_python
 
@@ -68,21 +69,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--humaneval", action="store_true", help="also time the 164 canonical solutions")
     args = parser.parse_args(argv)
     cases = _cases(args.old)
-    times: dict[str, list[float]] = {name: [] for name in cases}
+    times = {name: Timing() for name in cases}
     for case in cases.values():  # warm the page cache once
         case()
-    for _ in range(args.rounds):
+    for _ in range(args.rounds):  # the cases interleaved, round by round, so a load spike hits them all alike
         for name, case in cases.items():
-            start = time.perf_counter()
-            case()
-            times[name].append(time.perf_counter() - start)
-    bare = statistics.median(times["bare `python -I -c pass`"])
+            times[name].seconds.append(time_once(case))
+    bare = times["bare `python -I -c pass`"].median
     print(f"{args.rounds} rounds, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end\n")
-    print("| what runs | median (ms) | p90 (ms) | median over bare `python -I` (ms) |")
-    print("|---|---:|---:|---:|")
-    for name, values in times.items():
-        median, p90 = statistics.median(values), statistics.quantiles(values, n=10)[-1]
-        print(f"| {name} | {median * 1e3:.1f} | {p90 * 1e3:.1f} | {(median - bare) * 1e3:+.1f} |")
+    header = ["what runs", "median (ms)", "p90 (ms)", "median over bare `python -I` (ms)"]
+    print("\n".join(markdown_table(header, [])))
+    for name, timing in times.items():
+        over_bare = f"{(timing.median - bare) * 1e3:+.1f}"
+        print(markdown_row([name, f"{timing.median * 1e3:.1f}", f"{timing.p90 * 1e3:.1f}", over_bare]))
     if args.humaneval:
         seconds, passed = _humaneval_seconds(check_humaneval)
         print(f"\n164 canonical HumanEval solutions, 2 threads: {seconds:.1f} s, {passed} passed")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the vLLM process manager lives with the tests
 from bench_cache import real_text  # noqa: E402
+from harness import StepClock, add_common_args, markdown_table  # noqa: E402
 from vllm_server import LocalVllmServer  # noqa: E402
 
 from distill.testing import SMOLLM2_DIR, smollm2_135m_instruct  # noqa: E402
@@ -91,35 +91,12 @@ def targets_table(args: argparse.Namespace, url: str, model: Any, tokenizer: Any
     lines = [
         f"## Teacher targets: top-{args.k} at every position, {tokens:,} tokens in batches of {args.batch} rows",
         "",
-        "| source | tokens/s | vs in-process |",
-        "|---|---:|---:|",
     ]
     base = results[0][1]
-    lines += [f"| {name} | {speed:,.0f} | {speed / base:.2f}x |" for name, speed in results]
+    cells = [[name, f"{speed:,.0f}", f"{speed / base:.2f}x"] for name, speed in results]
+    lines += markdown_table(["source", "tokens/s", "vs in-process"], cells)
     lines += ["", f"Largest |server - in-process| top-{args.k} log-prob on one batch: {gap:.1e} nats."]
     return lines
-
-
-class StepClock:
-    """Wall-clock between consecutive optimizer steps' ends."""
-
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-
-    def callback(self) -> Any:
-        from transformers import TrainerCallback
-
-        clock = self
-
-        class _Clock(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-                clock.ends.append(time.perf_counter())
-
-        return _Clock()
-
-    def median_step(self) -> float:
-        gaps = [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)]
-        return statistics.median(gaps)
 
 
 def step_table(args: argparse.Namespace, url: str, model: Any, tokenizer: Any, rows: list[dict]) -> list[str]:
@@ -154,10 +131,10 @@ def step_table(args: argparse.Namespace, url: str, model: Any, tokenizer: Any, r
         clock = StepClock()
         trainer = Trainer(
             model=student_from_teacher(model, args.student_layers), teacher=teacher, args=config,
-            train_dataset=dataset, processing_class=tokenizer, callbacks=[clock.callback()],
+            train_dataset=dataset, processing_class=tokenizer, callbacks=[clock.callback],
         )  # fmt: skip
         trainer.train()
-        return clock.median_step(), [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        return clock.median_gap(), [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
     student_s, cached_losses = train(CachedTeacher(work / "cache", tokenizer=tokenizer), "cached", 0)
     live_s, live_losses = train(server(), "live", 0)
@@ -171,11 +148,14 @@ def step_table(args: argparse.Namespace, url: str, model: Any, tokenizer: Any, r
         f"## Training step time (student: {args.student_layers} of the teacher's 30 layers, batch {args.batch} x "
         f"{args.max_length} tokens, forward KL on top-{args.k}, {args.steps} steps, median after the first)",
         "",
-        "| teacher | s/step | vs no waiting |",
-        "|---|---:|---:|",
-        f"| `CachedTeacher` (built from the server): the student alone | {student_s:.2f} | 1.00x |",
-        f"| `ServerTeacher`, `teacher_prefetch=0` | {live_s:.2f} | {live_s / student_s:.2f}x |",
-        f"| `ServerTeacher`, `teacher_prefetch=2` (default) | {ahead_s:.2f} | {ahead_s / student_s:.2f}x |",
+        *markdown_table(
+            ["teacher", "s/step", "vs no waiting"],
+            [
+                ["`CachedTeacher` (built from the server): the student alone", f"{student_s:.2f}", "1.00x"],
+                ["`ServerTeacher`, `teacher_prefetch=0`", f"{live_s:.2f}", f"{live_s / student_s:.2f}x"],
+                ["`ServerTeacher`, `teacher_prefetch=2` (default)", f"{ahead_s:.2f}", f"{ahead_s / student_s:.2f}x"],
+            ],
+        ),  # fmt: skip
         "",
         f"`distill cache --server` built the cache at {cache_speed:,.0f} tokens/s ({manifest['totals']['tokens']:,} "
         f"tokens in {cache_s:.1f} s), i.e. the server needs ~{teacher_s:.2f} s per batch: without prefetching a step "
@@ -208,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vllm-python", default=str(REPO / ".venv-vllm" / "bin" / "python"))
     parser.add_argument("--server-url", help="use this running server (served as 'teacher') instead of starting one")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin this process to --client-cpu")
-    parser.add_argument("--out", help="also write the tables to this file")
+    add_common_args(parser, "out")
     args = parser.parse_args(argv)
 
     if args.pin:
@@ -229,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         setup = (f"SmolLM2-135M-Instruct (float32); vLLM server pinned to CPU {args.server_cpu}, this process "
                  f"(client, in-process teacher, student; 1 torch thread) to CPU {args.client_cpu}.")  # fmt: skip
     lines.insert(0, setup + "\n")
-    if args.out:
+    if args.out:  # the tables were printed as they were measured
         Path(args.out).write_text("\n".join(lines) + "\n")
 
 

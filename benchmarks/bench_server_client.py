@@ -16,6 +16,8 @@ import time
 from typing import Any
 from unittest import mock
 
+from harness import markdown_row, markdown_table
+
 from distill.teachers.server import ServerTeacher
 
 
@@ -36,8 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="1024:20,4096:20,4096:64", help="tokens:k pairs")
     args = parser.parse_args(argv)
-    print("| row tokens | k | JSON MB | json.loads s | to arrays s | tokens/s (one core) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(markdown_table(["row tokens", "k", "JSON MB", "json.loads s", "to arrays s",
+                                     "tokens/s (one core)"], [], align="rrrrrr")))  # fmt: skip
     for case in args.cases.split(","):
         tokens, k = (int(x) for x in case.split(":"))
         body = json.dumps(vllm_answer(tokens, k)).encode()
@@ -48,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         with mock.patch.object(ServerTeacher, "_post", return_value=parsed):
             teacher._row_targets(list(range(tokens)))
         done = time.perf_counter()
-        print(f"| {tokens:,} | {k} | {len(body) / 1e6:.1f} | {loaded - started:.2f} | {done - loaded:.2f} "
-              f"| {tokens / (done - started):,.0f} |")  # fmt: skip
+        cells = [f"{tokens:,}", k, f"{len(body) / 1e6:.1f}", f"{loaded - started:.2f}", f"{done - loaded:.2f}"]
+        print(markdown_row([*cells, f"{tokens / (done - started):,.0f}"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,22 +17,31 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-GIB = 2**30
-RESULT_PREFIX = "BENCH_RESULT "
+from harness import (
+    GIB,
+    add_common_args,
+    child_env,
+    cpu_model,
+    emit,
+    failure,
+    log,
+    markdown_table,
+    package_versions,
+    run_in_child,
+    write_report,
+)
+
 LAST_LOGGED = 3  # final loss = mean of the loss over this many last logged steps
 
 
@@ -486,11 +495,6 @@ def run_child(args: argparse.Namespace) -> CaseResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def log(message: str) -> None:
-    """Progress to stderr."""
-    print(message, file=sys.stderr, flush=True)
-
-
 def run_case(args: argparse.Namespace, name: str) -> CaseResult:
     """Run one case in a fresh interpreter (or report it as not applicable without running it)."""
     if CASES[name].not_applicable:
@@ -498,57 +502,36 @@ def run_case(args: argparse.Namespace, name: str) -> CaseResult:
     command = [sys.executable, str(Path(__file__).resolve()), "--case", name, "--preset", args.preset]
     command += ["--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps), "--seed", str(args.seed)]
     command += ["--threads", str(args.threads), "--device", args.device]
-    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Every buffer of 1 MiB or more is its own mapping, returned to the OS when freed, so RSS follows the
-    # live tensors (see bench_losses.py and the README).
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(2**20))
     log(f"[{name}] starting")
-    start = time.perf_counter()
-    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
-    log(f"[{name}] finished in {time.perf_counter() - start:.1f} s (exit code {proc.returncode})")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return CaseResult(**json.loads(line[len(RESULT_PREFIX) :]))
-    reason = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
-    return CaseResult(name, "error", message=f"failed ({reason}; see stderr)")
+    # child_env fixes glibc's mmap threshold at 1 MiB, so RSS follows the live tensors (see harness.child_env).
+    result, proc = run_in_child(command, label=f"[{name}]", env=child_env())
+    if result is not None:
+        return CaseResult(**result)
+    return CaseResult(name, "error", message=f"failed ({failure(proc)}; see stderr)")
 
 
 def versions() -> str:
     """Versions of the libraries involved (without importing them)."""
-    parts = [f"python {platform.python_version()}"]
-    for package in ("torch", "transformers", "accelerate", "datasets", "trl", "distill"):
-        try:
-            parts.append(f"{package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            parts.append(f"{package} not installed")
-    return ", ".join(parts)
+    packages = package_versions("torch", "transformers", "accelerate", "datasets", "trl", "distill")
+    return f"python {platform.python_version()}, {packages}"
 
 
 def machine(args: argparse.Namespace, gpu: str | None) -> str:
     """CPU model and cores, and the GPU (as a child named it) on CUDA."""
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     device = f"GPU {gpu}" if args.device == "cuda" else "device cpu"
-    return f"CPU {model}, {os.cpu_count()} cores, torch threads {args.threads}; {device}"
+    return f"CPU {cpu_model()}, {os.cpu_count()} cores, torch threads {args.threads}; {device}"
 
 
 def table(results: list[CaseResult], gkd: dict[bool, CaseResult | None], memory: str, new_tokens: int) -> list[str]:
     """The markdown table."""
-    lines = [
-        f"| case | policy | timed steps | tokens/s | vs GKD tokens/s | median step (s) | {memory} extra GiB (abs) "
-        "| vs GKD memory | final loss |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = ["case", "policy", "timed steps", "tokens/s", "vs GKD tokens/s", "median step (s)",
+              f"{memory} extra GiB (abs)", "vs GKD memory", "final loss"]  # fmt: skip
+    rows = []
     for result in results:
         case = CASES[result.case]
         policy = f"on (lmbda=1, {new_tokens} new)" if case.on_policy else "off (lmbda=0)"
         if result.status != "ok":
-            lines.append(f"| {case.label} | {policy} | — | {result.message} | — | — | — | — | — |")
+            rows.append([case.label, policy, "—", result.message, "—", "—", "—", "—", "—"])
             continue
         peer = gkd.get(case.on_policy)
         speed = f"{result.tokens_per_s / peer.tokens_per_s:.2f}x" if peer and peer.tokens_per_s else "n/a"
@@ -556,19 +539,10 @@ def table(results: list[CaseResult], gkd: dict[bool, CaseResult | None], memory:
         loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
         if result.final_kd_loss is not None and abs(result.final_kd_loss - (result.final_loss or 0)) > 1e-6:
             loss += f" (kd {result.final_kd_loss:.4f})"
-        cells = [
-            case.label,
-            policy,
-            str(result.timed_steps),
-            f"{result.tokens_per_s:,.0f}",
-            speed,
-            f"{result.median_step_s:.2f}",
-            f"{result.extra_gib:.2f} ({result.peak_gib:.2f})",
-            mem,
-            loss,
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        memory_cell = f"{result.extra_gib:.2f} ({result.peak_gib:.2f})"
+        speed_cells = [result.timed_steps, f"{result.tokens_per_s:,.0f}", speed, f"{result.median_step_s:.2f}"]
+        rows.append([case.label, policy, *speed_cells, memory_cell, mem, loss])
+    return markdown_table(header, rows, align="llrrrrrrr")
 
 
 def run_parent(args: argparse.Namespace) -> None:
@@ -627,10 +601,8 @@ def run_parent(args: argparse.Namespace) -> None:
             "",
             "distill's own `tokens_per_second` log (mean of the last 3 steps, for comparison): " + "; ".join(own),
         ]
-    report = "\n".join(lines)
-    print(report, flush=True)
+    write_report("\n".join(lines), args.out)
     if args.out:
-        Path(args.out).write_text(report + "\n")
         log(f"wrote {args.out}")
 
 
@@ -641,10 +613,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cases", type=lambda s: s.split(","), default=list(CASES), help=",".join(CASES))
     parser.add_argument("--steps", type=int, help="optimizer steps per case (default: the preset's)")
     parser.add_argument("--warmup-steps", type=int, help="steps left out of tokens/s (default 1, 2 on cuda)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="default: all cores")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="also write the markdown to this file")
+    add_common_args(parser, "device", "threads", "seed", "out")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args(argv)
     args.steps = args.steps or PRESETS[args.preset].steps
@@ -667,7 +636,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:  # report the failure as a row; the traceback goes to stderr
         traceback.print_exc()
         result = CaseResult(args.case, "error", message=f"{type(error).__name__}: {str(error).splitlines()[0][:150]}")
-    print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
+    emit(asdict(result))
 
 
 if __name__ == "__main__":

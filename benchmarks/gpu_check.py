@@ -25,7 +25,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from harness import StepClock, markdown_table, time_repeats, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
@@ -67,11 +67,6 @@ def qwen_config(shape: tuple[int, int, int, int, int, int, bool], vocab: int | N
         intermediate_size=intermediate, vocab_size=vocab or vocab_size, tie_word_embeddings=tied,
         max_position_embeddings=4096,
     )  # fmt: skip
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -110,14 +105,9 @@ def gpu_tests(dry: bool, device: torch.device) -> dict[str, Any]:
 
 
 def _time_loss(step: Callable[[], None], device: torch.device, repeats: int) -> tuple[float, float | None]:
-    step()  # warm-up (and compilation)
-    _sync(device)
-    _reset_peak(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    _sync(device)
-    return (time.perf_counter() - start) / repeats * 1e3, _peak_gb(device)
+    """Mean ms of ``repeats`` steps after one warm-up (and compilation), and the peak GB of the timed ones."""
+    timing = time_repeats(step, repeats, warmup=1, device=device, before_timing=lambda: _reset_peak(device))
+    return timing.mean * 1e3, _peak_gb(device)
 
 
 def fused_vs_liger(dry: bool, device: torch.device) -> dict[str, Any]:
@@ -175,28 +165,6 @@ def _random_rows(count: int, length: int, vocab: int) -> Any:
     )
 
 
-class _StepClock:
-    """Wall time of each optimizer step (the first is the warm-up and is left out of the rate)."""
-
-    def __init__(self, device: torch.device) -> None:
-        from transformers import TrainerCallback
-
-        clock = self
-
-        class Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                _sync(device)
-                clock.started = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                _sync(device)
-                clock.times.append(time.perf_counter() - clock.started)
-
-        self.times: list[float] = []
-        self.started = 0.0
-        self.callback = Callback()
-
-
 def trainer_run(name: str, dry: bool, device: torch.device, gpu_name: str) -> dict[str, Any]:
     """Train a few steps of one student / teacher pair; tokens/s, MFU, peak memory and the planner's prediction."""
     from transformers import AutoModelForCausalLM
@@ -233,7 +201,7 @@ def trainer_run(name: str, dry: bool, device: torch.device, gpu_name: str) -> di
             teacher.save_pretrained(folder)
             del teacher
             teacher = load_causal_lm(folder, dtype=dtype, quantization="4bit", device=device)
-    clock = _StepClock(device)
+    clock = StepClock(device)
     with tempfile.TemporaryDirectory() as out:
         args = DistillConfig(
             output_dir=out, per_device_train_batch_size=size["batch"], max_steps=size["steps"], max_length=size["seq"],
@@ -289,12 +257,13 @@ def _run(name: str, part: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(report: dict[str, Any]) -> str:
     """The report as markdown: one table per part."""
-    lines = [f"# GPU check ({report['device']}{', dry run' if report['dry'] else ''})", "",
-             f"torch {report['torch']}, {report['seconds']} s in all.", "", "| part | status | figures |",
-             "|---|---|---|"]  # fmt: skip
+    rows = []
     for name, result in report["parts"].items():
         figures = ", ".join(f"{k}={v}" for k, v in result.items() if k not in ("status", "trace", "tail"))
-        lines.append(f"| {name} | {result['status']} | {figures} |")
+        rows.append([name, result["status"], figures])
+    lines = [f"# GPU check ({report['device']}{', dry run' if report['dry'] else ''})", "",
+             f"torch {report['torch']}, {report['seconds']} s in all.", "",
+             *markdown_table(["part", "status", "figures"], rows, align="lll")]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -321,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
               "seconds": round(time.perf_counter() - start, 1), "parts": parts}  # fmt: skip
     out = Path(cli.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    write_json(report, out / "gpu_check.json")
     table = markdown(report)
     (out / "gpu_check.md").write_text(table)
     print(table)

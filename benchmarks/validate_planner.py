@@ -18,17 +18,15 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-GIB = 2**30
+from harness import GIB, add_common_args, child_env, emit, markdown_table, run_in_child, write_report
+
 RESULT_PREFIX = "VALIDATE_RESULT "
 VOCAB = 32768
 
@@ -204,16 +202,11 @@ def run_case(name: str, threads: int, return_freed: bool) -> Measured | str:
     also holds memory no tensor uses any more.
     """
     command = [sys.executable, __file__, "--case", name, "--threads", str(threads)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if return_freed:
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    else:
-        env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            return Measured(**json.loads(line[len(RESULT_PREFIX) :]))
-    return f"failed (exit code {proc.returncode}; see stderr)"
+    env = child_env(MALLOC_MMAP_THRESHOLD_="65536")
+    if not return_freed:
+        env.pop("MALLOC_MMAP_THRESHOLD_")
+    result, proc = run_in_child(command, RESULT_PREFIX, env=env)
+    return Measured(**result) if result is not None else f"failed (exit code {proc.returncode}; see stderr)"
 
 
 def describe(case: Case) -> str:
@@ -241,27 +234,18 @@ def _cells(predicted: float, measured: Measured | str) -> list[str]:
 
 def table(rows: list[Row]) -> list[str]:
     """The markdown table: case, its setup, predicted GiB, and measured GiB with the error for both allocators."""
-    lines = [
-        "| case | setup | student / teacher params | predicted GiB | measured GiB (freed memory returned) | error "
-        "| measured GiB (glibc default) | error |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = ["case", "setup", "student / teacher params", "predicted GiB", "measured GiB (freed memory returned)",
+              "error", "measured GiB (glibc default)", "error"]  # fmt: skip
+    cells = []
     for name, case, plan, returned, default in rows:
         predicted = plan.memory.total_bytes / GIB
         known = returned if not isinstance(returned, str) else default
         params = (
             "—" if isinstance(known, str) else f"{known.student_params / 1e6:.1f}M / {known.teacher_params / 1e6:.1f}M"
         )
-        cells = [
-            name,
-            describe(case),
-            params,
-            f"{predicted:.3f}",
-            *_cells(predicted, returned),
-            *_cells(predicted, default),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        measured = [*_cells(predicted, returned), *_cells(predicted, default)]
+        cells.append([name, describe(case), params, f"{predicted:.3f}", *measured])
+    return markdown_table(header, cells, align="llrrrrrr")
 
 
 def breakdown(plan: Any) -> str:
@@ -276,12 +260,11 @@ def main(argv: list[str] | None = None) -> None:
     """Parent (every case, the table) or child (``--case``) entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=lambda s: s.split(","), default=list(CASES), help=",".join(CASES))
-    parser.add_argument("--threads", type=int, default=min(2, len(os.sched_getaffinity(0))))
-    parser.add_argument("--out", help="also write the markdown to this file")
+    add_common_args(parser, "threads", "out", threads=min(2, len(os.sched_getaffinity(0))))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     args = parser.parse_args(argv)
     if args.case:
-        print(RESULT_PREFIX + json.dumps(asdict(run_child(args.case, args.threads))), flush=True)
+        emit(asdict(run_child(args.case, args.threads)), RESULT_PREFIX)
         return
     rows = []
     for name in args.cases:
@@ -292,10 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((name, case, predict(case), returned, default))
     lines = [*table(rows), "", "Planner items per case (GiB; items alive at another moment of the step in brackets):"]
     lines += [f"- {name}: {breakdown(plan)}" for name, _, plan, _, _ in rows]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        Path(args.out).write_text(report + "\n")
+    write_report("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from distill.losses import (
     Divergence,
     FusedDistillationLoss,
     Objective,
+    OutputHead,
     SparseTargets,
     TeacherHead,
     VocabularyMismatchError,
@@ -25,6 +26,7 @@ from distill.losses import (
     fused_distillation_loss,
     sparse_distillation_loss,
 )
+from distill.losses.dense import dense_objective_loss
 from distill.losses.fused import fused_objective_loss
 
 TOL = 1e-5
@@ -87,6 +89,45 @@ def test_fused_objective_loss_is_the_keyword_form_without_the_rebuild(rng) -> No
         assert torch.equal(got, want)  # the same computation, bit for bit
     with pytest.raises(VocabularyMismatchError):  # no shared range given: the heads differ, as in the keyword form
         fused_objective_loss(h, w, teacher, labels, dataclasses.replace(objective, vocab_size=None))
+
+
+def test_student_head_as_one_output_head_is_the_weight_bias_softcap_form(rng) -> None:
+    """The student's head given as one OutputHead: the same loss and gradients as weight + bias + soft-cap beside."""
+    batch, seq, hidden, vocab = SHAPE
+    labels = rng.labels((batch, seq), vocab)
+    h = rng.grid(batch, seq, hidden).requires_grad_(True)
+    w, b = _head(rng, vocab, hidden)
+    teacher = TeacherHead(rng.grid(batch, seq, 9), rng.grid(vocab, 9, scale=0.7))
+    kw = dict(beta=0.3, temperature=1.3, ce_weight=0.2, chunk_size=6)
+    beside = fused_distillation_loss(h, w, teacher, labels, "jsd", student_bias=b, student_softcap=5.0, **kw)
+    beside.loss.backward()
+    beside_grads = _grads(h, w, b)
+    h.grad = w.grad = b.grad = None
+    one_head = fused_distillation_loss(h, OutputHead(w, b, 5.0), teacher, labels, "jsd", **kw)
+    one_head.loss.backward()
+    _check_same(one_head, beside)
+    for got, want in zip(_grads(h, w, b), beside_grads, strict=True):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="not both"):  # two places saying what the head is
+        fused_distillation_loss(h, OutputHead(w, b), teacher, labels, "jsd", student_softcap=5.0)
+
+
+def test_dense_objective_loss_is_the_keyword_form_without_the_rebuild(rng) -> None:
+    """The trainer's dense entry point: an Objective handed over as is gives the keyword form's loss and gradient."""
+    batch, seq, _, vocab = SHAPE
+    labels = rng.labels((batch, seq), vocab)
+    student = rng.grid(batch, seq, vocab).requires_grad_(True)
+    teacher = rng.grid(batch, seq, vocab + 3)  # 3 padding columns
+    kw = dict(beta=0.3, alpha=0.1, temperature=1.3, kd_weight=0.8, ce_weight=0.2, vocab_size=vocab)
+    by_keywords = distillation_loss(student, teacher, labels, "skew_kl", **kw)
+    by_keywords.loss.backward()
+    keyword_grad, student.grad = student.grad, None
+    out = dense_objective_loss(student, teacher, labels, Objective.from_kwargs("skew_kl", **kw))
+    out.loss.backward()
+    _check_same(out, by_keywords)
+    assert torch.equal(student.grad, keyword_grad)  # the same computation, bit for bit
+    with pytest.raises(VocabularyMismatchError):  # no shared range given: the widths differ
+        dense_objective_loss(student, teacher, labels, Objective.from_kwargs("skew_kl"))
 
 
 def _check_same(a: DistillationOutput, b: DistillationOutput) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -250,8 +251,8 @@ def _check_same_config(folder: Path, config: dict[str, Any]) -> dict[str, Any] |
 
 def _check_arguments(
     teacher: Any, targets: str, encoding: str, compression: str, dtype: Any, **numbers: Any
-) -> dict[str, Any]:
-    """Refuse bad arguments before a teacher is loaded or anything is written; return the numbers as ints."""
+) -> tuple[Any, ...]:
+    """Refuse bad arguments before a teacher is loaded or anything is written; the numbers as ints, in order."""
     if targets not in ("top_k", "sampled"):
         raise InputError(f"targets must be 'top_k' or 'sampled'; got {targets!r}.")
     if encoding not in ENCODINGS:
@@ -276,7 +277,7 @@ def _check_arguments(
             raise ValueError(
                 f"top_k={numbers['top_k']} but the ServerTeacher asks for {teacher.top_k}: make them equal."
             )
-    return numbers
+    return tuple(numbers.values())
 
 
 def _dataset_record(dataset: Any, rows: Any, all_spans: list[list[int]]) -> dict[str, Any]:
@@ -359,13 +360,10 @@ def build_cache(
         distill.shards.RankFailedError: another rank failed (every rank raises; the finished shards stay).
     """
     # Every argument is checked, and the folder too, before a teacher is loaded or anything is written.
-    numbers = _check_arguments(
+    top_k, max_length, rows_per_shard, batch_tokens, seed, vocab_size = _check_arguments(
         teacher, targets, encoding, compression, dtype, top_k=top_k, max_length=max_length,
         rows_per_shard=rows_per_shard, batch_tokens=batch_tokens, seed=seed, vocab_size=vocab_size,
     )  # fmt: skip
-    top_k, max_length, rows_per_shard, batch_tokens, seed, vocab_size = (
-        numbers[key] for key in ("top_k", "max_length", "rows_per_shard", "batch_tokens", "seed", "vocab_size")
-    )
     ranks = Ranks.join(distributed)
     folder = _cache_folder(out_dir)
     early = {"k": top_k, "targets": targets, "seed": seed if targets == "sampled" else None, "max_length": max_length,
@@ -383,57 +381,91 @@ def build_cache(
         rows, report = prepare_dataset(
             dataset, tokenizer, max_length=max_length, completion_only_loss=completion_only_loss
         )
-    all_spans = [loss_spans(labels) for labels in rows["labels"]]
+    plan = _ShardPlan(rows, [loss_spans(labels) for labels in rows["labels"]], rows_per_shard)
     code = Encoding(encoding, top_k, model_teacher.vocab_rows, sampled=targets == "sampled")
-    config = {
-        **{key: early[key] for key in _EARLY_SETTINGS},  # k, targets, seed, max_length, ...
-        "teacher": teacher_record,
-        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "size": len(tokenizer)},
-        "encoding": code.describe(),
-        "vocab_size": vocab_size,
-        "dataset": _dataset_record(dataset, rows, all_spans),
-        "row_group_rows": ROW_GROUP_ROWS,
-    }
-    num_shards = -(-len(rows) // rows_per_shard)
-    start = {"format": FORMAT, "version": FORMAT_VERSION, "complete": False, "num_shards": num_shards,
-             "config": config, "shards": []}  # fmt: skip
+    dataset_record = _dataset_record(dataset, rows, plan.all_spans)
+    start = _start_manifest(early, teacher_record, tokenizer, code, vocab_size, dataset_record, plan.num_shards)
+    config = start["config"]
     existing = ranks.on_main(lambda: _check_same_config(folder.path, config))
-    mine = folder.begin(ranks, num_shards, _with_checksums(start) if existing is None else None)
-
-    def shard_rows(shard: int) -> slice:
-        return slice(shard * rows_per_shard, min((shard + 1) * rows_per_shard, len(rows)))
-
-    def shard_tokens(shard: int) -> int:
-        return sum(len(spans_to_positions(s)) for s in all_spans[shard_rows(shard)])
-
+    mine = folder.begin(ranks, plan.num_shards, _with_checksums(start) if existing is None else None)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     bar = progress_bar(
-        ranks, config["dataset"]["num_loss_tokens"], sum(shard_tokens(shard) for shard in mine),
+        ranks, config["dataset"]["num_loss_tokens"], sum(plan.tokens(shard) for shard in mine),
         "Caching teacher top-k", progress, unit="tok", unit_scale=True,
     )  # fmt: skip
     failure = None
     try:
         with bar:
             for shard in mine:
-                part = shard_rows(shard)
+                part = plan.rows_of(shard)
                 table = _shard_table(
-                    model_teacher, rows[part], all_spans[part], code, vocab_size, pad_token_id, batch_tokens,
+                    model_teacher, rows[part], plan.all_spans[part], code, vocab_size, pad_token_id, batch_tokens,
                     part.start, bar.update, seed,
                 )  # fmt: skip
-                folder.write_shard(
-                    shard,
-                    lambda temp, table=table: pq.write_table(
-                        table, temp, compression=compression, row_group_size=ROW_GROUP_ROWS
-                    ),
-                    {"first_row": part.start, "rows": part.stop - part.start, "tokens": shard_tokens(shard)},
-                )
+                record = {"first_row": part.start, "rows": part.stop - part.start, "tokens": plan.tokens(shard)}
+                folder.write_shard(shard, _parquet_writer(table, compression), record)
     except Exception as error:  # the other ranks learn of it, and every rank stops here
         failure = error
     ranks.agree(failure)
 
     return folder.finish(
-        ranks, num_shards, lambda shards: _finished_manifest(start, shards, code, report.num_truncated)
+        ranks, plan.num_shards, lambda shards: _finished_manifest(start, shards, code, report.num_truncated)
     )
+
+
+def _start_manifest(
+    early: dict[str, Any],
+    teacher: dict[str, Any],
+    tokenizer: Any,
+    code: Encoding,
+    vocab_size: int,
+    dataset: dict[str, Any],
+    num_shards: int,
+) -> dict[str, Any]:
+    """The manifest of an unfinished build: the format, every setting the cache depends on, no shards yet."""
+    config = {
+        **{key: early[key] for key in _EARLY_SETTINGS},  # k, targets, seed, max_length, ...
+        "teacher": teacher,
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(tokenizer), "size": len(tokenizer)},
+        "encoding": code.describe(),
+        "vocab_size": vocab_size,
+        "dataset": dataset,
+        "row_group_rows": ROW_GROUP_ROWS,
+    }
+    return {"format": FORMAT, "version": FORMAT_VERSION, "complete": False, "num_shards": num_shards,
+            "config": config, "shards": []}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _ShardPlan:
+    """The prepared rows cut into shards: shard ``s`` holds rows ``[s * rows_per_shard, (s + 1) * rows_per_shard)``.
+
+    Attributes:
+        rows: the prepared dataset (``input_ids``, ``labels``).
+        all_spans: each row's loss spans.
+        rows_per_shard: rows per shard (the last may hold fewer).
+    """
+
+    rows: Any
+    all_spans: list[list[int]]
+    rows_per_shard: int
+
+    @property
+    def num_shards(self) -> int:
+        return -(-len(self.rows) // self.rows_per_shard)
+
+    def rows_of(self, shard: int) -> slice:
+        """The shard's rows of the prepared dataset."""
+        return slice(shard * self.rows_per_shard, min((shard + 1) * self.rows_per_shard, len(self.rows)))
+
+    def tokens(self, shard: int) -> int:
+        """The shard's loss tokens."""
+        return sum(len(spans_to_positions(s)) for s in self.all_spans[self.rows_of(shard)])
+
+
+def _parquet_writer(table: pa.Table, compression: str) -> Any:
+    """A ``write(temp_path)`` for :meth:`ShardFolder.write_shard`: the shard's table as parquet."""
+    return lambda temp: pq.write_table(table, temp, compression=compression, row_group_size=ROW_GROUP_ROWS)
 
 
 def _finished_manifest(start: dict[str, Any], shards: list[dict[str, Any]], code: Encoding, truncated: int) -> dict:

@@ -116,36 +116,11 @@ def run(args: argparse.Namespace) -> int:
     """Run ``distill eval`` with parsed arguments; returns the exit code."""
     import torch
 
-    from distill.evaluation.metrics import heldout_metrics, load_rows
-    from distill.evaluation.report import ModelResult, summary_tables, write_report
-    from distill.evaluation.speed import measure_speed, resolve_price
-    from distill.evaluation.tasks import HumanEvalPassAtK, humaneval_problems, run_tasks, task_problem_scores
-    from distill.models.loading import check_model_source, freeze, load_causal_lm
+    from distill.evaluation.metrics import heldout_metrics
+    from distill.evaluation.report import ModelResult, write_report
+    from distill.models.loading import freeze, load_causal_lm
 
-    # Everything that can fail without weights is checked before any model loads (numbers: while parsing).
-    check_device(args.device)
-    rows = load_rows(args.dataset, max_rows=args.max_rows)
-    price = resolve_price(args.price_per_hour, args.gpu)
-    for flag in ("student", "teacher", "baseline", "tokenizer"):
-        if getattr(args, flag) is not None:
-            check_model_source(getattr(args, flag), f"--{flag}")
-    ks = args.k  # those above --samples are left out of the report (HumanEvalPassAtK)
-    tasks = []
-    if args.humaneval:
-        tasks.append(
-            HumanEvalPassAtK(
-                humaneval_problems(first=args.humaneval),
-                num_samples=args.samples,
-                ks=ks,
-                temperature=args.temperature,
-                max_new_tokens=args.max_new_tokens,
-                seed=args.seed,
-                batch_size=args.batch_size,
-                workers=args.sandbox_workers,
-                isolation=args.sandbox_isolation,
-                progress=args.progress,
-            )
-        )
+    rows, price, tasks = _checked_inputs(args)  # before any model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = _tokenizer(args.tokenizer or args.student, "--tokenizer" if args.tokenizer else "--student")
     try:
@@ -157,27 +132,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"distill eval: loading {path}", file=sys.stderr)
         return freeze(load_causal_lm(path, dtype=args.dtype, device=device))
 
-    def evaluate(path: str, model: torch.nn.Module, model_tokenizer: Any, metrics: dict[str, float]) -> ModelResult:
-        metrics = {**metrics, **run_tasks(model, model_tokenizer, tasks)}
-        speed = None
-        if not args.no_speed:
-            speed = measure_speed(
-                model,
-                model_tokenizer,
-                batch_size=args.speed_batch_size,
-                new_tokens=args.speed_new_tokens,
-                warmup=args.speed_warmup,
-                repeats=args.speed_repeats,
-                price_per_hour=price,
-                progress=args.progress,
-            )
-        return ModelResult.from_results(
-            path, metrics, speed=speed, log_history=_log_history(path), row_sums=row_sums.get(path),
-            problem_scores=task_problem_scores(tasks),
-        )  # fmt: skip
-
     teacher = load(args.teacher)
-    row_sums: dict[str, Any] = {}  # per student path: per-row sums for the paired KD-vs-baseline comparison
+    row_sums: dict[str, Any] = {}  # per model path: per-row sums for the paired KD-vs-baseline comparison
     students: dict[str, ModelResult] = {}
     teacher_metrics: dict[str, float] = {}
     for role, path in (("student", args.student), ("baseline", args.baseline)):
@@ -196,20 +152,101 @@ def run(args: argparse.Namespace) -> int:
             progress=args.progress,
         )
         row_sums[path] = heldout.student_row_sums()
-        students[role] = evaluate(path, model, tokenizer, heldout.student_metrics())
+        students[role] = _evaluate(args, path, model, tokenizer, heldout.student_metrics(), tasks, price, row_sums)
         teacher_metrics = heldout.teacher_metrics()  # the same for every student: the teacher's own scores
         del model
         gc.collect()
-    teacher_result = evaluate(args.teacher, teacher, teacher_tokenizer, teacher_metrics)
+    teacher_result = _evaluate(args, args.teacher, teacher, teacher_tokenizer, teacher_metrics, tasks, price, row_sums)
     sandbox = tasks[0].sandbox_record if tasks else None
     card = write_report(
         args.out, teacher_result, students["student"], students.get("baseline"), sandbox=sandbox,
         budget=_budget(args.student),
     )  # fmt: skip
+    _print_summary(card, teacher_result, students)
+    return 0
+
+
+def _checked_inputs(args: argparse.Namespace) -> tuple[Any, float | None, list[Any]]:
+    """What can fail without weights, checked (numbers: while parsing): the rows, the price per hour, the tasks."""
+    from distill.evaluation.metrics import load_rows
+    from distill.evaluation.speed import resolve_price
+    from distill.models.loading import check_model_source
+
+    check_device(args.device)
+    rows = load_rows(args.dataset, max_rows=args.max_rows)
+    price = resolve_price(args.price_per_hour, args.gpu)
+    for flag in ("student", "teacher", "baseline", "tokenizer"):
+        if getattr(args, flag) is not None:
+            check_model_source(getattr(args, flag), f"--{flag}")
+    return rows, price, _tasks(args)
+
+
+def _tasks(args: argparse.Namespace) -> list[Any]:
+    """The generation tasks to score every model on: HumanEval pass@k when ``--humaneval`` asks for it."""
+    from distill.evaluation.tasks import HumanEvalPassAtK, humaneval_problems
+
+    if not args.humaneval:
+        return []
+    return [
+        HumanEvalPassAtK(
+            humaneval_problems(first=args.humaneval),
+            num_samples=args.samples,
+            ks=args.k,  # those above --samples are left out of the report (HumanEvalPassAtK)
+            temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            workers=args.sandbox_workers,
+            isolation=args.sandbox_isolation,
+            progress=args.progress,
+        )
+    ]
+
+
+def _evaluate(
+    args: argparse.Namespace,
+    path: str,
+    model: Any,
+    tokenizer: Any,
+    metrics: dict[str, float],
+    tasks: list[Any],
+    price: float | None,
+    row_sums: dict[str, Any],
+) -> Any:
+    """One model's :class:`~distill.evaluation.report.ModelResult`: its held-out ``metrics``, tasks and speed.
+
+    ``row_sums`` maps model paths to their per-row held-out sums (the paired KD-vs-baseline comparison).
+    """
+    from distill.evaluation.report import ModelResult
+    from distill.evaluation.speed import measure_speed
+    from distill.evaluation.tasks import run_tasks, task_problem_scores
+
+    metrics = {**metrics, **run_tasks(model, tokenizer, tasks)}
+    speed = None
+    if not args.no_speed:
+        speed = measure_speed(
+            model,
+            tokenizer,
+            batch_size=args.speed_batch_size,
+            new_tokens=args.speed_new_tokens,
+            warmup=args.speed_warmup,
+            repeats=args.speed_repeats,
+            price_per_hour=price,
+            progress=args.progress,
+        )
+    return ModelResult.from_results(
+        path, metrics, speed=speed, log_history=_log_history(path), row_sums=row_sums.get(path),
+        problem_scores=task_problem_scores(tasks),
+    )  # fmt: skip
+
+
+def _print_summary(card: Any, teacher: Any, students: dict[str, Any]) -> None:
+    """The report's headline, its summary tables and where its files are, on stdout."""
+    from distill.evaluation.report import summary_tables
+
     print(card.headline)
     print()
-    print(summary_tables(teacher_result, students["student"], students.get("baseline")))
+    print(summary_tables(teacher, students["student"], students.get("baseline")))
     if card.plots_skipped:
         print(f"\nPlots skipped: {card.plots_skipped}")
     print(f"\nReport: {', '.join(str(path) for path in card.files)}")
-    return 0

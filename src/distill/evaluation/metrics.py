@@ -260,7 +260,8 @@ def heldout_metrics_per_student(
     collate = DistillCollator(pad_token_id=pad_id)
     pairs = zip(prepared["input_ids"], prepared["labels"], strict=True)
     examples = [{"input_ids": ids, "labels": labels, "row": row} for row, (ids, labels) in enumerate(pairs)]
-    examples.sort(key=lambda example: len(example["input_ids"]))
+    examples.sort(key=lambda example: len(example["input_ids"]))  # shortest first: less padding per batch
+    student_heads = {name: (model, heads[name][0]) for name, model in students.items()}
 
     models = [teacher, *students.values()]
     was_training = [model.training for model in models]
@@ -274,35 +275,66 @@ def heldout_metrics_per_student(
     try:
         for start in range(0, len(examples), batch_size):
             batch_examples = examples[start : start + batch_size]
-            batch = collate(batch_examples)  # the "row" key is ignored
-            shifted_labels = batch["labels"][:, 1:]
-            scored = shifted_labels != IGNORE_INDEX
-            targets = shifted_labels[scored]
-            check_labels(targets, vocab_size, IGNORE_INDEX)
-            token_rows = torch.tensor([ex["row"] for ex in batch_examples])[scored.nonzero()[:, 0]]  # [tokens]
-            row_tokens.index_add_(0, token_rows, torch.ones(len(token_rows), dtype=torch.float64))
-            teacher_features, teacher_logits = _scored(teacher, teacher_head, batch, scored)
-            # Every student's features at once (hidden states: small beside a [chunk x vocab] block), so each
-            # chunk's teacher distribution is computed once for all of them.
-            scored_students = {name: _scored(model, heads[name][0], batch, scored) for name, model in students.items()}
-            for first in range(0, len(targets), chunk):
-                last = first + chunk
-                teacher_logprobs = _logprobs(teacher_logits(teacher_features[first:last]), vocab_size)
-                teacher_values = _teacher_values(teacher_logprobs, targets[first:last].to(teacher_logprobs.device))
-                for name, (student_features, student_logits) in scored_students.items():
-                    values = _chunk_values(
-                        _logprobs(student_logits(student_features[first:last]), vocab_size),
-                        teacher_logprobs,
-                        teacher_values,
-                        targets[first:last],
-                    )
-                    row_sums[name].index_add_(1, token_rows[first:last], values)
-            del scored_students
+            _score_batch(batch_examples, collate(batch_examples), (teacher, teacher_head), student_heads,
+                         vocab_size, chunk, row_sums, row_tokens)  # fmt: skip
             bar.update(len(batch_examples))
     finally:
         bar.close()
         for model, mode in zip(models, was_training, strict=True):
             model.train(mode)
+    return _results(row_sums, row_tokens, report.num_rows, vocab_size)
+
+
+def _score_batch(
+    examples: list[dict[str, Any]],
+    batch: dict[str, Tensor],
+    teacher: tuple[nn.Module, Any],
+    students: dict[str, tuple[nn.Module, Any]],
+    vocab_size: int,
+    chunk: int,
+    row_sums: dict[str, Tensor],
+    row_tokens: Tensor,
+) -> None:
+    """Add one batch's per-token values to each student's per-row sums, ``chunk`` scored tokens at a time.
+
+    Args:
+        examples: the batch's examples (their ``row``: the original row index).
+        batch: the collated batch (the ``row`` key is ignored).
+        teacher: the teacher model and its head.
+        students: ``{name: (model, head)}``.
+        vocab_size: shared vocabulary rows.
+        chunk: scored tokens per ``[chunk, vocab]`` block.
+        row_sums: per student, ``[len(_VALUES), rows]`` float64 sums, added to in place.
+        row_tokens: ``[rows]`` scored tokens per row, added to in place.
+    """
+    shifted_labels = batch["labels"][:, 1:]
+    scored = shifted_labels != IGNORE_INDEX
+    targets = shifted_labels[scored]
+    check_labels(targets, vocab_size, IGNORE_INDEX)
+    token_rows = torch.tensor([ex["row"] for ex in examples])[scored.nonzero()[:, 0]]  # [tokens]
+    row_tokens.index_add_(0, token_rows, torch.ones(len(token_rows), dtype=torch.float64))
+    teacher_features, teacher_logits = _scored(*teacher, batch, scored)
+    # Every student's features at once (hidden states: small beside a [chunk x vocab] block), so each
+    # chunk's teacher distribution is computed once for all of them.
+    scored_students = {name: _scored(model, head, batch, scored) for name, (model, head) in students.items()}
+    for first in range(0, len(targets), chunk):
+        last = first + chunk
+        teacher_logprobs = _logprobs(teacher_logits(teacher_features[first:last]), vocab_size)
+        teacher_values = _teacher_values(teacher_logprobs, targets[first:last].to(teacher_logprobs.device))
+        for name, (student_features, student_logits) in scored_students.items():
+            values = _chunk_values(
+                _logprobs(student_logits(student_features[first:last]), vocab_size),
+                teacher_logprobs,
+                teacher_values,
+                targets[first:last],
+            )
+            row_sums[name].index_add_(1, token_rows[first:last], values)
+
+
+def _results(
+    row_sums: dict[str, Tensor], row_tokens: Tensor, num_rows: int, vocab_size: int
+) -> dict[str, HeldoutMetrics]:
+    """Each student's :class:`HeldoutMetrics` from its per-row sums: means over all scored tokens."""
     num_tokens = int(row_tokens.sum())
     tokens = tuple(row_tokens.tolist())
     results = {}
@@ -313,7 +345,7 @@ def heldout_metrics_per_student(
             top1_agreement=matches,
             student_ce=student_ce,
             teacher_ce=teacher_ce,
-            num_rows=report.num_rows,
+            num_rows=num_rows,
             num_tokens=num_tokens,
             vocab_size=vocab_size,
             row_sums={"tokens": tokens, **dict(zip(_VALUES, map(tuple, sums.tolist()), strict=True))},

@@ -314,29 +314,12 @@ def generate_dataset(
     server = isinstance(teacher, ServerTeacher)
     if server:
         teacher.use_tokenizer(tokenizer)  # before any prompt is sent: its ids would mean other tokens
-    name = teacher_name or (teacher.model if server else None)
-    name = name or getattr(getattr(teacher, "config", None), "name_or_path", None) or type(teacher).__name__
     settings = {
-        "num_completions": num_completions,
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "seed": seed,
-        "batch_size": batch_size,
-        "prompts_per_shard": prompts_per_shard,
-        "stop": list(stop),
-        "drop_empty": drop_empty,
-        "backend": "vllm-server" if server else "transformers",
-    }
-    run = {
-        "format": FORMAT,
-        "teacher": name,
-        "settings": settings,
-        "filter": _filter_name(filter) if filter is not None else None,
-        "num_prompts": len(rows),
-        "prompts_sha256": _settings_hash(rows),
-    }
+        "num_completions": num_completions, "max_new_tokens": max_new_tokens, "temperature": temperature,
+        "top_p": top_p, "top_k": top_k, "seed": seed, "batch_size": batch_size, "prompts_per_shard": prompts_per_shard,
+        "stop": list(stop), "drop_empty": drop_empty, "backend": "vllm-server" if server else "transformers",
+    }  # fmt: skip
+    run = _run_record(teacher, teacher_name, settings, filter, rows)
     if previous is not None and previous != run:
         changed = sorted(k for k in run if previous.get(k) != run[k])
         raise InputError(f"{folder.path} holds a run with other settings ({', '.join(changed)}); use another out_dir.")
@@ -370,6 +353,22 @@ def generate_dataset(
     ranks.agree(failure)
     folder.finish(ranks, len(starts), lambda shards: _manifest(run, shards, filter))
     return folder.path
+
+
+def _run_record(
+    teacher: Any, teacher_name: str | None, settings: dict[str, Any], filter: Any, rows: Sequence[Any]
+) -> dict[str, Any]:
+    """The ``run.json`` of a run: what its output depends on (teacher name, settings, filter, the prompts' hash)."""
+    name = teacher_name or (teacher.model if isinstance(teacher, ServerTeacher) else None)
+    name = name or getattr(getattr(teacher, "config", None), "name_or_path", None) or type(teacher).__name__
+    return {
+        "format": FORMAT,
+        "teacher": name,
+        "settings": settings,
+        "filter": _filter_name(filter) if filter is not None else None,
+        "num_prompts": len(rows),
+        "prompts_sha256": _settings_hash(rows),
+    }
 
 
 def _manifest(run: dict[str, Any], shards: list[dict[str, Any]], filter: Any) -> dict[str, Any]:

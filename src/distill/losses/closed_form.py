@@ -176,12 +176,7 @@ def _block(
     safe_labels = None if labels is None else torch.where(has_label, labels, torch.zeros_like(labels))[:, None]
     ce_probs, ce = None, None
     if safe_labels is not None and temperature != 1.0:
-        # The CE term is at T = 1: softmax(z) and logsumexp(z) before the logits are tempered.
-        row_max = logits.amax(-1, keepdim=True)
-        ce_probs = torch.sub(logits, row_max, out=buffers.get("ce_probs", rows)).exp_()
-        sum_exp = ce_probs.sum(-1, keepdim=True)
-        ce_probs.div_(sum_exp)
-        ce = (sum_exp.log() - (logits.gather(-1, safe_labels) - row_max)).squeeze(-1)  # no cancellation in max
+        ce_probs, ce = _untempered_ce(logits, safe_labels, buffers.get("ce_probs", rows))
 
     if teacher_sparse is not None and objective.tail == "renormalize":
         student_topk_tempered = logits.gather(-1, teacher_sparse.topk_ids) / temperature
@@ -202,18 +197,10 @@ def _block(
     if teacher_sparse is None:
         assert teacher_logits is not None
         teacher_top1 = teacher_logits.argmax(-1)
-        teacher_logprobs, teacher_probs = _log_softmax_and_probs(
-            teacher_logits, temperature, buffers.get("teacher_logprobs", rows)
-        )
-        teacher_entropy = -row_sum_of_product(teacher_probs, teacher_logprobs)
-        kd, grad = objective.divergence.value_and_grad(
-            student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite=True, scale=kd_scale
-        )
-        if need_grad:  # through the log-softmax: g - q * sum(g), plus the CE's q
-            coefficient = grad.sum(-1, keepdim=True).neg_()
-            if ce_on_q is not None:
-                coefficient += ce_on_q
-            torch.addcmul(grad, student_probs, coefficient, out=student_probs)
+        kd, teacher_entropy = _dense_teacher(
+            objective, student_logprobs, student_probs, teacher_logits, buffers.get("teacher_logprobs", rows),
+            need_grad, kd_scale, ce_on_q,
+        )  # fmt: skip
     else:
         best = teacher_sparse.topk_logprobs.argmax(-1, keepdim=True)
         teacher_top1 = teacher_sparse.topk_ids.gather(-1, best).squeeze(-1)
@@ -233,15 +220,68 @@ def _block(
         assert has_label is not None
         ce = torch.where(has_label, ce, torch.zeros_like(ce))
     if need_grad:
-        grad = student_probs
-        if ce_coef is not None:
-            if ce_probs is not None:
-                grad.addcmul_(ce_probs, ce_coef)
-            assert safe_labels is not None
-            grad.scatter_add_(-1, safe_labels, -ce_coef)
-        if slope is not None:
-            grad.mul_(slope)
+        _finish_gradient(student_probs, ce_coef, ce_probs, safe_labels, slope)
     return TokenLosses(kd, ce, agree, teacher_entropy)
+
+
+def _untempered_ce(logits: Tensor, safe_labels: Tensor, probs_out: Tensor) -> tuple[Tensor, Tensor]:
+    """The CE term at T = 1 when the KD's temperature is not 1: ``softmax(z)`` into ``probs_out`` and ``[n]`` CE.
+
+    Computed from the raw logits before they are tempered (in place) for the KD term.
+    """
+    row_max = logits.amax(-1, keepdim=True)
+    probs = torch.sub(logits, row_max, out=probs_out).exp_()
+    sum_exp = probs.sum(-1, keepdim=True)
+    probs.div_(sum_exp)
+    ce = (sum_exp.log() - (logits.gather(-1, safe_labels) - row_max)).squeeze(-1)  # no cancellation in max
+    return probs, ce
+
+
+def _dense_teacher(
+    objective: Objective,
+    student_logprobs: Tensor,
+    student_probs: Tensor,
+    teacher_logits: Tensor,
+    teacher_logprobs_out: Tensor,
+    need_grad: bool,
+    kd_scale: float,
+    ce_on_q: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """KD against a dense teacher: ``[n]`` values and teacher entropies; the gradient written over ``student_probs``.
+
+    ``teacher_logits`` is consumed (its storage becomes the teacher's probabilities). The gradient is taken
+    through the student's log-softmax (``g - q * sum(g)``), plus ``ce_on_q * q`` when the CE's softmax is ``q``.
+    """
+    teacher_logprobs, teacher_probs = _log_softmax_and_probs(
+        teacher_logits, objective.temperature, teacher_logprobs_out
+    )
+    teacher_entropy = -row_sum_of_product(teacher_probs, teacher_logprobs)
+    kd, grad = objective.divergence.value_and_grad(
+        student_logprobs, teacher_logprobs, student_probs, teacher_probs, finite=True, scale=kd_scale
+    )
+    if need_grad:
+        coefficient = grad.sum(-1, keepdim=True).neg_()
+        if ce_on_q is not None:
+            coefficient += ce_on_q
+        torch.addcmul(grad, student_probs, coefficient, out=student_probs)
+    return kd, teacher_entropy
+
+
+def _finish_gradient(
+    grad: Tensor,
+    ce_coef: Tensor | None,
+    ce_probs: Tensor | None,
+    safe_labels: Tensor | None,
+    slope: Tensor | None,
+) -> None:
+    """The CE's ``softmax - onehot`` terms not folded in yet, then the soft-cap's slope, in place on ``grad``."""
+    if ce_coef is not None:
+        if ce_probs is not None:
+            grad.addcmul_(ce_probs, ce_coef)
+        assert safe_labels is not None
+        grad.scatter_add_(-1, safe_labels, -ce_coef)
+    if slope is not None:
+        grad.mul_(slope)
 
 
 def _support_entropy(teacher_support: Tensor) -> Tensor:

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from distill.losses.objective import DistillationOutput, Objective, check_finite, summarize, upcast
-from distill.losses.targets import OutputHead, SparseTargets, TeacherHead
+from distill.losses.targets import OutputHead, SparseTargets, TeacherHead, as_output_head
 
 __all__ = ["CROSS_VOCAB_LOSSES", "CrossVocabKind", "VocabProjection", "cross_vocab_loss", "project_logprobs"]
 
@@ -328,7 +328,7 @@ def projected_top1(teacher_ids: Tensor, projection: VocabProjection) -> Tensor:
 
 def cross_vocab_loss(
     student_hidden: Tensor,
-    student_weight: Tensor,
+    student_weight: Tensor | OutputHead,
     labels: Tensor,
     span_of_row: Tensor,
     teacher: TeacherHead | SparseTargets,
@@ -345,7 +345,8 @@ def cross_vocab_loss(
     Args:
         student_hidden: ``[N, H]`` the student's final hidden states at its loss positions (the
             position before each token it is trained to predict).
-        student_weight: ``[V_s, H]`` the student's head.
+        student_weight: ``[V_s, H]`` the student's head weight, or its whole head as an :class:`OutputHead`
+            (weight, bias, soft-cap; then ``student_bias`` and ``student_softcap`` stay ``None``).
         labels: ``[N]`` the student's next-token ids there (``objective.ignore_index`` for none).
         span_of_row: ``[N]`` the span index whose first token row ``i`` predicts, or -1 (inside a span).
         teacher: the teacher's targets at the span starts: :class:`TeacherHead` with ``hidden``
@@ -365,6 +366,7 @@ def cross_vocab_loss(
     if kind not in CROSS_VOCAB_LOSSES:
         raise ValueError(f"Unknown cross-tokenizer loss {kind!r}; choose one of {CROSS_VOCAB_LOSSES}.")
     objective = objective or Objective()
+    head = as_output_head(student_weight, student_bias, student_softcap)
     if isinstance(teacher, SparseTargets) and kind == "pkl" and objective.tail == "bucket":
         if objective.temperature != 1.0:
             raise ValueError("tail='bucket' needs temperature=1 (see distill.losses.sparse); use tail='renormalize'.")
@@ -381,8 +383,7 @@ def cross_vocab_loss(
     scale = 1.0 / max(num_rows, 1)
     body = _SpanKD(kind, objective, projection)
     loss, kd_sum, ce_sum, agree_sum, entropy_sum = _CrossVocabFused.apply(
-        student_hidden, student_weight, student_bias, labels, span_of_row, teacher, body, student_softcap, chunk_size,
-        scale,
+        student_hidden, head.weight, head.bias, labels, span_of_row, teacher, body, head.softcap, chunk_size, scale,
     )  # fmt: skip
     out = summarize(loss, kd_sum, ce_sum, agree_sum, entropy_sum, num_rows, True)
     spans = max(num_spans, 1)

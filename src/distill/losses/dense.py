@@ -12,6 +12,8 @@ out, and the default reduction is the mean over the remaining positions (0 when 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -28,6 +30,7 @@ from distill.losses.vocab import check_labels, resolve_vocab_size
 
 __all__ = [
     "cross_entropy",
+    "dense_objective_loss",
     "distillation_loss",
     "forward_kl",
     "generalized_jsd",
@@ -82,32 +85,43 @@ def distillation_loss(
         divergence, beta, alpha, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
         vocab_size=vocab_size, ignore_index=ignore_index,
     )  # fmt: skip
+    return dense_objective_loss(student_logits, teacher_logits, labels, objective, reduction=reduction)
+
+
+def dense_objective_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None,
+    objective: Objective,
+    *,
+    reduction: Reduction = "mean",
+) -> DistillationOutput:
+    """:func:`distillation_loss` for an :class:`Objective` built once (the trainer's), not from keywords.
+
+    Internal entry point, the dense twin of :func:`distill.losses.fused.fused_objective_loss`: the trainer holds
+    its loss settings as one checked :class:`Objective` and hands it over as is. ``objective.vocab_size`` is
+    checked against both logits' widths here (``None``: all columns, which must then be equal). Arguments and
+    return value otherwise as :func:`distillation_loss`.
+    """
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(
             f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
             "must cover the same positions."
         )
-    vocab = resolve_vocab_size(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
-    objective = _with_vocab(objective, vocab)
+    vocab = resolve_vocab_size(student_logits.shape[-1], teacher_logits.shape[-1], objective.vocab_size)
+    if vocab != objective.vocab_size:
+        objective = dataclasses.replace(objective, vocab_size=vocab)
     leading_shape = student_logits.shape[:-1]
     student_flat = student_logits.reshape(-1, student_logits.shape[-1])
     teacher_flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     labels_flat = _checked_labels(labels, objective, vocab)
-    rows = select_valid_rows(labels_flat, student_flat.shape[0], ignore_index)
+    rows = select_valid_rows(labels_flat, student_flat.shape[0], objective.ignore_index)
     if rows is not None:
         student_flat, teacher_flat, labels_flat = student_flat[rows], teacher_flat[rows], labels_flat[rows]
     check_finite(student_flat, "Student logits")
     check_finite(teacher_flat, "Teacher logits")
     per_token = objective.token_losses(student_flat, labels_flat, teacher_logits=teacher_flat)
     return reduce_token_losses(per_token, objective, reduction, rows, leading_shape, labels is not None)
-
-
-def _with_vocab(objective: Objective, vocab: int) -> Objective:
-    """The objective with its vocabulary range resolved to a number."""
-    return Objective(
-        objective.divergence, objective.temperature, objective.kd_weight, objective.ce_weight,
-        objective.tail, vocab, objective.ignore_index,
-    )  # fmt: skip
 
 
 def _checked_labels(labels: Tensor | None, objective: Objective, vocab: int) -> Tensor | None:

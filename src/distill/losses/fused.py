@@ -35,7 +35,7 @@ from distill.losses.objective import (
     summarize,
 )
 from distill.losses.sparse import prepare_sparse_targets
-from distill.losses.targets import SparseTargets, TeacherHead
+from distill.losses.targets import OutputHead, SparseTargets, TeacherHead, as_output_head
 from distill.losses.vocab import check_labels, resolve_vocab_size
 
 __all__ = [
@@ -82,7 +82,7 @@ _COMPILED_BY_DEFAULT = {"cpu": False, "cuda": False}
 
 def fused_distillation_loss(
     student_hidden: Tensor,
-    student_weight: Tensor,
+    student_weight: Tensor | OutputHead,
     teacher: TeacherHead | SparseTargets,
     labels: Tensor | None = None,
     divergence: str = "jsd",
@@ -113,7 +113,9 @@ def fused_distillation_loss(
         student_hidden: ``[..., H]`` the student's final hidden states (after its final norm), e.g.
             ``[batch, seq, H]``, any float dtype; head matmuls run in this dtype, softmax math in
             float32.
-        student_weight: ``[V_s, H]`` the student's LM head weight (its embedding when tied).
+        student_weight: ``[V_s, H]`` the student's LM head weight (its embedding when tied), or its whole head
+            as an :class:`OutputHead` (weight, bias, soft-cap; then ``student_bias`` and ``student_softcap``
+            stay ``None``).
         teacher: :class:`TeacherHead` (``hidden`` ``[..., H_t]`` for the same positions, head
             ``[V_t, H_t]``) or :class:`SparseTargets` (``[..., k]`` ids and log-probs).
         labels: ``[...]`` next-token ids aligned with the hidden states, ``ignore_index`` where
@@ -145,21 +147,21 @@ def fused_distillation_loss(
         ``torch.no_grad()`` only the forward runs: no gradient is computed or allocated.
     """
     _check_modes(reduction, gradient)
+    head = as_output_head(student_weight, student_bias, student_softcap)
     objective = Objective.from_kwargs(
         divergence, beta, alpha, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight, tail=tail,
-        vocab_size=resolve_vocab_size(student_weight.shape[0], _teacher_rows(teacher), vocab_size),
+        vocab_size=resolve_vocab_size(head.weight.shape[0], _teacher_rows(teacher), vocab_size),
         ignore_index=ignore_index,
     )  # fmt: skip
     return fused_objective_loss(
-        student_hidden, student_weight, teacher, labels, objective, student_bias=student_bias,
-        student_softcap=student_softcap, reduction=reduction, chunk_size=chunk_size, gradient=gradient,
-        compiled=compiled, tf32=tf32,
+        student_hidden, head, teacher, labels, objective, reduction=reduction, chunk_size=chunk_size,
+        gradient=gradient, compiled=compiled, tf32=tf32,
     )  # fmt: skip
 
 
 def fused_objective_loss(
     student_hidden: Tensor,
-    student_weight: Tensor,
+    student_head: OutputHead | Tensor,
     teacher: TeacherHead | SparseTargets,
     labels: Tensor | None,
     objective: Objective,
@@ -175,10 +177,15 @@ def fused_objective_loss(
     """:func:`fused_distillation_loss` for an :class:`Objective` built once (the trainer's), not from keywords.
 
     Internal entry point: the trainer holds its loss settings as one checked :class:`Objective` and hands it
-    over as is. ``objective.vocab_size`` is checked against both heads here (``None``: all rows, which must
-    then be equal). Arguments and return value otherwise as :func:`fused_distillation_loss`.
+    over as is, with the student's head as one :class:`OutputHead` (``[V_s, H]`` weight, bias, soft-cap; its
+    weight and bias receive gradients) -- or, as in :func:`fused_distillation_loss`, its weight with
+    ``student_bias`` / ``student_softcap`` beside it. ``objective.vocab_size`` is checked against both heads here
+    (``None``: all rows, which must then be equal). Arguments and return value otherwise as
+    :func:`fused_distillation_loss`.
     """
     _check_modes(reduction, gradient)
+    student_head = as_output_head(student_head, student_bias, student_softcap)
+    student_weight, student_bias = student_head.weight, student_head.bias
     vocab = resolve_vocab_size(student_weight.shape[0], _teacher_rows(teacher), objective.vocab_size)
     if vocab != objective.vocab_size:
         objective = dataclasses.replace(objective, vocab_size=vocab)
@@ -202,7 +209,7 @@ def fused_objective_loss(
         check_finite(teacher.hidden, "Teacher hidden states")
     num_tokens = hidden_flat.shape[0]
     settings = ChunkSettings(
-        objective, student_softcap, chunk_size or default_chunk_size(vocab, hidden_flat.device),
+        objective, student_head.softcap, chunk_size or default_chunk_size(vocab, hidden_flat.device),
         1.0 / max(num_tokens, 1) if reduction == "mean" else 1.0, gradient,
         default_compiled(hidden_flat.device) if compiled is None else compiled,
     )  # fmt: skip
@@ -343,7 +350,7 @@ class FusedDistillationLoss(nn.Module):
     def forward(
         self,
         student_hidden: Tensor,
-        student_weight: Tensor,
+        student_weight: Tensor | OutputHead,
         teacher: TeacherHead | SparseTargets,
         labels: Tensor | None = None,
         student_bias: Tensor | None = None,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["OutputHead", "SparseTargets", "TeacherHead"]
+__all__ = ["OutputHead", "SparseTargets", "TeacherHead", "as_output_head"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,19 @@ class OutputHead:
         if self.softcap is not None:
             out.div_(self.softcap).tanh_().mul_(self.softcap)
         return out
+
+
+def as_output_head(weight: Tensor | OutputHead, bias: Tensor | None, softcap: float | None) -> OutputHead:
+    """The student's head as one :class:`OutputHead`, from the public losses' ``(weight, bias, softcap)`` arguments.
+
+    ``weight`` may already be an :class:`OutputHead`; ``bias`` and ``softcap`` must then be ``None`` (one place
+    says what the head is).
+    """
+    if isinstance(weight, OutputHead):
+        if bias is not None or softcap is not None:
+            raise ValueError("Give the student's bias and soft-cap in its OutputHead or beside its weight, not both.")
+        return weight
+    return OutputHead(weight, bias, softcap)
 
 
 @dataclass

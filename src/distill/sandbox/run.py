@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from distill.sandbox.kernel import REQUIRED_LAYERS, SandboxUnavailable, missing_message, read_paths
 
@@ -253,16 +254,9 @@ def run_python(
         SandboxUnavailable: ``isolation="strict"`` and a required layer is missing.
         SandboxError: The sandbox failed to start for another reason.
     """
-    _positive("timeout_s", timeout_s, "seconds", integer=False)
-    _positive("memory_mb", memory_mb, "MiB")
-    _positive("max_processes", max_processes, "processes, the program itself included")
-    _positive("max_output_bytes", max_output_bytes, "bytes")
-    _positive("max_file_mb", max_file_mb, "MiB")
-    if isolation not in ("strict", "weak"):
-        raise ValueError(f"isolation must be 'strict' or 'weak'; got {isolation!r}.")
-    required = [] if isolation == "weak" else [r for r in REQUIRED_LAYERS if isolate_network or r != "netns"]
-    if isolation == "strict" and not isolate_network:
-        raise ValueError('isolate_network=False leaves the network open: pass isolation="weak" to allow it.')
+    required = _required_layers(
+        timeout_s, memory_mb, max_processes, max_output_bytes, max_file_mb, isolate_network, isolation
+    )
     python, paths = read_paths()
     root = Path(tempfile.mkdtemp(prefix="distill_sandbox_"))
     try:
@@ -300,61 +294,111 @@ def run_python(
             }
             (root / "config.marshal").write_bytes(marshal.dumps(config))  # faster to load than json
             (root / "launcher.marshal").write_bytes(_launcher_code())
-            start = time.monotonic()
-            process = subprocess.Popen(
-                [
-                    python,
-                    "-I",
-                    "-S",
-                    "-B",
-                    "-c",
-                    _BOOTSTRAP,
-                    str(root / "launcher.marshal"),
-                    str(root / "config.marshal"),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                cwd=root,
-                env=env,
-                start_new_session=True,
-                pass_fds=(st.fileno(),),
-            )
-            timed_out = True
-            try:
-                timed_out = _wait(process, timeout_s)
-            finally:
-                # Also after a clean exit: nothing of the run may outlive it. The run's pid namespace is noted
-                # first: a process that left the group (setsid) dies with the namespace, which can take a moment
-                # on a loaded machine, so the namespace is also waited on until it is empty.
-                namespaces = _pid_namespaces_below(process.pid)
-                _kill_group(process.pid)
-                process.wait()
-                _wait_namespaces_empty(namespaces)
-            duration_s = time.monotonic() - start
-        status = _status(root / "status")
-        if "error" in status:
-            raise SandboxError(f"The sandbox failed to start:\n{status['error']}")
-        if status.get("refused"):
-            raise SandboxUnavailable(missing_message(status["refused"], status.get("notes", {})))
-        stdout, out_cut = _read_capped(root / "stdout", max_output_bytes)
-        stderr, err_cut = _read_capped(root / "stderr", max_output_bytes)
-        returncode = process.returncode if timed_out else status.get("returncode", process.returncode)
-        return SandboxResult(
-            passed=returncode == 0 and not timed_out,
-            returncode=returncode,
-            timed_out=timed_out,
-            stdout=stdout,
-            stderr=stderr,
-            duration_s=duration_s,
-            output_truncated=out_cut or err_cut,
-            layers=tuple(status.get("layers", ())),
-            pid=process.pid,
-            isolation=isolation,
-            limits=status.get("limits", {}),
-        )
+            process, timed_out, duration_s = _launch(root, python, env, (out, err, st), timeout_s)
+        return _result(root, process, timed_out, duration_s, max_output_bytes, isolation)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _required_layers(
+    timeout_s: float,
+    memory_mb: int,
+    max_processes: int,
+    max_output_bytes: int,
+    max_file_mb: int,
+    isolate_network: bool,
+    isolation: str,
+) -> list[str]:
+    """Check :func:`run_python`'s limits and isolation mode; the layers the launcher must refuse to run without."""
+    _positive("timeout_s", timeout_s, "seconds", integer=False)
+    _positive("memory_mb", memory_mb, "MiB")
+    _positive("max_processes", max_processes, "processes, the program itself included")
+    _positive("max_output_bytes", max_output_bytes, "bytes")
+    _positive("max_file_mb", max_file_mb, "MiB")
+    if isolation not in ("strict", "weak"):
+        raise ValueError(f"isolation must be 'strict' or 'weak'; got {isolation!r}.")
+    required = [] if isolation == "weak" else [r for r in REQUIRED_LAYERS if isolate_network or r != "netns"]
+    if isolation == "strict" and not isolate_network:
+        raise ValueError('isolate_network=False leaves the network open: pass isolation="weak" to allow it.')
+    return required
+
+
+def _launch(
+    root: Path, python: str, env: dict[str, str], files: tuple[BinaryIO, BinaryIO, BinaryIO], timeout_s: float
+) -> tuple[subprocess.Popen[bytes], bool, float]:
+    """Start the launcher on ``root``'s config, wait for it, and kill whatever of the run is left.
+
+    Args:
+        root: the run's folder (``launcher.marshal``, ``config.marshal`` written).
+        python: the interpreter.
+        env: the run's whole environment.
+        files: the open stdout, stderr and status files (the status file's descriptor is passed on).
+        timeout_s: wall-clock limit.
+
+    Returns:
+        The finished process, whether it timed out, and the run's wall time in seconds.
+    """
+    out, err, st = files
+    start = time.monotonic()
+    process = subprocess.Popen(
+        [python, "-I", "-S", "-B", "-c", _BOOTSTRAP, str(root / "launcher.marshal"), str(root / "config.marshal")],
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=err,
+        cwd=root,
+        env=env,
+        start_new_session=True,
+        pass_fds=(st.fileno(),),
+    )
+    timed_out = True
+    try:
+        timed_out = _wait(process, timeout_s)
+    finally:
+        # Also after a clean exit: nothing of the run may outlive it. The run's pid namespace is noted
+        # first: a process that left the group (setsid) dies with the namespace, which can take a moment
+        # on a loaded machine, so the namespace is also waited on until it is empty.
+        namespaces = _pid_namespaces_below(process.pid)
+        _kill_group(process.pid)
+        process.wait()
+        _wait_namespaces_empty(namespaces)
+    return process, timed_out, time.monotonic() - start
+
+
+def _result(
+    root: Path,
+    process: subprocess.Popen[bytes],
+    timed_out: bool,
+    duration_s: float,
+    max_output_bytes: int,
+    isolation: str,
+) -> SandboxResult:
+    """The :class:`SandboxResult` of a finished run, from its status, stdout and stderr files under ``root``.
+
+    Raises:
+        SandboxError: the launcher reported a failure to start.
+        SandboxUnavailable: the launcher refused to run without a required layer.
+    """
+    status = _status(root / "status")
+    if "error" in status:
+        raise SandboxError(f"The sandbox failed to start:\n{status['error']}")
+    if status.get("refused"):
+        raise SandboxUnavailable(missing_message(status["refused"], status.get("notes", {})))
+    stdout, out_cut = _read_capped(root / "stdout", max_output_bytes)
+    stderr, err_cut = _read_capped(root / "stderr", max_output_bytes)
+    returncode = process.returncode if timed_out else status.get("returncode", process.returncode)
+    return SandboxResult(
+        passed=returncode == 0 and not timed_out,
+        returncode=returncode,
+        timed_out=timed_out,
+        stdout=stdout,
+        stderr=stderr,
+        duration_s=duration_s,
+        output_truncated=out_cut or err_cut,
+        layers=tuple(status.get("layers", ())),
+        pid=process.pid,
+        isolation=isolation,
+        limits=status.get("limits", {}),
+    )
 
 
 def humaneval_program(problem: dict, completion: str) -> str:

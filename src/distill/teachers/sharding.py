@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from distill.losses.targets import OutputHead
 from distill.models.decoder import _unwrap, decoder_of
 
 
@@ -77,6 +78,11 @@ def student_weight(tensor: torch.Tensor | None) -> torch.Tensor | None:
             "set loss_implementation='dense'."
         )
     return tensor
+
+
+def student_head(head: OutputHead) -> OutputHead:
+    """The student's output head for the fused loss: its weight and bias through :func:`student_weight`."""
+    return OutputHead(student_weight(head.weight), student_weight(head.bias), head.softcap)  # type: ignore[arg-type]
 
 
 def _final_norm(model: nn.Module) -> nn.Module | None:

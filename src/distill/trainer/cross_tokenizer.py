@@ -29,7 +29,7 @@ from distill.models import VocabularyMismatchError, check_tokenizers_match
 from distill.models.decoder import final_hidden_states, output_head_of
 from distill.models.vocab_map import build_vocab_map, coverage_audit
 from distill.teachers import TeacherTargets
-from distill.teachers.sharding import student_weight
+from distill.teachers.sharding import student_head
 from distill.trainer.batching import IGNORE_INDEX, next_token_labels
 
 __all__ = ["Columns", "CrossTokenizer", "CrossTokenizerCollator", "span_positions", "uses_cross_tokenizer"]
@@ -240,8 +240,7 @@ class CrossTokenizer:
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         if hidden is None:
             hidden = final_hidden_states(model, input_ids, attention_mask, None)
-        head = output_head_of(model)
-        weight = student_weight(head.weight)
+        head = student_head(output_head_of(model))
         assert self.projection is not None, "call bind() once both models are loaded"
         batch, length = input_ids.shape
         targets = (next_token_labels(inputs["labels"]) if targets is None else targets).reshape(-1)
@@ -258,10 +257,9 @@ class CrossTokenizer:
         span_of_row[span_of_row >= 0] = torch.arange(kept.numel(), device=kept.device)
         teacher = _take_teacher_rows(teacher_targets, teacher_flat[kept])
         return cross_vocab_loss(
-            hidden.reshape(-1, hidden.shape[-1])[rows], weight, targets[rows], span_of_row, teacher, self.projection,
+            hidden.reshape(-1, hidden.shape[-1])[rows], head, targets[rows], span_of_row, teacher, self.projection,
             self.args.cross_tokenizer_loss, objective,
-            student_bias=None if head.bias is None else student_weight(head.bias), student_softcap=head.softcap,
-            chunk_size=self.args.loss_chunk_size or default_chunk_size(self.projection.num_classes, weight.device),
+            chunk_size=self.args.loss_chunk_size or default_chunk_size(self.projection.num_classes, hidden.device),
         )  # fmt: skip
 
 

@@ -31,7 +31,7 @@ from distill.losses.fused import fused_objective_loss
 from distill.models import shared_vocab_size
 from distill.models.decoder import final_hidden_states, output_head_of
 from distill.teachers import Teacher
-from distill.teachers.sharding import student_weight
+from distill.teachers.sharding import student_head
 from distill.trainer.batching import IGNORE_INDEX, next_token_labels
 from distill.trainer.cross_tokenizer import Columns, CrossTokenizer, per_row_teacher_problems, uses_cross_tokenizer
 
@@ -183,11 +183,9 @@ class TeacherEnsemble:
             teacher_targets = route.cross.teacher_targets(route.teacher, inputs)
             return route.cross.loss(model, inputs, teacher_targets, objective, hidden=hidden, targets=labels)
         teacher_targets = route.teacher.targets(inputs["input_ids"], inputs["attention_mask"], None)
-        head = output_head_of(model)
         return fused_objective_loss(
-            hidden, student_weight(head.weight), teacher_targets, labels,
+            hidden, student_head(output_head_of(model)), teacher_targets, labels,
             dataclasses.replace(objective, vocab_size=self.vocab_size),  # the rows all the ensemble's heads share
-            student_bias=None if head.bias is None else student_weight(head.bias), student_softcap=head.softcap,
             chunk_size=self.args.loss_chunk_size,
         )  # fmt: skip
 

@@ -26,8 +26,8 @@ from distill.losses import (
     DistillationOutput,
     NonFiniteInputError,
     TeacherHead,
-    distillation_loss,
 )
+from distill.losses.dense import dense_objective_loss
 from distill.losses.fused import fused_objective_loss
 from distill.models import (
     apply_peft,
@@ -48,7 +48,7 @@ from distill.teachers.sharding import (
     is_quantized_model,
     ram_efficient_loading,
     shard_teacher,
-    student_weight,
+    student_head,
 )
 from distill.trainer.accumulation import (
     HIDDEN_TOKENS_KEY,
@@ -476,27 +476,14 @@ class Trainer(transformers.Trainer):
         targets: Tensor,
         teacher_targets: TeacherTargets,
     ) -> DistillationOutput:
-        objective = self.objective
         if self.args.loss_implementation == "fused":
             hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
-            head = output_head_of(model)
+            head = student_head(output_head_of(model))  # plain, unsharded (see head_unsharded_through_loss)
             return fused_objective_loss(
-                hidden,
-                student_weight(head.weight),  # plain, unsharded (see head_unsharded_through_loss)
-                teacher_targets,
-                targets,
-                objective,
-                student_bias=None if head.bias is None else student_weight(head.bias),
-                student_softcap=head.softcap,
-                chunk_size=self.args.loss_chunk_size,
+                hidden, head, teacher_targets, targets, self.objective, chunk_size=self.args.loss_chunk_size
             )
         student_logits = full_logits(model, input_ids, attention_mask, position_ids)
-        teacher_logits = _materialize(teacher_targets)
-        return distillation_loss(
-            student_logits, teacher_logits, targets, objective.divergence.name, beta=objective.divergence.beta,
-            alpha=objective.divergence.alpha, temperature=objective.temperature, kd_weight=objective.kd_weight,
-            ce_weight=objective.ce_weight, vocab_size=self.vocab_size,
-        )  # fmt: skip
+        return dense_objective_loss(student_logits, _materialize(teacher_targets), targets, self.objective)
 
     def prediction_step(
         self,
