@@ -357,15 +357,20 @@ def leaves64(*tensors: Tensor | None) -> list[Tensor | None]:
     return [None if t is None else t.detach().double().requires_grad_(True) for t in tensors]
 
 
-def rel_err(actual: Tensor, reference: Tensor) -> float:
-    """``max |a - b| / max |b|`` (``|a - b| / |b|`` for scalars), with ``max |b|`` floored at float64's tiny."""
+def rel_err(actual: Tensor, reference: Tensor, floor: float = 0.0) -> float:
+    """``max |a - b| / max |b|`` (``|a - b| / |b|`` for scalars), with ``max |b|`` floored at ``floor`` (at least
+    float64's tiny).
+
+    ``floor`` is the size of the terms a value is computed from when they cancel (``1 - cos`` near 0 is
+    computed from terms of size 1): float32 rounds those terms, not the small result.
+    """
     actual, reference = actual.detach().double(), reference.detach().double()
-    scale = max(float(reference.abs().max()) if reference.numel() else 0.0, torch.finfo(torch.float64).tiny)
+    scale = max(float(reference.abs().max()) if reference.numel() else 0.0, floor, torch.finfo(torch.float64).tiny)
     return float((actual - reference).abs().max()) / scale if reference.numel() else 0.0
 
 
-def assert_close(actual: Tensor, reference: Tensor, tol: float, what: str = "") -> None:
-    """Fail with the relative error when it is ``>= tol``; NaN never passes."""
+def assert_close(actual: Tensor, reference: Tensor, tol: float, what: str = "", floor: float = 0.0) -> None:
+    """Fail with the relative error (see :func:`rel_err`, ``floor``) when it is ``>= tol``; NaN never passes."""
     assert actual.shape == reference.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
-    err = rel_err(actual, reference)
+    err = rel_err(actual, reference, floor)
     assert err < tol, f"{what}: relative error {err:.3g} >= {tol:g}"
