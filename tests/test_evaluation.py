@@ -598,3 +598,14 @@ def test_eval_stages_show_rate_and_eta(tokenizer, tiny_pair, capsys):
     measure_speed(student, tokenizer, batch_size=1, new_tokens=2, repeats=1, progress=False)
     quiet = capsys.readouterr().err  # (the datasets library's own "Tokenizing" bar may be there)
     assert "Held-out metrics" not in quiet and "Timing generation" not in quiet
+
+
+def test_training_curves_draw_identical_series_once_under_both_names(tmp_path):
+    from distill.evaluation.plots import _merge_identical, plot_training_curves
+
+    same = [(1, 3.7), (2, 3.6)]
+    merged = _merge_identical({"loss": same, "kd_loss": [(1, 0.9), (2, 0.8)], "ce_loss": list(same)})
+    assert merged == [(["loss", "ce_loss"], same), (["kd_loss"], [(1, 0.9), (2, 0.8)])]
+    history = [{"step": s, "loss": v, "ce_loss": v} for s, v in same]
+    assert plot_training_curves(tmp_path / "curves.png", {"baseline": history})
+    assert (tmp_path / "curves.png").read_bytes().startswith(PNG_MAGIC)

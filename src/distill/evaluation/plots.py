@@ -76,17 +76,34 @@ def plot_training_curves(path: str | Path, histories: Mapping[str, Sequence[Mapp
         return False
     figure, axes = _figure(4.2 * len(panels), 3.4, len(panels))
     for ax, (name, lines) in zip(axes, panels.items(), strict=True):
-        for key, points in lines.items():
+        for keys, points in _merge_identical(lines):
             steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3, label=_SERIES_LABELS[key])
+            label = " = ".join(keys) + " " + _SERIES_LABELS[keys[-1]].split(" ", 1)[1] if len(keys) > 1 else None
+            ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3,
+                    label=label or _SERIES_LABELS[keys[0]])  # fmt: skip
         ax.set_title(textwrap.fill(name, 40), fontsize="medium")  # wraps instead of running into the next panel
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss (nats/token)")
-        ax.set_ylim(bottom=0)
+        top = max(value for points in lines.values() for _, value in points)
+        ax.set_ylim(0, top * 1.08 if top > 0 else 1)  # room above a flat curve for the legend
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     figure.savefig(path, dpi=120)
     return True
+
+
+def _merge_identical(lines: Mapping[str, list[tuple[Any, Any]]]) -> list[tuple[list[str], list[tuple[Any, Any]]]]:
+    """Series with the same points drawn once, named by all their keys (a run trained on cross-entropy alone
+    logs ``loss == ce_loss``: two labels on one line would hide one of them)."""
+    merged: list[tuple[list[str], list[tuple[Any, Any]]]] = []
+    for key, points in lines.items():
+        for keys, seen in merged:
+            if seen == points:
+                keys.append(key)
+                break
+        else:
+            merged.append(([key], points))
+    return merged
 
 
 # Markers cycled over models, so the legend tells points apart without text on the plot (which overlaps).
