@@ -19,6 +19,7 @@ from distill.config import DistillConfig
 from distill.data import STREAM_CHECKED_ROWS, DataError, is_stream, prepare_dataset, prepare_stream
 from distill.losses import VocabularyMismatchError
 from distill.models import load_causal_lm, resolve_dtype, shared_vocab_size
+from distill.models.loading import empty_causal_lm
 from distill.teachers import ModelTeacher, Teacher
 from distill.teachers.sharding import loading_whole_on_every_rank, weight_rows
 from distill.trl_compat import disable_dropout
@@ -117,10 +118,35 @@ def turn_off_dropout(model: nn.Module) -> None:
         logger.info("disable_dropout=True: %d dropout modules of the student set to p=0 (as TRL does).", changed)
 
 
+def teacher_device(teacher: Any, args: DistillConfig) -> torch.device | None:
+    """Where an in-process teacher's weights go: ``teacher_device``, else this process's device; ``None`` for a
+    model dispatched over several devices (``device_map="auto"``), which stays where it is."""
+    if args.teacher_device:
+        return torch.device(args.teacher_device)
+    if getattr(teacher, "hf_device_map", None):
+        return None
+    return args.device
+
+
 def resolve_teacher(
-    teacher: nn.Module | Teacher | str, student: nn.Module, args: DistillConfig, teacher_tokenizer: Any
+    teacher: nn.Module | Teacher | str,
+    student: nn.Module,
+    args: DistillConfig,
+    teacher_tokenizer: Any,
+    *,
+    place: bool = True,
+    empty: bool = False,
 ) -> Teacher:
-    """The teacher as a :class:`Teacher`: wrapped, loaded (from a path) or checked not to be the student."""
+    """The teacher as a :class:`Teacher`: wrapped, loaded (from a path) or checked not to be the student.
+
+    Args:
+        place: move an unquantized model teacher to :func:`teacher_device` now. ``False`` leaves it where it
+            is (a path loads on the CPU) for the trainer to shard before anything reaches the GPU
+            (``Trainer._place_teacher``). A quantized teacher is always placed while loading (bitsandbytes
+            needs it).
+        empty: a teacher given by path is built on the meta device, without reading its weights (the ranks
+            other than 0 under ``fsdp_cpu_ram_efficient_loading``, whose shards are filled from rank 0).
+    """
     if isinstance(teacher, Teacher):
         if teacher_tokenizer is not None:
             teacher.tokenizer = teacher_tokenizer
@@ -130,17 +156,21 @@ def resolve_teacher(
             "The teacher is the student model itself (they share parameters): distilling a model into itself "
             "trains nothing. Load the teacher separately, e.g. AutoModelForCausalLM.from_pretrained(...)."
         )
-    device = torch.device(args.teacher_device) if args.teacher_device else args.device
+    device = teacher_device(teacher, args)
     if isinstance(teacher, str):
+        quantized = args.teacher_quantization != "none"
+        if empty and not quantized:
+            model = empty_causal_lm(teacher, resolve_dtype(args.teacher_dtype), **args.load_kwargs("teacher"))
+            return ModelTeacher(model, tokenizer=teacher_tokenizer)
         with loading_whole_on_every_rank():  # not under zero.Init / RAM-efficient loading: the student's switches
             model = load_causal_lm(
                 teacher,
                 dtype=resolve_dtype(args.teacher_dtype),
                 quantization=args.teacher_quantization,
-                device=device,
+                device=device if place or quantized else None,
                 **args.load_kwargs("teacher"),
             )
-        return ModelTeacher(model, tokenizer=teacher_tokenizer, device=device)
+        return ModelTeacher(model, tokenizer=teacher_tokenizer, device=device if place else None)
     if args.teacher_model_init_kwargs:
         raise ValueError("teacher_model_init_kwargs apply when the teacher is given as a name or path; it is loaded.")
     if args.teacher_quantization != "none":
@@ -150,9 +180,12 @@ def resolve_teacher(
             "or pass its path."
         )
     dtype = resolve_dtype(args.teacher_dtype)
-    if getattr(teacher, "hf_device_map", None) and not args.teacher_device:
-        device = None  # dispatched over several devices (device_map="auto"): leave it where it is
-    return ModelTeacher(teacher, tokenizer=teacher_tokenizer, device=device, dtype=None if dtype == "auto" else dtype)
+    return ModelTeacher(
+        teacher,
+        tokenizer=teacher_tokenizer,
+        device=device if place else None,
+        dtype=None if dtype == "auto" else dtype,
+    )
 
 
 def shared_vocabulary(student: nn.Module, teacher: Teacher, tokenizer: Any, args: DistillConfig) -> int:
@@ -260,7 +293,7 @@ def check_teacher_without_tokenizer(teacher: Teacher, tokenizer: Any) -> None:
         "wrong targets without any error: pass teacher_processing_class=<the teacher's tokenizer>."
     )
     logger.warning(message)
-    warnings.warn(message, UserWarning, stacklevel=4)
+    warnings.warn(message, UserWarning, stacklevel=5)  # the caller of Trainer(...)
 
 
 def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
