@@ -487,8 +487,12 @@ class Trainer(transformers.Trainer):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         position_ids = inputs.get("position_ids")
         targets = next_token_labels(inputs["labels"], position_ids)
-        teacher_targets, problem = self._teacher_targets(inputs) if self.ensemble is None else (None, None)
-        if self.teacher.prefetchable:  # a remote teacher can fail on one rank: agree before the student's collectives
+        if self.ensemble is None:
+            teacher_targets, problem = self._teacher_targets(inputs)
+        else:
+            teacher_targets, problem = self.ensemble.targets(inputs)
+        remote = self.teacher.prefetchable or (self.ensemble is not None and self.ensemble.remote)
+        if remote:  # a remote teacher can fail on one rank: agree before the student's collectives
             failures = self._failures.gather(problem)
             if failures:
                 self._stop_together(model, failures, ServerError, _SERVER_FAILED)
@@ -502,7 +506,7 @@ class Trainer(transformers.Trainer):
                 catch_layer_outputs(model, hidden.student_layers if hidden else ()) as student_states,
             ):
                 if self.ensemble is not None:
-                    output, per_teacher = self.ensemble.loss(model, inputs, self.objective)
+                    output, per_teacher = self.ensemble.loss(model, inputs, self.objective, teacher_targets)
                 elif self.cross is not None:
                     output = self.cross.loss(model, inputs, teacher_targets, self.objective)
                 else:
