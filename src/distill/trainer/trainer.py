@@ -275,10 +275,12 @@ class Trainer(transformers.Trainer):
     ) -> None:
         """``self.teacher`` (and ``self.teachers`` for several) as :class:`Teacher` objects, each checked on the rows
         it will see. A model teacher that may be sharded stays on the CPU (or meta) until :meth:`_place_teacher`."""
-        defer = _may_shard_teacher(args)
+        # A Teacher object given as such stays where its owner put it (as before); models distill wraps may wait.
+        defer = _may_shard_teacher(args) and not isinstance(teachers[0], Teacher)
         empty = defer and ram_efficient_loading() and args.process_index != 0  # its shards come from rank 0
         self.teacher = resolve_teacher(teachers[0], model, args, tokenizers[0], place=not defer, empty=empty)
-        self._teacher_device = teacher_device(teachers[0], args)
+        self._teacher_built_empty = empty
+        self._teacher_device = teacher_device(teachers[0], args) if defer else None
         if self.ensemble is not None:
             self._resolve_ensemble(teachers, tokenizers, model, args, prepared)
             return
@@ -364,9 +366,9 @@ class Trainer(transformers.Trainer):
                 fill_shards_from(model, whole, device)
             self._teacher_sharded = True
             return
-        if any(param.is_meta for param in model.parameters()) and from_rank0:
-            model.to_empty(device=self._teacher_device)  # built empty for shards it does not get: rank 0 fills it
-        self.teacher.place(self._teacher_device)
+        if self._teacher_built_empty:  # on meta for shards it does not get after all: whole, filled from rank 0
+            model.to_empty(device=self._teacher_device)
+        self.teacher.place(self._teacher_device)  # where it would have gone at load time (None: it is there)
         if from_rank0:  # a teacher object loaded under it is real on local rank 0 only
             broadcast_from_rank0(model)
 
