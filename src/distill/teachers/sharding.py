@@ -223,10 +223,24 @@ def fill_shards_from(model: nn.Module, whole: dict[str, torch.Tensor] | None, de
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    # Every process must hold the same tensors (names, shapes, dtypes), or the broadcasts below would mismatch;
+    # all of them learn it (and whether rank 0 has the weights) from one gather, and raise alike.
+    layout = [(name, tuple(param.shape), str(param.dtype)) for name, param in model.named_parameters()]
+    layouts: list[object] = [None] * world
+    dist.all_gather_object(layouts, (layout, whole is not None))
+    if not layouts[0][1]:  # type: ignore[index]
+        raise ValueError("fill_shards_from needs rank 0's whole weights (whole_weights(model) before sharding).")
+    layouts = [entry[0] for entry in layouts]  # type: ignore[index]
+    if any(other != layouts[0] for other in layouts):
+        differing = [index for index, other in enumerate(layouts) if other != layouts[0]]
+        raise ValueError(
+            f"The teacher differs between processes (ranks {differing} against rank 0: parameter names, shapes or "
+            "dtypes): load it with the same teacher_dtype everywhere."
+        )
     if any(tensor.is_meta for tensor in list(model.parameters()) + list(model.buffers())):
         model.to_empty(device=device)  # FSDP2 re-points its sharded storage; the values come below
     for name, param in model.named_parameters():
-        source = whole[name] if rank == 0 and whole is not None else None
+        source = whole[name] if rank == 0 and whole is not None else None  # whole is given on rank 0 (checked)
         full = torch.empty(param.shape, dtype=param.dtype, device=device) if source is None else source.to(device)
         dist.broadcast(full, src=0)
         if is_sharded(param):
