@@ -5,7 +5,7 @@ it is sharded"), and its sharded outputs are the whole teacher's.
 device is the CPU too, so what is checked is what a CPU can show: the teacher reaches ``shard_teacher`` not
 yet placed (no whole ``ModelTeacher.place`` before it; on rank 1 under ``fsdp_cpu_ram_efficient_loading`` not
 even allocated: on meta), each process then holds about half of its bytes, and its logits equal the teacher
-loaded whole.
+loaded whole. A teacher loaded in another dtype on rank 1 is refused by both ranks before any broadcast.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def test_the_teacher_is_sharded_before_it_is_placed(tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"placement-rank{rank}.json").read_text()) for rank in (0, 1)]
     for rank, results in enumerate(ranks):
+        assert "ranks [1] against rank 0" in results.pop("mismatch"), results  # both refuse a differing teacher
         for name, found in results.items():
             assert found["teacher_sharded"], (rank, name, found)
             assert found["placed_before_sharding"] == [], (rank, name, found)  # never moved whole first

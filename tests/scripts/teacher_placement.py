@@ -96,6 +96,17 @@ def main() -> None:
         record["logit_scale"] = float(expected.abs().max())
         results[name] = dict(record)
         os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING", None)
+    # A teacher loaded in another dtype on rank 1: every rank refuses before any broadcast (none hangs in one).
+    from distill.teachers.sharding import fill_shards_from, shard_teacher, whole_weights
+
+    odd = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16 if rank == 1 else torch.float32)
+    whole = whole_weights(odd) if rank == 0 else None
+    shard_teacher(odd, torch.device("cpu"))
+    try:
+        fill_shards_from(odd, whole, torch.device("cpu"))
+        results["mismatch"] = "filled"
+    except ValueError as error:
+        results["mismatch"] = str(error)
     (out / f"placement-rank{rank}.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
 
