@@ -18,8 +18,8 @@ from torch import nn
 from distill.config import DistillConfig
 from distill.data import STREAM_CHECKED_ROWS, DataError, is_stream, prepare_dataset, prepare_stream
 from distill.losses import VocabularyMismatchError
-from distill.models import load_causal_lm, resolve_dtype, shared_vocab_size
-from distill.models.loading import empty_causal_lm
+from distill.models import apply_peft, check_student_trainable, load_causal_lm, resolve_dtype, shared_vocab_size
+from distill.models.loading import empty_causal_lm, load_tokenizer
 from distill.teachers import ModelTeacher, Teacher
 from distill.teachers.sharding import loading_whole_on_every_rank, weight_rows
 from distill.trl_compat import disable_dropout
@@ -299,3 +299,48 @@ def check_teacher_without_tokenizer(teacher: Teacher, tokenizer: Any) -> None:
 def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
     b_storage = {p.data_ptr() for p in b.parameters()}
     return any(p.data_ptr() in b_storage for p in a.parameters())
+
+
+def checked_args(args: Any, model: Any) -> DistillConfig:
+    """``args``, refused unless it is a :class:`DistillConfig` whose model settings fit how ``model`` is given."""
+    if not isinstance(args, DistillConfig):
+        raise TypeError(
+            f"args must be a distill.DistillConfig (it adds the loss, teacher and data fields); got "
+            f"{type(args).__name__}. Build it as DistillConfig(output_dir=..., ...)."
+        )
+    if args.model_init_kwargs and not isinstance(model, str):
+        raise ValueError("model_init_kwargs apply when the student is given as a name or path, not a model.")
+    return args
+
+
+def student_and_teacher_tokenizers(
+    model: Any, teacher: Any, tokenizer: Any, teacher_tokenizer: Any, args: DistillConfig
+) -> tuple[Any, Any]:
+    """The student's tokenizer (loaded from ``model`` when it is a path; given a pad token) and the teacher's (loaded
+    from ``teacher`` when it is a path and none was given)."""
+    if tokenizer is None:
+        if not isinstance(model, str):
+            raise ValueError("processing_class (the student tokenizer) is required when model is a model object.")
+        tokenizer = load_tokenizer(model, "model", trust_remote_code=args.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Padding is masked everywhere, so any id works; eos is what most chat models use.
+        tokenizer.pad_token = tokenizer.eos_token
+    if teacher_tokenizer is None and isinstance(teacher, str):
+        teacher_tokenizer = load_tokenizer(teacher, "teacher", trust_remote_code=args.trust_remote_code)
+    return tokenizer, teacher_tokenizer
+
+
+def prepared_student(model: nn.Module, peft_config: Any, args: DistillConfig) -> nn.Module:
+    """The student with its adapters (``peft_config``), checked to have something to train, dropout off if asked."""
+    if peft_config is not None:
+        model = apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
+    check_student_trainable(model, peft_config)
+    if args.disable_dropout:
+        turn_off_dropout(model)
+    return model
+
+
+def may_shard_teacher(args: DistillConfig) -> bool:
+    """Whether ``Trainer._place_teacher`` may shard the teacher (several processes, sharding not turned off): it is
+    then kept off the GPU until it is sharded, or placed whole there if it is not after all."""
+    return args.world_size > 1 and args.teacher_sharding != "none"

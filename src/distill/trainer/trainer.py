@@ -30,15 +30,12 @@ from distill.losses import (
 )
 from distill.losses.fused import fused_objective_loss
 from distill.models import (
-    apply_peft,
-    check_student_trainable,
     check_tokenizers_match,
     eos_token_ids,
     load_causal_lm,
     resolve_dtype,
 )
 from distill.models.decoder import final_hidden_states, full_logits, output_head_of
-from distill.models.loading import load_tokenizer
 from distill.models.merge import is_adapter_folder, load_snippet
 from distill.teachers import ModelTeacher, Teacher, TeacherTargets, catch_layer_outputs
 from distill.teachers.server import ServerError
@@ -71,13 +68,16 @@ from distill.trainer.multi_teacher import TeacherEnsemble, named_teachers
 from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
 from distill.trainer.prefetch import PREFETCHED_KEY, TargetPrefetcher
 from distill.trainer.setup import (
+    checked_args,
+    may_shard_teacher,
     pick_teacher,
     prepare_splits,
+    prepared_student,
     resolve_teacher,
     rows_to_check,
     shared_vocabulary,
+    student_and_teacher_tokenizers,
     teacher_device,
-    turn_off_dropout,
 )
 
 
@@ -96,51 +96,6 @@ _SERVER_FAILED = (
     "Restart the server (or point the ServerTeacher at another), then resume with "
     "trainer.train(resume_from_checkpoint=True): no step is lost or repeated.",
 )
-
-
-def _checked_args(args: Any, model: Any) -> DistillConfig:
-    """``args``, refused unless it is a :class:`DistillConfig` whose model settings fit how ``model`` is given."""
-    if not isinstance(args, DistillConfig):
-        raise TypeError(
-            f"args must be a distill.DistillConfig (it adds the loss, teacher and data fields); got "
-            f"{type(args).__name__}. Build it as DistillConfig(output_dir=..., ...)."
-        )
-    if args.model_init_kwargs and not isinstance(model, str):
-        raise ValueError("model_init_kwargs apply when the student is given as a name or path, not a model.")
-    return args
-
-
-def _tokenizers(
-    model: Any, teacher: Any, tokenizer: Any, teacher_tokenizer: Any, args: DistillConfig
-) -> tuple[Any, Any]:
-    """The student's tokenizer (loaded from ``model`` when it is a path; given a pad token) and the teacher's (loaded
-    from ``teacher`` when it is a path and none was given)."""
-    if tokenizer is None:
-        if not isinstance(model, str):
-            raise ValueError("processing_class (the student tokenizer) is required when model is a model object.")
-        tokenizer = load_tokenizer(model, "model", trust_remote_code=args.trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        # Padding is masked everywhere, so any id works; eos is what most chat models use.
-        tokenizer.pad_token = tokenizer.eos_token
-    if teacher_tokenizer is None and isinstance(teacher, str):
-        teacher_tokenizer = load_tokenizer(teacher, "teacher", trust_remote_code=args.trust_remote_code)
-    return tokenizer, teacher_tokenizer
-
-
-def _prepared_student(model: nn.Module, peft_config: Any, args: DistillConfig) -> nn.Module:
-    """The student with its adapters (``peft_config``), checked to have something to train, dropout off if asked."""
-    if peft_config is not None:
-        model = apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
-    check_student_trainable(model, peft_config)
-    if args.disable_dropout:
-        turn_off_dropout(model)
-    return model
-
-
-def _may_shard_teacher(args: DistillConfig) -> bool:
-    """Whether ``Trainer._place_teacher`` may shard the teacher (several processes, sharding not turned off): it is
-    then kept off the GPU until it is sharded, or placed whole there if it is not after all."""
-    return args.world_size > 1 and args.teacher_sharding != "none"
 
 
 class Trainer(transformers.Trainer):
@@ -185,15 +140,19 @@ class Trainer(transformers.Trainer):
     ) -> None:
         # Everything that can be checked without the weights is checked before loading them: a bad row
         # or a mismatched tokenizer costs seconds, not a model load (or a run).
-        args = _checked_args(args, model)
+        args = checked_args(args, model)
         teacher = self._pick_teacher(teacher, kwargs.pop("teacher_model", None), args)
-        tokenizer, teacher_tokenizer = _tokenizers(model, teacher, processing_class, teacher_processing_class, args)
-        teachers, teacher_tokenizers = self._set_up_teacher_tokenizers(teacher, teacher_tokenizer, tokenizer, args)
+        tokenizer, teacher_tokenizer = student_and_teacher_tokenizers(
+            model, teacher, processing_class, teacher_processing_class, args
+        )
+        teachers, teacher_tokenizers = self._set_up_teacherstudent_and_teacher_tokenizers(
+            teacher, teacher_tokenizer, tokenizer, args
+        )
         prepared = self._prepare_data(args, tokenizer, train_dataset, eval_dataset)
         if isinstance(model, str):
             model = load_causal_lm(model, dtype=resolve_dtype(args.student_dtype), **args.load_kwargs("student"))
         self._resolve_teachers(teachers, teacher_tokenizers, model, args, prepared)
-        model = _prepared_student(model, peft_config, args)
+        model = prepared_student(model, peft_config, args)
         # Intermediate-layer distillation: layer map and projections now (a teacher without hidden states refuses).
         self.hidden: HiddenDistillation | None = build_hidden_distillation(model, self.teacher, args)
         self._bind_vocabulary(model, tokenizer, args)
@@ -234,7 +193,7 @@ class Trainer(transformers.Trainer):
             teacher.check_objective(args.objective(None))
         return teacher
 
-    def _set_up_teacher_tokenizers(
+    def _set_up_teacherstudent_and_teacher_tokenizers(
         self, teacher: Any, teacher_tokenizer: Any, tokenizer: Any, args: DistillConfig
     ) -> tuple[list[Any], list[Any]]:
         """Several teachers (``self.ensemble``), a teacher with another tokenizer (``self.cross``), or one
@@ -276,7 +235,7 @@ class Trainer(transformers.Trainer):
         """``self.teacher`` (and ``self.teachers`` for several) as :class:`Teacher` objects, each checked on the rows
         it will see. A model teacher that may be sharded stays on the CPU (or meta) until :meth:`_place_teacher`."""
         # A Teacher object given as such stays where its owner put it (as before); models distill wraps may wait.
-        defer = _may_shard_teacher(args) and not isinstance(teachers[0], Teacher)
+        defer = may_shard_teacher(args) and not isinstance(teachers[0], Teacher)
         empty = defer and ram_efficient_loading() and args.process_index != 0  # its shards come from rank 0
         self.teacher = resolve_teacher(teachers[0], model, args, tokenizers[0], place=not defer, empty=empty)
         self._teacher_built_empty = empty
