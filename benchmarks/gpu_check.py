@@ -9,9 +9,11 @@ Parts (each timed, each recorded even when it fails or is skipped):
    BT = 8192 tokens, H = 4096, V = 128,256, bf16, forward + backward (Liger reports 11.1 GB / 60.7 ms on
    an H100).
 3. Trainer tokens/s and MFU for random-weight models built from their configs: a Qwen2.5-0.5B student
-   with a Qwen2.5-1.5B teacher (full fine-tune, bf16 autocast), and a Qwen2.5-7B LoRA student with a
+   with a Qwen2.5-1.5B teacher (full fine-tune, bf16 autocast), the same pair with the dense loss (full
+   ``[tokens x V]`` logits: the planner's other loss model), and a Qwen2.5-7B LoRA student with a
    Qwen2.5-14B 4-bit teacher (needs bitsandbytes).
-4. The planner's predicted peak memory against ``torch.cuda.max_memory_allocated`` for the trainer runs.
+4. The planner's predicted peak memory against ``torch.cuda.max_memory_allocated`` for the 3 trainer runs
+   (``planner_gb`` less its fixed CUDA-context item, which the allocator does not count).
 
 ``--dry`` runs the same code at tiny sizes on a CPU (the test suite runs it, so this script cannot rot).
 Writes ``gpu_check.json`` and ``gpu_check.md`` into ``--out`` and prints the table.
@@ -55,6 +57,12 @@ TINY = (64, 2, 4, 2, 128, 512, True)
 TINY_TEACHER = (96, 3, 4, 2, 192, 512, True)
 
 FULL = {"loss": (8192, 4096, 128256), "seq": 1024, "batch": 4, "steps": 6, "gpu_tests": True}
+# name -> (student, teacher, LoRA student, 4-bit teacher, loss_implementation)
+TRAINER_RUNS: dict[str, tuple[str, str, bool, bool, str]] = {
+    "0.5B<-1.5B": ("0.5B", "1.5B", False, False, "fused"),
+    "0.5B<-1.5B dense loss": ("0.5B", "1.5B", False, False, "dense"),
+    "7B LoRA<-14B 4-bit": ("7B", "14B", True, True, "fused"),
+}
 DRY = {"loss": (64, 32, 257), "seq": 32, "batch": 2, "steps": 3, "gpu_tests": True}
 
 
@@ -173,10 +181,7 @@ def trainer_run(name: str, dry: bool, device: torch.device, gpu_name: str) -> di
     from distill.planning import plan_run
 
     size = DRY if dry else FULL
-    student_size, teacher_size, lora, teacher_4bit = {
-        "0.5B<-1.5B": ("0.5B", "1.5B", False, False),
-        "7B LoRA<-14B 4-bit": ("7B", "14B", True, True),
-    }[name]
+    student_size, teacher_size, lora, teacher_4bit, loss_implementation = TRAINER_RUNS[name]
     if teacher_4bit and device.type == "cuda":
         try:
             import bitsandbytes  # noqa: F401
@@ -207,6 +212,7 @@ def trainer_run(name: str, dry: bool, device: torch.device, gpu_name: str) -> di
             output_dir=out, per_device_train_batch_size=size["batch"], max_steps=size["steps"], max_length=size["seq"],
             learning_rate=1e-5, save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True,
             bf16=not dry, use_cpu=device.type == "cpu", loss="jsd", beta=0.5, dataloader_num_workers=0,
+            loss_implementation=loss_implementation,
         )  # fmt: skip
         rows = _random_rows(size["batch"] * size["steps"], size["seq"], student_config.vocab_size)
         from distill.testing import train_tiny_tokenizer
@@ -228,14 +234,17 @@ def trainer_run(name: str, dry: bool, device: torch.device, gpu_name: str) -> di
         student_config.to_dict(), teacher_config.to_dict(), gpu="H100" if device.type == "cuda" else "cpu",
         max_length=size["seq"], per_device_train_batch_size=size["batch"], lora_rank=16 if lora else None,
         teacher_mode="4bit" if teacher_4bit and device.type == "cuda" else ("fp32" if dry else "bf16"),
-        precision="fp32" if dry else "mixed", suggest=False,
+        precision="fp32" if dry else "mixed", loss_implementation=loss_implementation, suggest=False,
     )  # fmt: skip
-    predicted = planned.memory.total_bytes / GB
+    # max_memory_allocated counts tensors only: compare without the planner's CUDA context + allocator reserve.
+    context = planned.memory.get("CUDA context + allocator reserve")
+    predicted = (planned.memory.total_bytes - context) / GB
     return {
         "status": "ok", "student_params": student_params, "teacher_params": teacher_params, "tokens_per_step": tokens,
         "step_seconds": round(seconds, 4), "tokens_per_second": round(tokens / seconds, 1),
         "mfu": round(flops / seconds / peak_flops, 4) if peak_flops and device.type == "cuda" else None,
-        "peak_gb": None if measured is None else round(measured, 2), "planner_gb": round(predicted, 4),
+        "loss": loss_implementation, "peak_gb": None if measured is None else round(measured, 2),
+        "planner_gb": round(predicted, 4), "planner_peak_phase": planned.memory.peak_phase,
         "planner_error": None if measured is None else round(predicted / measured - 1, 3),
     }  # fmt: skip
 
@@ -282,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cli.skip_pytest:
         parts["pytest -m gpu"] = _run("pytest -m gpu", lambda: gpu_tests(cli.dry, device))
     parts["fused loss vs Liger"] = _run("fused loss vs Liger", lambda: fused_vs_liger(cli.dry, device))
-    for name in ("0.5B<-1.5B", "7B LoRA<-14B 4-bit"):
+    for name in TRAINER_RUNS:
         parts[f"trainer {name}"] = _run(
             f"trainer {name}", lambda name=name: trainer_run(name, cli.dry, device, gpu_name)
         )

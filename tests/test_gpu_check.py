@@ -21,10 +21,13 @@ def test_gpu_check_dry_run(tmp_path) -> None:
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     parts = report["parts"]
-    assert set(parts) == {"pytest -m gpu", "fused loss vs Liger", "trainer 0.5B<-1.5B", "trainer 7B LoRA<-14B 4-bit"}
+    runs = ("trainer 0.5B<-1.5B", "trainer 0.5B<-1.5B dense loss", "trainer 7B LoRA<-14B 4-bit")
+    assert set(parts) == {"pytest -m gpu", "fused loss vs Liger", *runs}
     assert parts["pytest -m gpu"]["skipped"] >= 4 and parts["pytest -m gpu"]["failed"] == 0  # no CUDA here
     assert parts["fused loss vs Liger"]["distill_ms"] > 0
-    for name in ("trainer 0.5B<-1.5B", "trainer 7B LoRA<-14B 4-bit"):
+    for name in runs:
         assert parts[name]["tokens_per_second"] > 0 and parts[name]["planner_gb"] > 0, parts[name]
+    # The dense loss materialises [tokens x V] logits: the planner predicts more than for the fused loss.
+    assert parts[runs[1]]["loss"] == "dense" and parts[runs[1]]["planner_gb"] > parts[runs[0]]["planner_gb"]
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| trainer 0.5B<-1.5B | ok |" in table

@@ -356,3 +356,17 @@ def test_load_on_cuda_and_check_fits(model_dir: Path) -> None:
     if importlib.util.find_spec("bitsandbytes") is not None and os.environ.get("DISTILL_SKIP_BNB_CUDA") is None:
         quantized = load_causal_lm(model_dir, quantization="4bit", device="cuda")
         assert is_quantized(quantized) and quantized.model.layers[0].self_attn.q_proj.weight.device.type == "cuda"
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_empty_causal_lm_is_the_loaded_model_without_its_weights(tmp_path: Path, dtype: str) -> None:
+    """What ranks other than 0 build under fsdp_cpu_ram_efficient_loading: same names, shapes and dtypes, on meta."""
+    from distill.models.loading import empty_causal_lm
+
+    tiny_llama(vocab_size=128, hidden_size=32, num_layers=2).to(torch.float16).save_pretrained(tmp_path)
+    loaded = load_causal_lm(tmp_path, dtype=dtype)
+    empty = empty_causal_lm(tmp_path, dtype)
+    expected = {name: (tuple(p.shape), p.dtype) for name, p in loaded.named_parameters()}
+    assert {name: (tuple(p.shape), p.dtype) for name, p in empty.named_parameters()} == expected
+    assert all(p.is_meta for p in empty.parameters()) and not any(p.is_meta for p in loaded.parameters())
+    assert next(iter(expected.values()))[1] == (torch.float16 if dtype == "auto" else torch.bfloat16)

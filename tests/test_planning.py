@@ -421,9 +421,125 @@ def test_plan_from_config_copies_the_config_fields_by_name(tmp_path: Path) -> No
     changed = dict(
         max_length=777, per_device_train_batch_size=3, gradient_accumulation_steps=5, gradient_checkpointing=True,
         loss_implementation="dense", loss_chunk_size=99, loss="srkl", teacher_sharding="none",
-        optim="paged_adamw_8bit", lmbda=0.25, max_new_tokens=33, num_train_epochs=3.0, hidden_projection="learned",
+        optim="paged_adamw_8bit", lmbda=0.25, seq_kd=True, max_new_tokens=33, num_train_epochs=3.0,
+        hidden_projection="learned",
     )  # fmt: skip
     assert set(changed) == set(CONFIG_FIELDS)
     config = DistillConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], **changed)
     setup = plan_from_config(config, "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-1.5B", suggest=False).setup
     assert {name: getattr(setup, name) for name in CONFIG_FIELDS} == {**changed, "loss": "skew_reverse_kl"}
+
+
+# ---- what FSDP2 and several nodes do (issue 17): figures against hand calculations ---------------------
+
+
+def _item(memory: Any, name: str, phase: str) -> float:
+    return sum(item.bytes for item in memory.items if item.name == name and item.phase == phase)
+
+
+def test_fsdp2_keeps_fp32_shards_of_a_bf16_student() -> None:
+    """accelerate's fsdp2_prepare_model upcasts trainable bf16 parameters to fp32 under mixed precision."""
+    params = SMALL.num_params
+    fsdp = estimate_memory(_setup(precision="bf16", num_gpus=4, sharding="fsdp2"))
+    assert fsdp.get("student weights") == params * 4 / 4  # fp32 shards, not 2 B
+    assert fsdp.get("gradients") == params * 4 / 4
+    assert fsdp.get("optimizer states (AdamW)") == params * 8 / 4
+    ddp = estimate_memory(_setup(precision="bf16", num_gpus=4, sharding="ddp"))  # DDP keeps the model as loaded
+    assert ddp.get("student weights") == params * 2 and ddp.get("optimizer states (AdamW)") == params * 4
+    lora = estimate_memory(_setup(precision="bf16", num_gpus=4, sharding="fsdp2", lora_rank=8))
+    assert lora.get("student weights") == params * 2 / 4  # the frozen base is not upcast (trainable only)
+
+
+def test_sharded_loss_reads_the_unsharded_head_and_its_gradient_is_counted_once() -> None:
+    spec = SMALL
+    layer = spec.layer_linear_params + spec.layer_other_params
+    full = estimate_memory(_setup(num_gpus=2, sharding="fsdp2"))
+    phase = "forward/backward"
+    assert _item(full, "gathered student weights", phase) == (2 * layer + spec.embedding_params + spec.head_params) * 2
+    assert full.get("head gradient (unsharded)") == spec.vocab_size * spec.hidden_size * 2  # bf16 copy for FSDP
+    assert "fp32 head gradient" in next(i.detail for i in full.items if i.name == "loss buffers (fused)")
+    assert estimate_memory(_setup(num_gpus=2, sharding="fsdp2", lora_rank=8)).get("head gradient (unsharded)") == 0
+    # A sharded teacher's head is gathered in its own dtype: 4 B per element for an fp32 teacher.
+    fp32 = estimate_memory(_setup(num_gpus=2, sharding="fsdp2", teacher_mode="fp32"))
+    assert fp32.get("gathered teacher head") == spec.vocab_size * spec.hidden_size * 4
+    assert full.get("gathered teacher head") == spec.vocab_size * spec.hidden_size * 2
+
+
+def test_nodes_multiply_the_world_size() -> None:
+    two_nodes = _setup(nodes=2, num_gpus=4, sharding="fsdp2", tokens=1e6, per_device_train_batch_size=2)
+    one_node = replace(two_nodes, nodes=1, num_gpus=8)
+    assert two_nodes.world_size == 8 and two_nodes.tokens_per_step == 8 * 2 * 128
+    # Per GPU the memory is the same as 8 GPUs on one node: everything is split 8 ways.
+    assert estimate_memory(two_nodes).items == estimate_memory(one_node).items
+    assert estimate_memory(two_nodes).get("student weights") == SMALL.num_params * 4 / 8
+    half = replace(two_nodes, nodes=1)
+    speed, half_speed = plan_run(SMALL, SMALL, **_fields(two_nodes)), plan_run(SMALL, SMALL, **_fields(half))
+    assert speed.throughput.tokens_per_second == pytest.approx(2 * half_speed.throughput.tokens_per_second)
+    hours = 1e6 / speed.throughput.tokens_per_second / 3600
+    assert speed.cost.gpu_hours == pytest.approx(hours * 8)
+
+
+def _fields(setup: RunSetup) -> dict[str, Any]:
+    skip = ("student", "teacher")
+    return {name: getattr(setup, name) for name in setup.__dataclass_fields__ if name not in skip}
+
+
+def test_a_sharded_generator_regathers_its_weights_for_every_new_token() -> None:
+    """lmbda=1 with an FSDP2 student on H100s: each new token all-gathers (W-1)/W of its bf16 weights."""
+    settings = dict(num_gpus=8, sharding="fsdp2", lmbda=1.0, max_new_tokens=64, per_device_train_batch_size=2)
+    one_node = plan_run(SMALL, SMALL, **{**_fields(_setup()), **settings}).throughput
+    weights = SMALL.num_params * 2
+    per_new_token = weights * (7 / 8) / 450e9  # NVLink 4: 450 GB/s each way
+    per_trained_token = 64 / (2 * 128)
+    assert one_node.regather_seconds_per_token == pytest.approx(per_trained_token * per_new_token)
+    two_nodes = plan_run(SMALL, SMALL, **{**_fields(_setup()), **settings, "nodes": 2}).throughput
+    assert two_nodes.regather_seconds_per_token == pytest.approx(per_trained_token * weights * (15 / 16) / 50e9)
+    kv = 2 * SMALL.num_layers * SMALL.kv_dim * 64 * 2 * 2  # half the 128 positions cached on average, 2 rows, bf16
+    decode = (weights + kv) / (3.35e12 * 0.3)
+    # A token costs the slower of decoding and re-gathering (FSDP prefetches the next layer's gather).
+    assert two_nodes.generation_seconds_per_token == pytest.approx(
+        per_trained_token * max(decode, weights * (15 / 16) / 50e9)
+    )
+    unsharded = plan_run(SMALL, SMALL, **{**_fields(_setup()), **settings, "sharding": "ddp"})
+    assert unsharded.throughput.regather_seconds_per_token == 0
+    assert unsharded.throughput.generation_seconds_per_token == pytest.approx(per_trained_token * decode)
+
+
+def test_seq_kd_plans_the_teacher_generating() -> None:
+    setup = _setup(num_gpus=2, sharding="fsdp2", seq_kd=True, per_device_train_batch_size=2)
+    memory = estimate_memory(setup)
+    spec = SMALL
+    kv = 2 * spec.num_layers * spec.kv_dim * 128 * 2 * 2
+    assert memory.get("teacher generation KV cache") == kv
+    layer = spec.layer_linear_params + spec.layer_other_params
+    gathered = (2 * layer + spec.embedding_params + spec.head_params) * 2
+    assert _item(memory, "gathered teacher weights", "on-policy generation") == gathered
+    speed = plan_run(SMALL, SMALL, **_fields(setup)).throughput
+    assert speed.regather_seconds_per_token == pytest.approx(128 / 256 * spec.num_params * 2 * (1 / 2) / 450e9)
+    with pytest.raises(ValueError, match="seq_kd"):
+        _setup(seq_kd=True, teacher_mode="cache")
+
+
+def test_host_memory_per_node_counts_every_process_loading() -> None:
+    from distill.planning.memory import host_bytes_per_node
+
+    setup = _setup(nodes=2, num_gpus=8, sharding="fsdp2", precision="bf16")
+    assert host_bytes_per_node(setup) == 8 * (SMALL.num_params * 2 + SMALL.num_params * 2)
+    assert host_bytes_per_node(replace(setup, teacher_mode="4bit")) == 8 * SMALL.num_params * 2  # loaded onto GPU
+
+
+def test_cli_nodes_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["plan", "--student", "Qwen/Qwen2.5-0.5B", "--teacher", "Qwen/Qwen2.5-1.5B", "--gpu", "H100"]
+    args += ["--nodes", "2", "--num-gpus", "8", "--sharding", "fsdp2", "--lmbda", "0.5", "--tokens", "1e8"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "2 nodes x 8 x H100-80GB (16 GPUs)" in out and "over 16 GPU(s)" in out
+    assert "per node" in out and "host RAM at load" in out and "across nodes" in out
+    assert main([*args, "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["setup"]["nodes"] == 2 and payload["throughput"]["regather_seconds_per_token"] > 0
+    with pytest.raises(SystemExit) as exited:  # the field's bound reaches the flag
+        main([*args, "--nodes", "0"])
+    assert exited.value.code == 2 and "--nodes: must be >= 1; got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="nodes must be >= 1; got 0"):
+        _setup(nodes=0)

@@ -20,15 +20,16 @@ SCRIPT = Path(__file__).parent / "scripts" / "fail_on_rank.py"
 AT_STEP = 2  # finished steps when rank 1 fails: the failure is in optimizer step 3
 
 
-def _launch(out: Path, kind: str) -> subprocess.CompletedProcess:
+def _launch(out: Path, kind: str, ensemble: bool = False) -> subprocess.CompletedProcess:
     env = dict(
         os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(Path(__file__).parents[1] / "src")
     )
     launcher = Path(sys.executable).parent / "accelerate"
-    port = str(20000 + (os.getpid() * 13 + len(kind) * 101) % 20000)
+    port = str(20000 + (os.getpid() * 13 + len(kind) * 101 + ensemble * 7) % 20000)
     command = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
     command += [str(SCRIPT), "--out", str(out), "--kind", kind, "--rank", "1", "--at-step", str(AT_STEP)]
+    command += ["--ensemble"] if ensemble else []
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
 
 
@@ -42,7 +43,25 @@ def _launch(out: Path, kind: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_failure_on_one_rank_stops_every_rank_together(tmp_path, kind, error, checkpoint, phrase) -> None:
-    result = _launch(tmp_path, kind)
+    _check_stopped_together(tmp_path, _launch(tmp_path, kind), error, checkpoint, phrase)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "error", "phrase"),
+    [
+        ("nan", "NonFiniteLossError", "Non-finite distillation loss at optimizer step 3 on rank 1: teacher 'b': "),
+        ("server", "ServerError", "failed at optimizer step 3 after its retries on rank 1: teacher 'b': "),
+    ],
+)
+def test_one_teacher_of_several_failing_on_one_rank_stops_every_rank_together(tmp_path, kind, error, phrase) -> None:
+    """Multi-teacher: the second of two teachers fails on rank 1 only; the same agreement as one teacher."""
+    _check_stopped_together(tmp_path, _launch(tmp_path, kind, ensemble=True), error, AT_STEP, phrase)
+
+
+def _check_stopped_together(
+    tmp_path: Path, result: subprocess.CompletedProcess, error: str, checkpoint: int, phrase: str
+) -> None:
     reports = [(tmp_path / f"stopped-rank{rank}.txt").read_text().split("\n", 1) for rank in (0, 1)]
     assert len(reports) == 2, result.stderr[-3000:]
     # Both ranks stopped at the same step, with the same message naming rank 1.

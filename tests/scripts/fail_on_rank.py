@@ -3,6 +3,7 @@
 ``--kind nan``: that rank's teacher gives NaN hidden states at one step (the loss goes non-finite there);
 ``--kind server``: its teacher raises ``ServerError`` as a ``ServerTeacher`` does after its retries (the
 teacher is marked remote, as a server teacher is); ``--kind sigterm``: that rank gets SIGTERM.
+``--ensemble``: two teachers (a per-token mixture); the failure comes from the second one, ``"b"``.
 Each rank writes ``stopped-rank<r>.txt`` (the step it stopped at, the exception and its message).
 """
 
@@ -42,22 +43,26 @@ def main() -> None:
     parser.add_argument("--kind", choices=["nan", "server", "sigterm"], required=True)
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--at-step", type=int, default=2, help="global_step (finished steps) when it fails")
+    parser.add_argument("--ensemble", action="store_true", help="two teachers; the second one fails")
     cli = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(cli.out)
     tokenizer = train_tiny_tokenizer()
     teacher, student = tiny_teacher_student(vocab_size=len(tokenizer))
+    teachers = {"a": teacher, "b": tiny_teacher_student(vocab_size=len(tokenizer), seed=5)[0]}
     trainer = Trainer(
         model=student,
-        teacher=teacher,
+        teacher=teachers if cli.ensemble else teacher,
         args=config(out, max_steps=6, gradient_accumulation_steps=2, teacher_prefetch=0),
         train_dataset=arithmetic_dataset(),
         processing_class=tokenizer,
+        teacher_processing_class=[tokenizer, tokenizer] if cli.ensemble else None,
     )
     rank = trainer.accelerator.process_index
-    targets = trainer.teacher.targets
+    failing = trainer.teachers[1] if cli.ensemble else trainer.teacher
+    targets = failing.targets
     if cli.kind == "server":
-        trainer.teacher.prefetchable = True  # remote, as a ServerTeacher: every rank checks it before the student
+        failing.prefetchable = True  # remote, as a ServerTeacher: every rank checks it before the student
 
     def failing_targets(input_ids, attention_mask=None, position_ids=None):
         result = targets(input_ids, attention_mask, position_ids)
@@ -71,7 +76,7 @@ def main() -> None:
         if cli.kind == "sigterm":
             trainer.add_callback(SigtermAt(cli.at_step))
         else:
-            trainer.teacher.targets = failing_targets
+            failing.targets = failing_targets
     try:
         trainer.train()
         outcome = "finished"

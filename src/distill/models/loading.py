@@ -227,6 +227,35 @@ def load_causal_lm(
     return model
 
 
+def empty_causal_lm(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype | None = "auto",
+    *,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The model :func:`load_causal_lm` would load, built from its config on the meta device: no weights read.
+
+    For a process that receives its weights from another (a sharded teacher under
+    ``fsdp_cpu_ram_efficient_loading``, see :func:`distill.teachers.sharding.fill_shards_from`). ``dtype="auto"``
+    takes the config's dtype, as ``from_pretrained`` does, so every process agrees on the tensors' sizes.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_model_source(name_or_path)
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    resolved = resolve_dtype(dtype)
+    if not isinstance(resolved, torch.dtype):
+        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        resolved = getattr(torch, saved) if isinstance(saved, str) else saved or torch.get_default_dtype()
+    kwargs: dict[str, object] = {"trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    return model.to(resolved).eval()
+
+
 def _raise_if_damaged(name_or_path: str | os.PathLike, error: Exception) -> None:
     """After a failed load from a local folder: name the file that is cut short, if one is."""
     folder = Path(name_or_path).expanduser()

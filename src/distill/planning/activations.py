@@ -209,7 +209,8 @@ def loss_buffer_bytes(setup: RunSetup) -> tuple[float, str]:
     return total, detail
 
 
-def _teacher_element_bytes(setup: RunSetup) -> int:
+def teacher_element_bytes(setup: RunSetup) -> int:
+    """Bytes per element of the teacher's compute (and of its unquantized weights when it shards them)."""
     # An fp32 teacher computes in fp32; bf16/fp16 and quantized teachers (bf16 compute dtype) in 16 bits.
     return 4 if setup.teacher_mode == "fp32" else 2
 
@@ -224,7 +225,7 @@ def teacher_output_bytes(setup: RunSetup) -> float:
     if not setup.teacher_in_process:
         return 2 * tokens * setup.cache_top_k * (8 + 4)
     assert setup.teacher is not None
-    return 2 * tokens * setup.teacher.hidden_size * _teacher_element_bytes(setup)
+    return 2 * tokens * setup.teacher.hidden_size * teacher_element_bytes(setup)
 
 
 def teacher_forward_bytes(setup: RunSetup) -> float:
@@ -237,7 +238,7 @@ def teacher_forward_bytes(setup: RunSetup) -> float:
     if not setup.teacher_in_process:
         return 0.0
     spec: ModelSpec = setup.teacher  # type: ignore[assignment]
-    element = _teacher_element_bytes(setup)
+    element = teacher_element_bytes(setup)
     per_token = element * (2 * spec.hidden_size + 2 * spec.q_dim + 2 * spec.kv_dim + 3 * spec.intermediate_size)
     per_token += 4 * spec.hidden_size
     total = setup.tokens_per_micro_batch * per_token
@@ -269,7 +270,7 @@ def hidden_loss_bytes(setup: RunSetup) -> tuple[float, float]:
     assert setup.teacher is not None
     tokens, layers = setup.tokens_per_micro_batch, setup.hidden_layers
     compared = setup.teacher.hidden_size if setup.hidden_projection != "select" else setup.student.hidden_size
-    teacher_states = layers * tokens * setup.teacher.hidden_size * _teacher_element_bytes(setup)
+    teacher_states = layers * tokens * setup.teacher.hidden_size * teacher_element_bytes(setup)
     per_layer = 2 * 4 * compared
     if setup.learned_hidden_projection and residual_bytes(setup) == 2:
         per_layer += 4 * setup.student.hidden_size

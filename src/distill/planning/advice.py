@@ -110,7 +110,7 @@ def _candidates(setup: RunSetup) -> list[_Candidate]:
             )
         )
     for gpus in (2, 4, 8):
-        if gpus > setup.num_gpus:
+        if gpus > setup.world_size:
             options.append(
                 _Candidate(f"{gpus} GPUs with FSDP2 (student and teacher sharded)", _fsdp(gpus), adds_gpus=True)
             )
@@ -119,7 +119,7 @@ def _candidates(setup: RunSetup) -> list[_Candidate]:
 
 def _fsdp(gpus: int) -> Callable[[RunSetup], RunSetup]:
     def change(setup: RunSetup) -> RunSetup:
-        return replace(setup, num_gpus=gpus, sharding="fsdp2", teacher_sharding="auto")
+        return replace(setup, num_gpus=gpus, nodes=1, sharding="fsdp2", teacher_sharding="auto")
 
     return change
 

@@ -35,6 +35,8 @@ class GPU:
         hourly_usd: price of one device for one hour, in US dollars (an assumption; edit it).
         description: what the entry stands for (form factor, memory type).
         cuda: whether it is a CUDA device (a CUDA context and allocator reserve are planned).
+        link_bandwidth: bytes/s one GPU receives from the others of its node in an all-gather, per direction
+            (NVLink on SXM parts, PCIe otherwise; spec sheet): what re-gathering sharded weights is paced by.
     """
 
     name: str
@@ -44,6 +46,7 @@ class GPU:
     hourly_usd: float
     description: str = ""
     cuda: bool = True
+    link_bandwidth: float = 32e9
 
     @property
     def memory_gib(self) -> float:
@@ -51,15 +54,17 @@ class GPU:
         return self.memory_bytes / 2**30
 
 
-# Peak dense bf16 with fp32 accumulation, from each spec sheet. A10G is AWS's A10 variant: it has
-# more FP32 throughput than the A10 but about 70 dense bf16 TFLOPS against the A10's 125.
+# Peak dense bf16 with fp32 accumulation, from each spec sheet. Links: NVLink 4 is 900 GB/s both ways per
+# H100/H200 (450 each way), NVLink 3 600 GB/s per A100; the PCIe cards share PCIe 4.0 x16 (~32 GB/s each way).
+# A10G is AWS's A10 variant: it has more FP32 throughput than the A10 but about 70 dense bf16 TFLOPS against
+# the A10's 125.
 GPUS: dict[str, GPU] = {
     gpu.name: gpu
     for gpu in (
-        GPU("H100-80GB", 81559 * _MIB, 989.4, 3.35e12, 2.99, "H100 SXM5 80 GB HBM3"),
-        GPU("H200-141GB", 143771 * _MIB, 989.4, 4.8e12, 3.79, "H200 SXM 141 GB HBM3e"),
-        GPU("A100-40GB", 40960 * _MIB, 312.0, 1.555e12, 1.29, "A100 SXM4 40 GB HBM2"),
-        GPU("A100-80GB", 81920 * _MIB, 312.0, 2.039e12, 1.79, "A100 SXM4 80 GB HBM2e"),
+        GPU("H100-80GB", 81559 * _MIB, 989.4, 3.35e12, 2.99, "H100 SXM5 80 GB HBM3", link_bandwidth=450e9),
+        GPU("H200-141GB", 143771 * _MIB, 989.4, 4.8e12, 3.79, "H200 SXM 141 GB HBM3e", link_bandwidth=450e9),
+        GPU("A100-40GB", 40960 * _MIB, 312.0, 1.555e12, 1.29, "A100 SXM4 40 GB HBM2", link_bandwidth=300e9),
+        GPU("A100-80GB", 81920 * _MIB, 312.0, 2.039e12, 1.79, "A100 SXM4 80 GB HBM2e", link_bandwidth=300e9),
         GPU("L40S-48GB", 46068 * _MIB, 362.05, 0.864e12, 1.19, "L40S 48 GB GDDR6"),
         GPU("A10G-24GB", 23028 * _MIB, 70.0, 0.6e12, 1.01, "A10G 24 GB GDDR6 (AWS g5)"),
         GPU("L4-24GB", 23034 * _MIB, 121.0, 0.3e12, 0.80, "L4 24 GB GDDR6"),

@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from distill.planning import activations
 from distill.planning.setup import RunSetup
 
-__all__ = ["GIB", "MemoryEstimate", "MemoryItem", "estimate_memory"]
+__all__ = [
+    "GIB",
+    "MemoryEstimate",
+    "MemoryItem",
+    "estimate_memory",
+    "gathered_student_bytes",
+    "gathered_teacher_bytes",
+    "host_bytes_per_node",
+    "teacher_whole_bytes",
+]
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = 1 * GIB  # CUDA context, cuBLAS/NCCL workspaces and the caching allocator's slack
@@ -96,7 +105,8 @@ class MemoryEstimate:
 
 def _student_weights(setup: RunSetup) -> MemoryItem:
     spec = setup.student
-    shards = setup.num_gpus if setup.student_sharded else 1
+    shards = setup.world_size if setup.student_sharded else 1
+    precision = setup.weight_precision  # a bf16 student under FSDP2 keeps fp32 shards (accelerate's upcast)
     if setup.training == "qlora":
         # peft's prepare_model_for_kbit_training casts everything left unquantized (embedding, head, norms) to fp32.
         unquantized = spec.num_params - spec.linear_params
@@ -105,9 +115,11 @@ def _student_weights(setup: RunSetup) -> MemoryItem:
             f"{spec.linear_params / 1e9:.2f}B NF4 projections + {unquantized / 1e9:.2f}B fp32 embedding/head/norms"
         )
     else:
-        per_param = 2 if setup.precision == "bf16" or (setup.training == "lora" and setup.precision == "mixed") else 4
+        per_param = 2 if precision == "bf16" or (setup.training == "lora" and precision == "mixed") else 4
         size = spec.num_params * per_param
         detail = f"{spec.num_params / 1e9:.2f}B params x {per_param} B"
+        if precision != setup.precision and setup.training == "full":
+            detail += " (FSDP2 upcasts bf16 to fp32 shards)"
     if shards > 1:
         size /= shards
         detail += f" / {shards} GPUs"
@@ -118,7 +130,7 @@ def _trainable(setup: RunSetup) -> tuple[float, float, float]:
     """(trainable parameters, gradient bytes per parameter, optimizer bytes per parameter)."""
     if setup.training == "full":
         trainable = setup.student.num_params
-        grad_bytes = 2 if setup.precision == "bf16" else 4
+        grad_bytes = 2 if setup.weight_precision == "bf16" else 4
     else:
         trainable = setup.student.lora_params(setup.lora_rank or 0)
         grad_bytes = 4  # adapters are fp32 (peft's default)
@@ -129,7 +141,7 @@ def _trainable(setup: RunSetup) -> tuple[float, float, float]:
 
 def _training_state(setup: RunSetup, accumulating: bool) -> list[MemoryItem]:
     trainable, grad_bytes, optimizer_bytes = _trainable(setup)
-    shards = setup.num_gpus if setup.student_sharded else 1
+    shards = setup.world_size if setup.student_sharded else 1
     per = f" / {shards} GPUs" if shards > 1 else ""
     items = []
     if setup.training != "full":
@@ -151,43 +163,56 @@ def _training_state(setup: RunSetup, accumulating: bool) -> list[MemoryItem]:
         # fp32 weights, gradients and two AdamW states, replicated on every GPU (outside the sharded student).
         detail = f"{projection_params / 1e6:.1f}M params x 16 B (fp32 weight, grad, AdamW)"
         items.append(MemoryItem("hidden-state projections", projection_params * 16, detail))
-    if setup.sharding == "ddp" and setup.num_gpus > 1:
+    if setup.sharding == "ddp" and setup.world_size > 1:
         # DDP copies gradients into flat all-reduce buckets (gradient_as_bucket_view=False by default).
         items.append(MemoryItem("DDP gradient buckets", trainable * grad_bytes, "one more copy of the gradients"))
     return items
 
 
-def _teacher_weights(setup: RunSetup) -> MemoryItem | None:
-    if not setup.teacher_in_process:
-        return None
+def teacher_whole_bytes(setup: RunSetup) -> tuple[float, str]:
+    """An in-process teacher's weights, whole (not divided by sharding), and how they were counted."""
     spec = setup.teacher
     assert spec is not None
     mode = setup.teacher_mode
     unquantized = spec.num_params - spec.linear_params
     if mode == "4bit":
-        size = spec.linear_params * NF4_BYTES_PER_PARAM + unquantized * 2
-        detail = "NF4 projections, bf16 embedding/head/norms"
-    elif mode == "8bit":
+        return spec.linear_params * NF4_BYTES_PER_PARAM + unquantized * 2, "NF4 projections, bf16 embedding/head/norms"
+    if mode == "8bit":
         row_scales = 4 * spec.num_layers * sum(fan_out for _, fan_out in spec.linear_shapes())
         size = spec.linear_params * INT8_BYTES_PER_PARAM + row_scales + unquantized * 2
-        detail = "int8 projections, bf16 embedding/head/norms"
-    else:
-        per_param = 4 if mode == "fp32" else 2
-        size = spec.num_params * per_param
-        detail = f"{spec.num_params / 1e9:.2f}B params x {per_param} B ({mode})"
+        return size, "int8 projections, bf16 embedding/head/norms"
+    per_param = 4 if mode == "fp32" else 2
+    return spec.num_params * per_param, f"{spec.num_params / 1e9:.2f}B params x {per_param} B ({mode})"
+
+
+def _teacher_weights(setup: RunSetup) -> MemoryItem | None:
+    if not setup.teacher_in_process:
+        return None
+    mode = setup.teacher_mode
+    size, detail = teacher_whole_bytes(setup)
     if setup.teacher_sharded:
-        size /= setup.num_gpus
-        detail += f" / {setup.num_gpus} GPUs"
+        size /= setup.world_size
+        detail += f" / {setup.world_size} GPUs"
     return MemoryItem(f"teacher weights ({mode})", size, detail)
 
 
-def _gathered_bytes(setup: RunSetup) -> float:
-    """FSDP2 / ZeRO-3: two student layers in flight, the unsharded root (embedding, head) and the loss's head."""
-    spec, element = setup.student, setup.compute_bytes
+def gathered_student_bytes(setup: RunSetup) -> float:
+    """FSDP2 / ZeRO-3: two student layers in flight and the unsharded root (embedding, head), in the compute dtype.
+
+    The fused loss reads the root's unsharded head itself (``head_unsharded_through_loss`` keeps it from the
+    forward to the backward): no second copy of it. Also what a sharded student holds while it generates.
+    """
+    spec = setup.student
     layer = spec.layer_linear_params + spec.layer_other_params
-    root = spec.embedding_params + spec.head_params
-    fused_head = spec.vocab_size * spec.hidden_size if setup.loss_implementation == "fused" else 0
-    return (2 * layer + root + fused_head) * element
+    return (2 * layer + spec.embedding_params + spec.head_params) * setup.compute_bytes
+
+
+def gathered_teacher_bytes(setup: RunSetup) -> float:
+    """A sharded teacher's forward (or decoding step): two layers in flight and its embedding/head, in its dtype."""
+    spec = setup.teacher
+    assert spec is not None
+    layer = spec.layer_linear_params + spec.layer_other_params
+    return (2 * layer + spec.embedding_params + spec.head_params) * activations.teacher_element_bytes(setup)
 
 
 def _forward_backward(setup: RunSetup) -> list[MemoryItem]:
@@ -219,12 +244,18 @@ def _forward_backward(setup: RunSetup) -> list[MemoryItem]:
         items.append(MemoryItem("bf16 weight copies (autocast)", copies, "projections x 2 B", phase))
     if setup.student_sharded:
         items.append(
-            MemoryItem("gathered student weights", _gathered_bytes(setup), "2 layers + embedding/head", phase)
+            MemoryItem("gathered student weights", gathered_student_bytes(setup), "2 layers + embedding/head", phase)
         )
+        if setup.training == "full" and setup.loss_implementation == "fused":
+            # The loss accumulates the head's gradient in fp32 (in its buffers) and hands FSDP a copy in the
+            # unsharded head's compute dtype, which lives until its reduce-scatter.
+            head_grad = setup.student.vocab_size * setup.student.hidden_size * setup.compute_bytes
+            items.append(MemoryItem("head gradient (unsharded)", head_grad, "[V x H] compute dtype", phase))
     if setup.teacher_sharded and setup.loss_implementation == "fused":
         assert setup.teacher is not None
-        head = setup.teacher.vocab_size * setup.teacher.hidden_size * 2
-        items.append(MemoryItem("gathered teacher head", head, "[V x H_t] for the loss", phase))
+        element = activations.teacher_element_bytes(setup)  # full_tensor() of the teacher's own-dtype shards
+        head = setup.teacher.vocab_size * setup.teacher.hidden_size * element
+        items.append(MemoryItem("gathered teacher head", head, f"[V x H_t] x {element} B for the loss", phase))
     return items
 
 
@@ -238,21 +269,52 @@ def _teacher_forward(setup: RunSetup) -> list[MemoryItem]:
         )
     ]
     if setup.teacher_sharded:
-        spec = setup.teacher
-        assert spec is not None
-        layer = spec.layer_linear_params + spec.layer_other_params
-        gathered = (2 * layer + spec.embedding_params + spec.head_params) * 2
+        gathered = gathered_teacher_bytes(setup)
         items.append(MemoryItem("gathered teacher weights", gathered, "2 layers + embedding/head", TEACHER_FORWARD))
     return items
 
 
 def _generation(setup: RunSetup) -> list[MemoryItem]:
-    if setup.lmbda == 0:
-        return []
-    spec = setup.student
-    rows = setup.per_device_train_batch_size
-    kv_cache = 2 * spec.num_layers * spec.kv_dim * setup.max_length * rows * setup.compute_bytes
-    return [MemoryItem("generation KV cache", kv_cache, f"{rows} rows x {setup.max_length} positions", GENERATION)]
+    """The larger generator's moment: the student on on-policy steps (``lmbda``), the teacher under ``seq_kd``.
+
+    Each holds its KV cache and, when sharded, the weights it gathers for every new token (the same two layers
+    and embedding/head as a forward: ``reshard_after_forward`` frees them after each token's forward).
+    """
+    rows, length = setup.per_device_train_batch_size, setup.max_length
+    generators: list[list[MemoryItem]] = []
+    if setup.lmbda > 0:
+        spec = setup.student
+        kv_cache = 2 * spec.num_layers * spec.kv_dim * length * rows * setup.compute_bytes
+        items = [MemoryItem("generation KV cache", kv_cache, f"{rows} rows x {length} positions", GENERATION)]
+        if setup.student_sharded:
+            detail = "re-gathered for every new token"
+            items.append(MemoryItem("gathered student weights", gathered_student_bytes(setup), detail, GENERATION))
+        generators.append(items)
+    if setup.seq_kd:
+        spec = setup.teacher  # type: ignore[assignment]
+        assert spec is not None
+        element = activations.teacher_element_bytes(setup)
+        kv_cache = 2 * spec.num_layers * spec.kv_dim * length * rows * element
+        detail = f"{rows} rows x {length} positions"
+        items = [MemoryItem("teacher generation KV cache", kv_cache, detail, GENERATION)]
+        if setup.teacher_sharded:
+            detail = "re-gathered for every new token"
+            items.append(MemoryItem("gathered teacher weights", gathered_teacher_bytes(setup), detail, GENERATION))
+        generators.append(items)
+    return max(generators, key=lambda items: sum(item.bytes for item in items), default=[])
+
+
+def host_bytes_per_node(setup: RunSetup) -> float:
+    """Host (CPU) memory one node needs while the models load: each of its ``num_gpus`` processes reads the student
+    and an unquantized in-process teacher onto the CPU before they are sharded or placed (a 4-bit / 8-bit teacher
+    is quantized straight onto its GPU). Under ``fsdp_cpu_ram_efficient_loading`` only the job's rank 0 reads
+    the teacher (and accelerate's rank 0 the student): divide by ``num_gpus`` on node 0, ~0 on the others.
+    """
+    student = setup.student.num_params * (2 if setup.precision == "bf16" else 4)
+    teacher = 0.0
+    if setup.teacher_in_process and setup.teacher_mode not in ("4bit", "8bit"):
+        teacher = teacher_whole_bytes(setup)[0]
+    return setup.num_gpus * (student + teacher)
 
 
 def estimate_memory(setup: RunSetup) -> MemoryEstimate:

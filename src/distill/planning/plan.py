@@ -138,7 +138,7 @@ def plan_run(
         suggest: plan the changes that would make a run that does not fit fit.
         **settings: any other :class:`RunSetup` field by name, with ``DistillConfig``'s names where it has
             the knob: ``max_length=1024``, ``per_device_train_batch_size=4``, ``loss="skl"``, ``lmbda=0.5``,
-            ``num_gpus=8``, ``sharding="fsdp2"``, ``lora_rank=16``, ``tokens=50e6``, ...
+            ``num_gpus=8`` (per node), ``nodes=2``, ``sharding="fsdp2"``, ``lora_rank=16``, ``tokens=50e6``, ...
 
     Returns:
         A :class:`Plan`; ``plan.fits``, ``plan.message``, ``plan.memory.items``, ``plan.throughput``,
@@ -217,7 +217,7 @@ def plan_from_config(
     Copied by name (:data:`~distill.planning.setup.CONFIG_FIELDS`, the ``RunSetup`` fields that are
     ``DistillConfig`` fields too): ``max_length``, ``per_device_train_batch_size``,
     ``gradient_accumulation_steps``, ``gradient_checkpointing``, ``loss_implementation``, ``loss_chunk_size``,
-    ``loss``, ``teacher_sharding``, ``optim``, ``lmbda``, ``max_new_tokens``, ``num_train_epochs``,
+    ``loss``, ``teacher_sharding``, ``optim``, ``lmbda``, ``seq_kd``, ``max_new_tokens``, ``num_train_epochs``,
     ``hidden_projection``. Derived, because the config spreads them over several fields: ``teacher_mode``
     (``teacher_quantization`` / ``teacher_dtype``), ``precision`` (``student_dtype`` with ``bf16``/``fp16``),
     ``sharding`` (``fsdp``/``deepspeed``, when ``num_gpus > 1``) and ``hidden_layers`` (``hidden_loss_weight``
@@ -237,7 +237,7 @@ def plan_from_config(
     settings.update(
         teacher_mode=_teacher_mode_of(config),
         precision=_precision_of(config),
-        sharding=_sharding_of(config, num_gpus),
+        sharding=_sharding_of(config, num_gpus * int(overrides.get("nodes", 1))),
         hidden_layers=_hidden_layers(config, student),
     )
     settings.update(overrides)

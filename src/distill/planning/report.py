@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from distill.planning.memory import GIB
+from distill.planning.memory import GIB, host_bytes_per_node
 from distill.planning.plan import Plan
 from distill.planning.setup import RunSetup
 
@@ -37,10 +37,40 @@ def describe_setup(setup: RunSetup) -> str:
     return (
         f"student {student.name} ({human_count(student.num_params)} params, {trained}); "
         f"teacher {teacher} ({setup.teacher_mode})\n"
-        f"{setup.num_gpus} x {setup.gpu.name}{sharding}; {setup.per_device_train_batch_size} x {setup.max_length} "
+        f"{_gpus(setup)}{sharding}; {setup.per_device_train_batch_size} x {setup.max_length} "
         f"tokens per GPU, accumulation {setup.gradient_accumulation_steps}; {loss}, {setup.loss}; {checkpointing}; "
         f"{setup.optim}"
     )
+
+
+def _gpus(setup: RunSetup) -> str:
+    """``8 x H100-80GB``, or ``2 nodes x 8 x H100-80GB (16 GPUs)``."""
+    gpus = f"{setup.num_gpus} x {setup.gpu.name}"
+    return gpus if setup.nodes == 1 else f"{setup.nodes} nodes x {gpus} ({setup.world_size} GPUs)"
+
+
+def _distributed_lines(plan: Plan) -> list[str]:
+    """Per node (several GPUs): host memory while loading, and, over several nodes, each node's share of the speed."""
+    setup, speed = plan.setup, plan.throughput
+    lines = []
+    if speed.regather_seconds_per_token:
+        where = "within the node" if setup.nodes == 1 else "across nodes"
+        lines.append(
+            f"  re-gathering      {1e3 * speed.regather_seconds_per_token:.3f} ms per trained token: a sharded model "
+            f"that generates all-gathers its weights for every new token ({where})"
+        )
+    if setup.world_size > 1:
+        lines.append(
+            f"  host RAM at load  {host_bytes_per_node(setup) / GIB:.1f} GiB per node ({setup.num_gpus} processes each"
+            " read the models to the CPU; fsdp_cpu_ram_efficient_loading: rank 0 alone)"
+        )
+    if setup.nodes > 1:
+        per_node = speed.tokens_per_second / setup.nodes
+        lines.append(
+            f"  per node          {per_node:,.0f} tokens/s, ${setup.num_gpus * setup.gpu.hourly_usd:.2f}/hour "
+            f"({setup.num_gpus} GPUs)"
+        )
+    return lines
 
 
 def format_plan(plan: Plan) -> str:
@@ -64,11 +94,12 @@ def format_plan(plan: Plan) -> str:
         + "("
         + ", ".join(f"{name} {human_count(value)}" for name, value in speed.flops.items() if value)
         + ")",
-        f"  throughput        {speed.tokens_per_second:,.0f} tokens/s over {setup.num_gpus} GPU(s)",
+        f"  throughput        {speed.tokens_per_second:,.0f} tokens/s over {setup.world_size} GPU(s)",
         f"  optimizer step    {speed.step_seconds:.2f} s for {setup.tokens_per_step:,} tokens",
     ]
     if speed.generation_seconds_per_token:
-        lines.append(f"  on-policy decode  {1e3 * speed.generation_seconds_per_token:.3f} ms per trained token")
+        lines.append(f"  generation        {1e3 * speed.generation_seconds_per_token:.3f} ms per trained token")
+    lines += _distributed_lines(plan)
     if plan.cost is not None:
         cost = plan.cost
         lines.append(

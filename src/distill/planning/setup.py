@@ -59,6 +59,7 @@ CONFIG_FIELDS: tuple[str, ...] = (
     "teacher_sharding",
     "optim",
     "lmbda",
+    "seq_kd",
     "max_new_tokens",
     "num_train_epochs",
     "hidden_projection",
@@ -117,7 +118,10 @@ class RunSetup:
         metadata={"help": "the teacher, as --student; optional for a cache/server teacher"}
     )
     gpu: GPU = field(metadata={"help": "the GPU type every process runs on (catalogue name; prefixes work), or cpu"})
-    num_gpus: int = _knob(1, "GPUs, one process each", check="int", minimum=1)
+    num_gpus: int = _knob(1, "GPUs per node, one process each", check="int", minimum=1)
+    nodes: int = _knob(
+        1, "machines, each with num_gpus GPUs: the job runs nodes x num_gpus processes", check="int", minimum=1
+    )
     max_length: int = _knob(2048, "tokens per row (rows are assumed full)", check="int", minimum=1)
     per_device_train_batch_size: int = _knob(1, "rows per micro-batch per GPU", check="int", minimum=1)
     gradient_accumulation_steps: int = _knob(1, "micro-batches per optimizer step", check="int", minimum=1)
@@ -176,6 +180,7 @@ class RunSetup:
     )  # fmt: skip
     num_train_epochs: float = _knob(1.0, "passes over --tokens", check="float", minimum=0, exclusive_minimum=True)
     lmbda: float = _knob(0.0, "share of on-policy steps (the student generates)", check="float", minimum=0, maximum=1)
+    seq_kd: bool = _knob(False, "sequence-level KD: the teacher generates every batch's completions", check="bool")
     max_new_tokens: int = _knob(128, "tokens generated per completion on on-policy steps", check="int", minimum=1)
     hidden_layers: int = _knob(
         0, "mapped layer pairs of the intermediate-layer (hidden-state) loss; 0: off", check="int", minimum=0
@@ -195,6 +200,10 @@ class RunSetup:
         object.__setattr__(self, "loss", Divergence(self.loss).name)
         if self.qlora and self.lora_rank is None:
             object.__setattr__(self, "lora_rank", DEFAULT_QLORA_RANK)
+        if self.seq_kd and not self.teacher_in_process:
+            raise ValueError(
+                f"seq_kd=True plans the teacher generating here; teacher_mode={self.teacher_mode!r} does not run it."
+            )
         if self.teacher is None and self.teacher_mode in IN_PROCESS_TEACHERS:
             raise ValueError(f"teacher_mode={self.teacher_mode!r} runs the teacher here: give its model (teacher=).")
         if self.sharding == "zero3" and self.loss_implementation == "fused":
@@ -223,9 +232,24 @@ class RunSetup:
         return self.per_device_train_batch_size * self.max_length
 
     @property
+    def world_size(self) -> int:
+        """Processes (GPUs) in the job: ``nodes * num_gpus``."""
+        return self.nodes * self.num_gpus
+
+    @property
     def tokens_per_step(self) -> int:
-        """Tokens per optimizer step over all GPUs."""
-        return self.tokens_per_micro_batch * self.gradient_accumulation_steps * self.num_gpus
+        """Tokens per optimizer step over all GPUs of all nodes."""
+        return self.tokens_per_micro_batch * self.gradient_accumulation_steps * self.world_size
+
+    @property
+    def weight_precision(self) -> Precision:
+        """How the student's trained weights, gradients and optimizer states are held.
+
+        ``precision``, except under FSDP2: accelerate (``fsdp2_prepare_model``) upcasts every trainable parameter
+        that is not fp32 to fp32 when mixed precision is on, so a bf16 student keeps fp32 shards (and fp32
+        gradients and AdamW states) with bf16 compute: ``mixed``, twice the bytes of ``bf16``.
+        """
+        return "mixed" if self.sharding == "fsdp2" and self.precision == "bf16" else self.precision
 
     @property
     def vocab(self) -> int:
@@ -270,10 +294,10 @@ class RunSetup:
     @property
     def student_sharded(self) -> bool:
         """Whether the student's weights, gradients and optimizer states are split over the GPUs."""
-        return self.sharding in ("fsdp2", "zero3") and self.num_gpus > 1
+        return self.sharding in ("fsdp2", "zero3") and self.world_size > 1
 
     @property
     def teacher_sharded(self) -> bool:
         """Whether an in-process teacher's weights are split over the GPUs (FSDP2)."""
         wanted = self.student_sharded if self.teacher_sharding == "auto" else self.teacher_sharding == "fsdp"
-        return wanted and self.num_gpus > 1 and self.teacher_in_process
+        return wanted and self.world_size > 1 and self.teacher_in_process

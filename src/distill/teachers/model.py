@@ -48,15 +48,19 @@ class ModelTeacher(Teacher):
     ) -> None:
         model.eval()
         model.requires_grad_(False)
-        if not _is_quantized(model):
-            if dtype is not None:
-                model.to(dtype)
-            if device is not None:
-                model.to(device)
+        if dtype is not None and not _is_quantized(model):
+            model.to(dtype)
         self.model = model
         self.tokenizer = tokenizer
         self._heads: dict[torch.device, OutputHead] = {}
         self._hidden_layers: tuple[int, ...] = ()
+        self.place(device)
+
+    def place(self, device: torch.device | str | None) -> None:
+        """Move an unquantized teacher to ``device`` (whole; quantized ones stay where they were loaded)."""
+        if device is not None and not _is_quantized(self.model):
+            self.model.to(device)
+            self._heads.clear()
 
     @property
     def device(self) -> torch.device:

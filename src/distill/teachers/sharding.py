@@ -29,9 +29,15 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
 def shard_teacher(model: nn.Module, device: torch.device) -> nn.Module:
     """Shard ``model`` in place with ``torch.distributed.fsdp.fully_shard``: each decoder layer, then the rest.
 
+    Pass the teacher still on the CPU: ``fully_shard`` moves one group's tensors to ``device`` at a time
+    (a decoder layer, then the embeddings / head / norm), keeps this process's ``1/N`` and lets the rest go,
+    so the GPU never holds the whole teacher (a teacher moved to the GPU first would need its full size
+    there, on every GPU, at start-up). Parameters on the meta device stay there (see :func:`fill_shards_from`).
+
     Args:
-        model: the frozen teacher, already on ``device`` (its rank's GPU, or the CPU with gloo).
-        device: this process's device; the mesh spans every process of the default process group.
+        model: the frozen teacher, on the CPU (or already on ``device``, or on meta).
+        device: this process's device (its rank's GPU, or the CPU with gloo); the mesh spans every process of
+            the default process group.
 
     Returns:
         The same model object, now holding DTensor shards.
@@ -195,6 +201,65 @@ def ram_efficient_loading() -> bool:
     import os
 
     return os.environ.get(_RAM_EFFICIENT_LOADING, "").lower() in ("1", "true")
+
+
+def whole_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of ``model``'s parameters as they are now (before :func:`shard_teacher`).
+
+    The tensors keep their storage alive after sharding replaces the parameters: what
+    :func:`fill_shards_from` copies from on rank 0. Tied parameters appear once (as ``named_parameters``).
+    """
+    return {name: param.detach() for name, param in model.named_parameters()}
+
+
+@torch.no_grad()
+def fill_shards_from(model: nn.Module, whole: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """Fill every process's shards of a sharded ``model`` with rank 0's ``whole`` weights; buffers likewise.
+
+    For a teacher that holds real weights on rank 0 only (``fsdp_cpu_ram_efficient_loading``: the other
+    ranks built it on the meta device, or hold garbage): shard first, then copy. One tensor at a time
+    travels from rank 0 (a broadcast of its full size, on ``device``) and each process keeps its dim-0
+    chunk, the slice FSDP2 holds; no process other than rank 0 ever holds the whole teacher.
+
+    Args:
+        model: the teacher after :func:`shard_teacher` (meta parameters are allocated on ``device`` here).
+        whole: on rank 0, :func:`whole_weights` taken before sharding; ignored on the other ranks.
+        device: this process's device (broadcasts need it: NCCL moves CUDA tensors only).
+    """
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # Every process must hold the same tensors (names, shapes, dtypes), or the broadcasts below would mismatch;
+    # all of them learn it (and whether rank 0 has the weights) from one gather, and raise alike.
+    layout = [(name, tuple(param.shape), str(param.dtype)) for name, param in model.named_parameters()]
+    layouts: list[object] = [None] * world
+    dist.all_gather_object(layouts, (layout, whole is not None))
+    if not layouts[0][1]:  # type: ignore[index]
+        raise ValueError("fill_shards_from needs rank 0's whole weights (whole_weights(model) before sharding).")
+    layouts = [entry[0] for entry in layouts]  # type: ignore[index]
+    if any(other != layouts[0] for other in layouts):
+        differing = [index for index, other in enumerate(layouts) if other != layouts[0]]
+        raise ValueError(
+            f"The teacher differs between processes (ranks {differing} against rank 0: parameter names, shapes or "
+            "dtypes): load it with the same teacher_dtype everywhere."
+        )
+    if any(tensor.is_meta for tensor in list(model.parameters()) + list(model.buffers())):
+        model.to_empty(device=device)  # FSDP2 re-points its sharded storage; the values come below
+    for name, param in model.named_parameters():
+        source = whole[name] if rank == 0 and whole is not None else None  # whole is given on rank 0 (checked)
+        full = torch.empty(param.shape, dtype=param.dtype, device=device) if source is None else source.to(device)
+        dist.broadcast(full, src=0)
+        if is_sharded(param):
+            local = param.to_local()
+            chunks = torch.chunk(full, world, dim=0)  # FSDP2's Shard(0) layout: torch.chunk, the last ranks short
+            if local.numel():
+                local.copy_(chunks[rank])
+        else:
+            param.copy_(full)
+    for buffer in model.buffers():  # rotary tables and the like: not sharded, small
+        on_device = buffer.to(device)
+        dist.broadcast(on_device, src=0)
+        buffer.copy_(on_device)
 
 
 def broadcast_from_rank0(model: nn.Module) -> None:

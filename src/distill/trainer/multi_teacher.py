@@ -26,11 +26,12 @@ import torch
 from torch import Tensor, nn
 
 from distill.config import DistillConfig
-from distill.losses import DistillationOutput, Objective
+from distill.losses import DistillationOutput, NonFiniteInputError, Objective
 from distill.losses.fused import fused_objective_loss
 from distill.models import shared_vocab_size
 from distill.models.decoder import final_hidden_states, output_head_of
-from distill.teachers import Teacher
+from distill.teachers import Teacher, TeacherTargets
+from distill.teachers.server import ServerError
 from distill.teachers.sharding import student_head
 from distill.trainer.batching import IGNORE_INDEX, next_token_labels
 from distill.trainer.cross_tokenizer import Columns, CrossTokenizer, per_row_teacher_problems, uses_cross_tokenizer
@@ -139,10 +140,55 @@ class TeacherEnsemble:
         cross = self.crosses[index]
         return prepared if cross is None else cross.teacher_rows(prepared)
 
+    @property
+    def remote(self) -> bool:
+        """Whether some teacher answers from elsewhere (a server: it can fail on one process and not the others)."""
+        return any(route.teacher.prefetchable for route in self.routes)
+
+    def targets(self, inputs: dict[str, Any]) -> tuple[list[TeacherTargets | None], str | None]:
+        """Every teacher's targets for the micro-batch, asked for before the student runs; and what failed, if any.
+
+        A teacher server that fails after its retries is reported, not raised, and the other teachers are still
+        asked (their collectives, if sharded, run on every process alike), so that the trainer can stop every
+        process together (:mod:`distill.trainer.agreement`). Routing: a teacher no row is routed to is skipped
+        (``None``).
+
+        Returns:
+            ``(targets, problem)``: one entry per teacher (``None`` where it did not run or failed), and
+            ``"teacher 'name': <error>"`` for each teacher that failed (``None`` when none did).
+        """
+        route = inputs.get(ROUTE_KEY)
+        results: list[TeacherTargets | None] = []
+        problems = []
+        for index, route_spec in enumerate(self.routes):
+            if route is not None and not bool((route == index).any()):  # host-device sync: no row for this teacher
+                results.append(None)
+                continue
+            try:
+                results.append(self._teacher_targets(route_spec, inputs))
+            except ServerError as error:
+                results.append(None)
+                problems.append(f"teacher {route_spec.name!r}: {error}")
+        return results, "; ".join(problems) or None
+
+    @staticmethod
+    def _teacher_targets(route: Route, inputs: dict[str, Any]) -> TeacherTargets:
+        if route.cross is not None:
+            return route.cross.teacher_targets(route.teacher, inputs)
+        return route.teacher.targets(inputs["input_ids"], inputs["attention_mask"], None)
+
     def loss(
-        self, model: nn.Module, inputs: dict[str, Any], objective: Objective
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        objective: Objective,
+        teacher_targets: list[TeacherTargets | None] | None = None,
     ) -> tuple[DistillationOutput, dict[str, tuple[int, Tensor | float, Tensor | float]]]:
-        """The combined loss of one micro-batch, and per teacher that ran ``(tokens, KD, top-1 agreement)``."""
+        """The combined loss of one micro-batch, and per teacher that ran ``(tokens, KD, top-1 agreement)``.
+
+        ``teacher_targets``: what :meth:`targets` returned for this micro-batch (each teacher is asked here when
+        not given).
+        """
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         hidden = final_hidden_states(model, input_ids, attention_mask, None)
         targets = next_token_labels(inputs["labels"])
@@ -160,8 +206,12 @@ class TeacherEnsemble:
                 if not bool((labels != IGNORE_INDEX).any()):  # host-device sync: skip a teacher with no rows here
                     metrics[route_spec.name] = (0, 0.0, 0.0)  # every teacher keeps a key (processes sum them)
                     continue
-            output = self._teacher_loss(model, inputs, route_spec, dataclasses.replace(objective, **settings),
-                                        hidden, labels)  # fmt: skip
+            given = None if teacher_targets is None else teacher_targets[index]
+            try:
+                output = self._teacher_loss(model, inputs, route_spec, dataclasses.replace(objective, **settings),
+                                            hidden, labels, given)  # fmt: skip
+            except NonFiniteInputError as error:  # say which teacher: the trainer's message names the rank
+                raise NonFiniteInputError(f"teacher {route_spec.name!r}: {error}") from error
             token_share = output.num_tokens / max(total_tokens, 1)
             # Mixture: the weights are inside kd_weight; routing: each teacher's mean counts by its tokens.
             outputs.append(
@@ -178,11 +228,12 @@ class TeacherEnsemble:
         objective: Objective,
         hidden: Tensor,
         labels: Tensor,
+        teacher_targets: TeacherTargets | None,
     ) -> DistillationOutput:
+        if teacher_targets is None:
+            teacher_targets = self._teacher_targets(route, inputs)
         if route.cross is not None:
-            teacher_targets = route.cross.teacher_targets(route.teacher, inputs)
             return route.cross.loss(model, inputs, teacher_targets, objective, hidden=hidden, targets=labels)
-        teacher_targets = route.teacher.targets(inputs["input_ids"], inputs["attention_mask"], None)
         return fused_objective_loss(
             hidden, student_head(output_head_of(model)), teacher_targets, labels,
             dataclasses.replace(objective, vocab_size=self.vocab_size),  # the rows all the ensemble's heads share

@@ -18,7 +18,8 @@ from torch import nn
 from distill.config import DistillConfig
 from distill.data import STREAM_CHECKED_ROWS, DataError, is_stream, prepare_dataset, prepare_stream
 from distill.losses import VocabularyMismatchError
-from distill.models import load_causal_lm, resolve_dtype, shared_vocab_size
+from distill.models import apply_peft, check_student_trainable, load_causal_lm, resolve_dtype, shared_vocab_size
+from distill.models.loading import empty_causal_lm, load_tokenizer
 from distill.teachers import ModelTeacher, Teacher
 from distill.teachers.sharding import loading_whole_on_every_rank, weight_rows
 from distill.trl_compat import disable_dropout
@@ -108,10 +109,35 @@ def turn_off_dropout(model: nn.Module) -> None:
         logger.info("disable_dropout=True: %d dropout modules of the student set to p=0 (as TRL does).", changed)
 
 
+def teacher_device(teacher: Any, args: DistillConfig) -> torch.device | None:
+    """Where an in-process teacher's weights go: ``teacher_device``, else this process's device; ``None`` for a
+    model dispatched over several devices (``device_map="auto"``), which stays where it is."""
+    if args.teacher_device:
+        return torch.device(args.teacher_device)
+    if getattr(teacher, "hf_device_map", None):
+        return None
+    return args.device
+
+
 def resolve_teacher(
-    teacher: nn.Module | Teacher | str, student: nn.Module, args: DistillConfig, teacher_tokenizer: Any
+    teacher: nn.Module | Teacher | str,
+    student: nn.Module,
+    args: DistillConfig,
+    teacher_tokenizer: Any,
+    *,
+    place: bool = True,
+    empty: bool = False,
 ) -> Teacher:
-    """The teacher as a :class:`Teacher`: wrapped, loaded (from a path) or checked not to be the student."""
+    """The teacher as a :class:`Teacher`: wrapped, loaded (from a path) or checked not to be the student.
+
+    Args:
+        place: move an unquantized model teacher to :func:`teacher_device` now. ``False`` leaves it where it
+            is (a path loads on the CPU) for the trainer to shard before anything reaches the GPU
+            (``Trainer._place_teacher``). A quantized teacher is always placed while loading (bitsandbytes
+            needs it).
+        empty: a teacher given by path is built on the meta device, without reading its weights (the ranks
+            other than 0 under ``fsdp_cpu_ram_efficient_loading``, whose shards are filled from rank 0).
+    """
     if isinstance(teacher, Teacher):
         if teacher_tokenizer is not None:
             teacher.tokenizer = teacher_tokenizer
@@ -121,17 +147,21 @@ def resolve_teacher(
             "The teacher is the student model itself (they share parameters): distilling a model into itself "
             "trains nothing. Load the teacher separately, e.g. AutoModelForCausalLM.from_pretrained(...)."
         )
-    device = torch.device(args.teacher_device) if args.teacher_device else args.device
+    device = teacher_device(teacher, args)
     if isinstance(teacher, str):
+        quantized = args.teacher_quantization != "none"
+        if empty and not quantized:
+            model = empty_causal_lm(teacher, resolve_dtype(args.teacher_dtype), **args.load_kwargs("teacher"))
+            return ModelTeacher(model, tokenizer=teacher_tokenizer)
         with loading_whole_on_every_rank():  # not under zero.Init / RAM-efficient loading: the student's switches
             model = load_causal_lm(
                 teacher,
                 dtype=resolve_dtype(args.teacher_dtype),
                 quantization=args.teacher_quantization,
-                device=device,
+                device=device if place or quantized else None,
                 **args.load_kwargs("teacher"),
             )
-        return ModelTeacher(model, tokenizer=teacher_tokenizer, device=device)
+        return ModelTeacher(model, tokenizer=teacher_tokenizer, device=device if place else None)
     if args.teacher_model_init_kwargs:
         raise ValueError("teacher_model_init_kwargs apply when the teacher is given as a name or path; it is loaded.")
     if args.teacher_quantization != "none":
@@ -141,9 +171,12 @@ def resolve_teacher(
             "or pass its path."
         )
     dtype = resolve_dtype(args.teacher_dtype)
-    if getattr(teacher, "hf_device_map", None) and not args.teacher_device:
-        device = None  # dispatched over several devices (device_map="auto"): leave it where it is
-    return ModelTeacher(teacher, tokenizer=teacher_tokenizer, device=device, dtype=None if dtype == "auto" else dtype)
+    return ModelTeacher(
+        teacher,
+        tokenizer=teacher_tokenizer,
+        device=device if place else None,
+        dtype=None if dtype == "auto" else dtype,
+    )
 
 
 def shared_vocabulary(student: nn.Module, teacher: Teacher, tokenizer: Any, args: DistillConfig) -> int:
@@ -251,9 +284,54 @@ def check_teacher_without_tokenizer(teacher: Teacher, tokenizer: Any) -> None:
         "wrong targets without any error: pass teacher_processing_class=<the teacher's tokenizer>."
     )
     logger.warning(message)
-    warnings.warn(message, UserWarning, stacklevel=4)
+    warnings.warn(message, UserWarning, stacklevel=5)  # the caller of Trainer(...)
 
 
 def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
     b_storage = {p.data_ptr() for p in b.parameters()}
     return any(p.data_ptr() in b_storage for p in a.parameters())
+
+
+def checked_args(args: Any, model: Any) -> DistillConfig:
+    """``args``, refused unless it is a :class:`DistillConfig` whose model settings fit how ``model`` is given."""
+    if not isinstance(args, DistillConfig):
+        raise TypeError(
+            f"args must be a distill.DistillConfig (it adds the loss, teacher and data fields); got "
+            f"{type(args).__name__}. Build it as DistillConfig(output_dir=..., ...)."
+        )
+    if args.model_init_kwargs and not isinstance(model, str):
+        raise ValueError("model_init_kwargs apply when the student is given as a name or path, not a model.")
+    return args
+
+
+def student_and_teacher_tokenizers(
+    model: Any, teacher: Any, tokenizer: Any, teacher_tokenizer: Any, args: DistillConfig
+) -> tuple[Any, Any]:
+    """The student's tokenizer (loaded from ``model`` when it is a path; given a pad token) and the teacher's (loaded
+    from ``teacher`` when it is a path and none was given)."""
+    if tokenizer is None:
+        if not isinstance(model, str):
+            raise ValueError("processing_class (the student tokenizer) is required when model is a model object.")
+        tokenizer = load_tokenizer(model, "model", trust_remote_code=args.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        # Padding is masked everywhere, so any id works; eos is what most chat models use.
+        tokenizer.pad_token = tokenizer.eos_token
+    if teacher_tokenizer is None and isinstance(teacher, str):
+        teacher_tokenizer = load_tokenizer(teacher, "teacher", trust_remote_code=args.trust_remote_code)
+    return tokenizer, teacher_tokenizer
+
+
+def prepared_student(model: nn.Module, peft_config: Any, args: DistillConfig) -> nn.Module:
+    """The student with its adapters (``peft_config``), checked to have something to train, dropout off if asked."""
+    if peft_config is not None:
+        model = apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
+    check_student_trainable(model, peft_config)
+    if args.disable_dropout:
+        turn_off_dropout(model)
+    return model
+
+
+def may_shard_teacher(args: DistillConfig) -> bool:
+    """Whether ``Trainer._place_teacher`` may shard the teacher (several processes, sharding not turned off): it is
+    then kept off the GPU until it is sharded, or placed whole there if it is not after all."""
+    return args.world_size > 1 and args.teacher_sharding != "none"

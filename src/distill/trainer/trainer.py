@@ -30,25 +30,24 @@ from distill.losses import (
 from distill.losses.dense import dense_objective_loss
 from distill.losses.fused import fused_objective_loss
 from distill.models import (
-    apply_peft,
-    check_student_trainable,
     check_tokenizers_match,
     eos_token_ids,
     load_causal_lm,
     resolve_dtype,
 )
 from distill.models.decoder import final_hidden_states, full_logits, output_head_of
-from distill.models.loading import load_tokenizer
 from distill.models.merge import is_adapter_folder, load_snippet
 from distill.teachers import ModelTeacher, Teacher, TeacherTargets, catch_layer_outputs
 from distill.teachers.server import ServerError
 from distill.teachers.sharding import (
     broadcast_from_rank0,
+    fill_shards_from,
     head_unsharded_through_loss,
     is_quantized_model,
     ram_efficient_loading,
     shard_teacher,
     student_head,
+    whole_weights,
 )
 from distill.trainer.accumulation import (
     HIDDEN_TOKENS_KEY,
@@ -69,12 +68,16 @@ from distill.trainer.multi_teacher import TeacherEnsemble, named_teachers
 from distill.trainer.preemption import SigtermCheckpoint, TrainingPreempted
 from distill.trainer.prefetch import PREFETCHED_KEY, TargetPrefetcher
 from distill.trainer.setup import (
+    checked_args,
+    may_shard_teacher,
     pick_teacher,
     prepare_splits,
+    prepared_student,
     resolve_teacher,
     rows_to_check,
     shared_vocabulary,
-    turn_off_dropout,
+    student_and_teacher_tokenizers,
+    teacher_device,
 )
 
 
@@ -135,88 +138,24 @@ class Trainer(transformers.Trainer):
         data_collator: Any = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(args, DistillConfig):
-            raise TypeError(
-                f"args must be a distill.DistillConfig (it adds the loss, teacher and data fields); got "
-                f"{type(args).__name__}. Build it as DistillConfig(output_dir=..., ...)."
-            )
-        teacher = pick_teacher(teacher, kwargs.pop("teacher_model", None), args)
-        self._teacher_given = teacher  # for the model card: a name or path names the teacher best
-        if isinstance(teacher, Teacher):  # what this teacher cannot train (e.g. a cache: no generation, no packing)
-            teacher.check_config(args)
-            teacher.check_objective(args.objective(None))
-        if args.model_init_kwargs and not isinstance(model, str):
-            raise ValueError("model_init_kwargs apply when the student is given as a name or path, not a model.")
-        if processing_class is None:
-            if not isinstance(model, str):
-                raise ValueError("processing_class (the student tokenizer) is required when model is a model object.")
-            processing_class = load_tokenizer(model, "model", trust_remote_code=args.trust_remote_code)
-        tokenizer = processing_class
-        if tokenizer.pad_token_id is None:
-            # Padding is masked everywhere, so any id works; eos is what most chat models use.
-            tokenizer.pad_token = tokenizer.eos_token
-        if teacher_processing_class is None and isinstance(teacher, str):
-            teacher_processing_class = load_tokenizer(teacher, "teacher", trust_remote_code=args.trust_remote_code)
         # Everything that can be checked without the weights is checked before loading them: a bad row
         # or a mismatched tokenizer costs seconds, not a model load (or a run).
-        self.cross: CrossTokenizer | None = None
-        self.ensemble: TeacherEnsemble | None = None
-        if isinstance(teacher, list | tuple | dict):
-            names, teachers, teacher_tokenizers = named_teachers(teacher, teacher_processing_class)
-            if len(teachers) > 1:
-                self.ensemble = TeacherEnsemble(names, teacher_tokenizers, tokenizer, args)
-            teacher, teacher_processing_class = teachers[0], teacher_tokenizers[0]
-        if self.ensemble is None and teacher_processing_class is not None:
-            if uses_cross_tokenizer(args, tokenizer, teacher_processing_class):
-                self.cross = CrossTokenizer(tokenizer, teacher_processing_class, args)
-            else:
-                check_tokenizers_match(tokenizer, teacher_processing_class)
-        prepared, self.data_reports = prepare_splits(args, tokenizer, train_dataset, eval_dataset)
-        self._data_description = describe_data(train_dataset, self.data_reports.get("train"))
-        for split, raw in (("train", train_dataset), ("eval", eval_dataset)):
-            if prepared[split] is not None and self.cross is not None:
-                prepared[split] = self.cross.add_teacher_columns(prepared[split], raw)
-            elif prepared[split] is not None and self.ensemble is not None:
-                prepared[split] = self.ensemble.add_columns(prepared[split], raw)
-
+        args = checked_args(args, model)
+        teacher = self._pick_teacher(teacher, kwargs.pop("teacher_model", None), args)
+        tokenizer, teacher_tokenizer = student_and_teacher_tokenizers(
+            model, teacher, processing_class, teacher_processing_class, args
+        )
+        teachers, teacher_tokenizers = self._set_up_teacherstudent_and_teacher_tokenizers(
+            teacher, teacher_tokenizer, tokenizer, args
+        )
+        prepared = self._prepare_data(args, tokenizer, train_dataset, eval_dataset)
         if isinstance(model, str):
             model = load_causal_lm(model, dtype=resolve_dtype(args.student_dtype), **args.load_kwargs("student"))
-        self.teacher = resolve_teacher(teacher, model, args, teacher_processing_class)
-        if self.ensemble is not None:
-            self._resolve_ensemble(teachers, teacher_tokenizers, model, args, prepared)
-        # Teachers with limits (a cache: its rows and loss positions; sampled targets: the forward KL) refuse now.
-        self.teacher.check_objective(args.objective(None))
-        if self.cross is not None:
-            self.cross.check_teacher(self.teacher)
-        for split in ("train", "eval"):
-            if prepared[split] is not None and self.ensemble is None:
-                rows = prepared[split] if self.cross is None else self.cross.teacher_rows(prepared[split])
-                self.teacher.check_dataset(rows_to_check(rows))
-        if peft_config is not None:
-            model = apply_peft(model, peft_config, gradient_checkpointing=args.gradient_checkpointing)
-        check_student_trainable(model, peft_config)
-        if args.disable_dropout:
-            turn_off_dropout(model)
+        self._resolve_teachers(teachers, teacher_tokenizers, model, args, prepared)
+        model = prepared_student(model, peft_config, args)
         # Intermediate-layer distillation: layer map and projections now (a teacher without hidden states refuses).
         self.hidden: HiddenDistillation | None = build_hidden_distillation(model, self.teacher, args)
-        if self.ensemble is not None:
-            self.ensemble.bind(self.teachers, model)
-            self.vocab_size = self.ensemble.vocab_size or int(model.get_output_embeddings().weight.shape[0])
-        elif self.cross is not None:
-            self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
-            self.cross.bind(self.vocab_size, self.teacher.vocab_rows)
-        else:
-            self.vocab_size = shared_vocabulary(model, self.teacher, tokenizer, args)
-        self.objective = args.objective(self.vocab_size)
-        if args.loss_implementation == "fused":
-            output_head_of(model)  # fail now, not at step 1, if the head cannot be fused
-        if data_collator is None:
-            data_collator = DistillCollator(pad_token_id=tokenizer.pad_token_id)
-            if self.cross is not None:
-                data_collator = self.cross.collator(data_collator)
-            elif self.ensemble is not None:
-                data_collator = self.ensemble.collator(data_collator)
-
+        self._bind_vocabulary(model, tokenizer, args)
         self._preemption = SigtermCheckpoint(self._ranks_with) if args.save_on_sigterm else None
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if self._preemption is not None:
@@ -224,7 +163,7 @@ class Trainer(transformers.Trainer):
         super().__init__(
             model=model,
             args=args,
-            data_collator=data_collator,
+            data_collator=data_collator if data_collator is not None else self._default_collator(tokenizer),
             train_dataset=prepared["train"],
             eval_dataset=prepared["eval"],
             processing_class=tokenizer,
@@ -243,6 +182,75 @@ class Trainer(transformers.Trainer):
         self._prefetcher: TargetPrefetcher | None = None
 
     # ---- setup --------------------------------------------------------------------------------------
+
+    def _pick_teacher(self, teacher: Any, teacher_model: Any, args: DistillConfig) -> Any:
+        """The one teacher argument (see :func:`~distill.trainer.setup.pick_teacher`), checked against ``args``
+        when it is already a :class:`Teacher` (e.g. a cache: no generation, no packing)."""
+        teacher = pick_teacher(teacher, teacher_model, args)
+        self._teacher_given = teacher  # for the model card: a name or path names the teacher best
+        if isinstance(teacher, Teacher):
+            teacher.check_config(args)
+            teacher.check_objective(args.objective(None))
+        return teacher
+
+    def _set_up_teacherstudent_and_teacher_tokenizers(
+        self, teacher: Any, teacher_tokenizer: Any, tokenizer: Any, args: DistillConfig
+    ) -> tuple[list[Any], list[Any]]:
+        """Several teachers (``self.ensemble``), a teacher with another tokenizer (``self.cross``), or one
+        checked to share the student's; returns the teachers and their tokenizers as lists (one for one)."""
+        self.cross: CrossTokenizer | None = None
+        self.ensemble: TeacherEnsemble | None = None
+        if not isinstance(teacher, list | tuple | dict):
+            teachers, teacher_tokenizers = [teacher], [teacher_tokenizer]
+        else:
+            names, teachers, teacher_tokenizers = named_teachers(teacher, teacher_tokenizer)
+            if len(teachers) > 1:
+                self.ensemble = TeacherEnsemble(names, teacher_tokenizers, tokenizer, args)
+        if self.ensemble is None and teacher_tokenizers[0] is not None:
+            if uses_cross_tokenizer(args, tokenizer, teacher_tokenizers[0]):
+                self.cross = CrossTokenizer(tokenizer, teacher_tokenizers[0], args)
+            else:
+                check_tokenizers_match(tokenizer, teacher_tokenizers[0])
+        return teachers, teacher_tokenizers
+
+    def _prepare_data(self, args: DistillConfig, tokenizer: Any, train: Any, evaluation: Any) -> dict[str, Any]:
+        """Both splits checked and tokenized, with each teacher's own columns when its tokenizer differs."""
+        prepared, self.data_reports = prepare_splits(args, tokenizer, train, evaluation)
+        self._data_description = describe_data(train, self.data_reports.get("train"))
+        for split, raw in (("train", train), ("eval", evaluation)):
+            if prepared[split] is not None and self.cross is not None:
+                prepared[split] = self.cross.add_teacher_columns(prepared[split], raw)
+            elif prepared[split] is not None and self.ensemble is not None:
+                prepared[split] = self.ensemble.add_columns(prepared[split], raw)
+        return prepared
+
+    def _resolve_teachers(
+        self,
+        teachers: list[Any],
+        tokenizers: list[Any],
+        model: nn.Module,
+        args: DistillConfig,
+        prepared: dict[str, Any],
+    ) -> None:
+        """``self.teacher`` (and ``self.teachers`` for several) as :class:`Teacher` objects, each checked on the rows
+        it will see. A model teacher that may be sharded stays on the CPU (or meta) until :meth:`_place_teacher`."""
+        # A Teacher object given as such stays where its owner put it (as before); models distill wraps may wait.
+        defer = may_shard_teacher(args) and not isinstance(teachers[0], Teacher)
+        empty = defer and ram_efficient_loading() and args.process_index != 0  # its shards come from rank 0
+        self.teacher = resolve_teacher(teachers[0], model, args, tokenizers[0], place=not defer, empty=empty)
+        self._teacher_built_empty = empty
+        self._teacher_device = teacher_device(teachers[0], args) if defer else None
+        if self.ensemble is not None:
+            self._resolve_ensemble(teachers, tokenizers, model, args, prepared)
+            return
+        # Teachers with limits (a cache: its rows and loss positions; sampled targets: the forward KL) refuse now.
+        self.teacher.check_objective(args.objective(None))
+        if self.cross is not None:
+            self.cross.check_teacher(self.teacher)
+        for split in ("train", "eval"):
+            if prepared[split] is not None:
+                rows = prepared[split] if self.cross is None else self.cross.teacher_rows(prepared[split])
+                self.teacher.check_dataset(rows_to_check(rows))
 
     def _resolve_ensemble(
         self,
@@ -263,39 +271,83 @@ class Trainer(transformers.Trainer):
                 if prepared[split] is not None:
                     teacher.check_dataset(self.ensemble.teacher_rows(index, prepared[split]))
 
+    def _bind_vocabulary(self, model: nn.Module, tokenizer: Any, args: DistillConfig) -> None:
+        """``self.vocab_size`` (the head rows student and teacher(s) share) and ``self.objective`` over it."""
+        if self.ensemble is not None:
+            self.ensemble.bind(self.teachers, model)
+            self.vocab_size = self.ensemble.vocab_size or int(model.get_output_embeddings().weight.shape[0])
+        elif self.cross is not None:
+            self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+            self.cross.bind(self.vocab_size, self.teacher.vocab_rows)
+        else:
+            self.vocab_size = shared_vocabulary(model, self.teacher, tokenizer, args)
+        self.objective = args.objective(self.vocab_size)
+        if args.loss_implementation == "fused":
+            output_head_of(model)  # fail now, not at step 1, if the head cannot be fused
+
+    def _default_collator(self, tokenizer: Any) -> Any:
+        """Pads with the tokenizer's pad id; adds the cross-tokenizer / ensemble columns."""
+        collator = DistillCollator(pad_token_id=tokenizer.pad_token_id)
+        if self.cross is not None:
+            return self.cross.collator(collator)
+        if self.ensemble is not None:
+            return self.ensemble.collator(collator)
+        return collator
+
     def _place_teacher(self, args: DistillConfig) -> None:
-        """Shard the teacher over the processes (FSDP2) when asked to, or when the student is sharded."""
+        """Put a model teacher on this process's device: sharded over the processes (FSDP2) when asked to or when
+        the student is sharded, else whole.
+
+        A teacher to shard is still on the CPU here (see :meth:`_resolve_teachers`): ``shard_teacher`` moves one
+        group at a time and keeps this process's ``1/N``, so no GPU holds the whole teacher. Under
+        ``fsdp_cpu_ram_efficient_loading`` only rank 0 holds real weights; they fill every process's shards.
+        """
         zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
         if zero3 and args.loss_implementation == "fused":
             raise ValueError(
                 "DeepSpeed ZeRO-3 partitions the student's LM head, which the fused loss reads directly. Use FSDP2 "
                 "(recipes/accelerate/fsdp.yaml), or set loss_implementation='dense' to keep ZeRO-3."
             )
-        wanted = args.teacher_sharding == "fsdp" or (
-            args.teacher_sharding == "auto" and (self.is_fsdp_enabled or zero3)
-        )
         self._student_sharded = self.is_fsdp_enabled or zero3
         self._teacher_sharded = False
-        if self.accelerator.num_processes == 1 or not isinstance(self.teacher, ModelTeacher):
-            if wanted and args.teacher_sharding == "fsdp" and self.accelerator.num_processes > 1:
+        if not isinstance(self.teacher, ModelTeacher):
+            if args.teacher_sharding == "fsdp" and self.accelerator.num_processes > 1:
                 raise ValueError(
                     f"teacher_sharding applies to in-process model teachers, not {type(self.teacher).__name__}."
                 )
             return
-        if ram_efficient_loading():  # a teacher object loaded under it is real on local rank 0 only
-            broadcast_from_rank0(self.teacher.model)
-        if not wanted:
+        model, device = self.teacher.model, self.accelerator.device
+        from_rank0 = self.accelerator.num_processes > 1 and ram_efficient_loading()
+        if self._shards_teacher(args, zero3):
+            whole = whole_weights(model) if from_rank0 and self.accelerator.process_index == 0 else None
+            shard_teacher(model, device)
+            if from_rank0:
+                fill_shards_from(model, whole, device)
+            self._teacher_sharded = True
             return
-        if is_quantized_model(self.teacher.model):
+        if self._teacher_built_empty:  # on meta for shards it does not get after all: whole, filled from rank 0
+            model.to_empty(device=self._teacher_device)
+        self.teacher.place(self._teacher_device)  # where it would have gone at load time (None: it is there)
+        if from_rank0:  # a teacher object loaded under it is real on local rank 0 only
+            broadcast_from_rank0(model)
+
+    def _shards_teacher(self, args: DistillConfig, zero3: bool) -> bool:
+        """Whether the (model) teacher is FSDP2-sharded: ``"fsdp"``, or ``"auto"`` with a sharded student; never a
+        4-bit / 8-bit one (``"fsdp"`` refuses it) nor in one process."""
+        wanted = args.teacher_sharding == "fsdp" or (
+            args.teacher_sharding == "auto" and (self.is_fsdp_enabled or zero3)
+        )
+        if not wanted or self.accelerator.num_processes == 1:
+            return False
+        if is_quantized_model(self.teacher.model):  # type: ignore[attr-defined]
             if args.teacher_sharding == "fsdp":
                 raise ValueError(
                     "teacher_sharding='fsdp' cannot shard a 4-bit / 8-bit (bitsandbytes) teacher: FSDP would drop its "
                     "quantization state. Use teacher_sharding='none' (each GPU holds the quantized teacher, already "
                     "small), or a bf16 teacher to shard."
                 )
-            return  # "auto": a quantized teacher is kept whole on each process
-        shard_teacher(self.teacher.model, self.accelerator.device)
-        self._teacher_sharded = True
+            return False  # "auto": a quantized teacher is kept whole on each process
+        return True
 
     def _ranks_with(self, flag: bool) -> list[int]:
         """The ranks on which ``flag`` is set (every process gets the same list; a collective)."""
@@ -396,8 +448,12 @@ class Trainer(transformers.Trainer):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         position_ids = inputs.get("position_ids")
         targets = next_token_labels(inputs["labels"], position_ids)
-        teacher_targets, problem = self._teacher_targets(inputs) if self.ensemble is None else (None, None)
-        if self.teacher.prefetchable:  # a remote teacher can fail on one rank: agree before the student's collectives
+        if self.ensemble is None:
+            teacher_targets, problem = self._teacher_targets(inputs)
+        else:
+            teacher_targets, problem = self.ensemble.targets(inputs)
+        remote = self.teacher.prefetchable or (self.ensemble is not None and self.ensemble.remote)
+        if remote:  # a remote teacher can fail on one rank: agree before the student's collectives
             failures = self._failures.gather(problem)
             if failures:
                 self._stop_together(model, failures, ServerError, _SERVER_FAILED)
@@ -411,7 +467,7 @@ class Trainer(transformers.Trainer):
                 catch_layer_outputs(model, hidden.student_layers if hidden else ()) as student_states,
             ):
                 if self.ensemble is not None:
-                    output, per_teacher = self.ensemble.loss(model, inputs, self.objective)
+                    output, per_teacher = self.ensemble.loss(model, inputs, self.objective, teacher_targets)
                 elif self.cross is not None:
                     output = self.cross.loss(model, inputs, teacher_targets, self.objective)
                 else:
