@@ -68,6 +68,7 @@ def _check_stopped_together(
     assert reports[0] == reports[1], reports
     step, message = reports[0]
     assert message.startswith(f"{error}: ") and phrase in message, message
+    assert ".." not in message, message  # one sentence end, not the problem's period and ours
     assert int(step) == checkpoint, message
     # One checkpoint, complete: the weights before the failing step (after the last finished one for SIGTERM).
     folders = sorted(path.name for path in tmp_path.glob("checkpoint-*"))

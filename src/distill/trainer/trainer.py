@@ -572,9 +572,9 @@ class Trainer(transformers.Trainer):
         step = self.state.global_step
         where = self._save_last_good(model)
         if self.accelerator.num_processes > 1:
-            located = f" {describe(failures)}. Every process stopped at this step"
+            located = f" {describe(failures).rstrip('.')}. Every process stopped at this step"
         else:
-            located = f": {next(iter(failures.values()))}"
+            located = f": {next(iter(failures.values())).rstrip('.')}"
         raise error(
             f"{headline.format(step=step + 1)}{located}. The weights before this step were saved to {where}. {advice}"
         )
