@@ -20,6 +20,21 @@ from distill.losses import DIVERGENCE_NAMES, HIDDEN_LOSSES, Divergence, Objectiv
 _DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
+def _legacy_warmup(args: TrainingArguments) -> None:
+    """Give transformers 4.x the 5.x meaning of ``warmup_steps``: a fraction of the run below 1, else steps.
+
+    transformers 5.0 folded ``warmup_ratio`` into ``warmup_steps`` (a float; < 1 is a fraction) and removed it;
+    4.57 still wants an int there and the fraction in ``warmup_ratio`` (a float raises in its ``__post_init__``).
+    The recipes and docs use the 5.x spelling (``warmup_steps=0.03``), so on 4.x it is moved where 4.x reads it.
+    """
+    if not hasattr(args, "warmup_ratio") or isinstance(args.warmup_steps, int):
+        return  # transformers >= 5 (no warmup_ratio field), or already a 4.x-style step count
+    if 0 < args.warmup_steps < 1:
+        args.warmup_ratio, args.warmup_steps = args.warmup_steps, 0
+    elif args.warmup_steps >= 1 and float(args.warmup_steps).is_integer():
+        args.warmup_steps = int(args.warmup_steps)
+
+
 @dataclass
 class DistillConfig(TrainingArguments):
     """Training arguments for :class:`distill.Trainer`.
@@ -258,6 +273,7 @@ class DistillConfig(TrainingArguments):
     def __post_init__(self) -> None:
         # The collator needs the raw columns, and our batches carry keys the model's forward does not take.
         self.remove_unused_columns = False
+        _legacy_warmup(self)
         super().__post_init__()
         self._check()
         self._check_hidden()

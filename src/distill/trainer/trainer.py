@@ -564,7 +564,9 @@ class Trainer(transformers.Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The engine's optimizer, plus a parameter group for the learned hidden-state projections (if any)."""
-        optimizer = super().create_optimizer(model)
+        # transformers 5.x passes the accelerate-prepared (e.g. FSDP2) model; 4.57's create_optimizer() takes no
+        # argument and is never given one, so forward it only when there is one.
+        optimizer = super().create_optimizer() if model is None else super().create_optimizer(model)
         projections = self.hidden.projections if self.hidden is not None else None
         if projections is not None:
             known = {id(p) for group in optimizer.param_groups for p in group["params"]}
