@@ -95,6 +95,13 @@ _SERVER_FAILED = (
 )
 
 
+# Each micro-batch's loss is its token-weighted share of the step already. transformers 5.x leaves it as is when
+# the trainer says so (``loss_is_scaled_for_ga``, below); 4.57 has no such switch: its training_step divides every
+# micro-batch's loss by the number of micro-batches (the model takes no ``num_items_in_batch``), so there
+# compute_loss multiplies by that number first.
+_ENGINE_DIVIDES_BY_MICRO_BATCHES = not hasattr(transformers.Trainer, "loss_is_scaled_for_ga")
+
+
 class Trainer(transformers.Trainer):
     """Distil a teacher into a student, with everything ``transformers.Trainer`` does.
 
@@ -437,6 +444,8 @@ class Trainer(transformers.Trainer):
             metrics.add_teachers(per_teacher)
         if hidden is not None:
             metrics.add_hidden(hidden_output, hidden.names)
+        if _ENGINE_DIVIDES_BY_MICRO_BATCHES and isinstance(num_items_in_batch, StepTokens):
+            loss = loss * self.current_gradient_accumulation_steps  # undone by transformers 4.x's training_step
         return (loss, output) if return_outputs else loss
 
     @staticmethod

@@ -1,0 +1,69 @@
+"""The dependency floors: pyproject.toml's floors are the versions ``make test-min`` installs, and what differs
+between the oldest supported transformers (4.57) and 5.x is bridged (``make test-min`` runs the whole fast suite
+on the floors; these tests run on any version)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from packaging.version import Version
+
+from distill import DistillConfig
+from distill.config import _legacy_warmup
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pins(path: Path) -> dict[str, str]:
+    """``{name: version}`` of the ``name==version`` lines of a pip constraints file."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)==([^\s;#]+)", line.strip())
+        if match:
+            pins[match[1].lower()] = match[2]
+    return pins
+
+
+def test_pyproject_floors_are_the_versions_test_min_installs() -> None:
+    # pyproject's [project] dependencies list, read as text (tomllib is 3.11+; we support 3.10).
+    block = re.search(r"^dependencies = \[(.*?)^\]", (ROOT / "pyproject.toml").read_text(), re.M | re.S)
+    assert block, "pyproject.toml has no dependencies list"
+    dependencies = re.findall(r'^\s*"([^"]+)",?\s*$', block[1], re.M)
+    assert dependencies
+    floors = {}
+    for requirement in dependencies:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9][0-9.]*)", requirement.replace(" ", ""))
+        assert match, f"{requirement!r}: every dependency has a tested floor, written name>=version"
+        floors[match[1].lower()] = match[2]
+    pins = _pins(ROOT / "requirements" / "min.txt")
+    assert set(pins) == set(floors), (pins, floors)
+    for name, floor in floors.items():
+        # The floor is the release tested, not a lower one next to it ("2.13" == "2.13.0", "4.57" != "4.57.6").
+        assert Version(pins[name]) == Version(floor), (name, floor, pins[name])
+
+
+@pytest.mark.parametrize(
+    ("given", "ratio", "steps"),
+    [(0.03, 0.03, 0), (0.5, 0.5, 0), (10.0, 0.0, 10), (0, 0.0, 0), (7, 0.0, 7)],
+)
+def test_a_fractional_warmup_moves_to_warmup_ratio_on_transformers_4(given: float, ratio: float, steps: int) -> None:
+    # transformers 4.x's TrainingArguments (it has warmup_ratio; warmup_steps must be an int there).
+    args = SimpleNamespace(warmup_ratio=0.0, warmup_steps=given)
+    _legacy_warmup(args)
+    assert (args.warmup_ratio, args.warmup_steps) == (ratio, steps)
+    assert isinstance(args.warmup_steps, int)
+
+
+def test_a_fractional_warmup_is_left_alone_on_transformers_5() -> None:
+    args = SimpleNamespace(warmup_steps=0.03)  # 5.x has no warmup_ratio: warmup_steps < 1 is the fraction
+    _legacy_warmup(args)
+    assert args.warmup_steps == 0.03 and not hasattr(args, "warmup_ratio")
+
+
+@pytest.mark.parametrize(("warmup", "expected"), [(0.25, 25), (10, 10), (0, 0)])
+def test_warmup_steps_means_the_same_on_the_installed_transformers(tmp_path: Path, warmup: float, expected: int):
+    args = DistillConfig(output_dir=str(tmp_path), warmup_steps=warmup, use_cpu=True, report_to="none")
+    assert args.get_warmup_steps(100) == expected
