@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from packaging.version import Version
 
 from distill import DistillConfig
@@ -67,3 +68,25 @@ def test_a_fractional_warmup_is_left_alone_on_transformers_5() -> None:
 def test_warmup_steps_means_the_same_on_the_installed_transformers(tmp_path: Path, warmup: float, expected: int):
     args = DistillConfig(output_dir=str(tmp_path), warmup_steps=warmup, use_cpu=True, report_to="none")
     assert args.get_warmup_steps(100) == expected
+
+
+def test_a_bf16_config_built_earlier_does_not_make_a_later_fp32_run_bf16(tmp_path: Path, tokenizer) -> None:
+    # transformers 4.57 passes mixed precision to the Accelerator through an environment variable that any bf16
+    # arguments set and nothing resets: without distill.config.point_mixed_precision_at this run trained in bf16.
+    from trainer_helpers import arithmetic_dataset, config
+
+    from distill import Trainer
+    from distill.testing import tiny_teacher_student
+
+    DistillConfig(output_dir=str(tmp_path / "plan"), bf16=True, use_cpu=True, report_to="none")  # e.g. --plan_only
+    teacher, student = tiny_teacher_student(vocab_size=len(tokenizer))
+    fp32 = Trainer(student, teacher, config(tmp_path / "fp32", max_steps=1), arithmetic_dataset(4),
+                   processing_class=tokenizer)  # fmt: skip
+    assert fp32.accelerator.mixed_precision == "no"
+    ids = torch.randint(0, len(tokenizer), (1, 9))
+    with torch.no_grad():  # the prepared student's forward is not wrapped in a bf16 autocast either
+        expected = student(input_ids=ids).logits
+        torch.testing.assert_close(fp32.accelerator.prepare_model(student)(input_ids=ids).logits, expected)
+    bf16 = Trainer(student, teacher, config(tmp_path / "bf16", max_steps=1, bf16=True), arithmetic_dataset(4),
+                   processing_class=tokenizer)  # fmt: skip
+    assert bf16.accelerator.mixed_precision == "bf16"  # and a bf16 run still gets it

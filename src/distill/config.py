@@ -8,6 +8,7 @@ logging and distributed settings are the ones users already know.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -18,6 +19,26 @@ from distill.checks import InputError, check_int
 from distill.losses import DIVERGENCE_NAMES, HIDDEN_LOSSES, Divergence, Objective
 
 _DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+# What the launcher (``accelerate launch --mixed_precision``) or the user set, read before any config writes it.
+_LAUNCHER_MIXED_PRECISION = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+
+
+def point_mixed_precision_at(args: TrainingArguments) -> None:
+    """On transformers 4.x, make ``ACCELERATE_MIXED_PRECISION`` say what ``args`` asks for (call before the
+    ``Accelerator`` is built).
+
+    transformers 5.x passes ``args.mixed_precision`` to the ``Accelerator`` itself. 4.57 tells it through that
+    environment variable instead, written when *any* arguments are built and never reset: after one
+    ``bf16=True`` config in a process (a ``--plan_only`` parse, a notebook cell), every later fp32 run trained
+    under bf16 autocast without a word. Here each trainer gets its own arguments' setting.
+    """
+    if hasattr(args, "mixed_precision"):
+        return  # transformers >= 5
+    os.environ["ACCELERATE_MIXED_PRECISION"] = (
+        "fp16" if args.fp16 else "bf16" if args.bf16 else _LAUNCHER_MIXED_PRECISION
+    )
 
 
 def _legacy_warmup(args: TrainingArguments) -> None:

@@ -19,7 +19,7 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from distill.config import DistillConfig
+from distill.config import DistillConfig, point_mixed_precision_at
 from distill.data import DistillCollator
 from distill.data.collator import NUM_INPUT_TOKENS_KEY
 from distill.losses import (
@@ -228,6 +228,7 @@ class Trainer(transformers.Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if self._preemption is not None:
             callbacks.append(self._preemption)
+        point_mixed_precision_at(args)  # transformers 4.x reads it from the environment when building the Accelerator
         super().__init__(
             model=model,
             args=args,
