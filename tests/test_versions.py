@@ -90,3 +90,25 @@ def test_a_bf16_config_built_earlier_does_not_make_a_later_fp32_run_bf16(tmp_pat
     bf16 = Trainer(student, teacher, config(tmp_path / "bf16", max_steps=1, bf16=True), arithmetic_dataset(4),
                    processing_class=tokenizer)  # fmt: skip
     assert bf16.accelerator.mixed_precision == "bf16"  # and a bf16 run still gets it
+
+
+def test_gradient_checkpointing_is_non_reentrant_on_every_version(tmp_path: Path, tokenizer) -> None:
+    # Reentrant checkpointing (transformers 4.x's default) breaks DDP + LoRA; the trainer re-enables checkpointing
+    # with the arguments' kwargs when training starts, so check the layers after a step.
+    from peft import LoraConfig
+    from trainer_helpers import arithmetic_dataset, config
+
+    from distill import Trainer
+    from distill.testing import tiny_teacher_student
+
+    teacher, student = tiny_teacher_student(vocab_size=len(tokenizer))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    args = config(tmp_path, max_steps=1, gradient_checkpointing=True)
+    trainer = Trainer(student, teacher, args, arithmetic_dataset(4), processing_class=tokenizer, peft_config=lora)
+    trainer.train()
+    settings = [
+        module._gradient_checkpointing_func.keywords.get("use_reentrant")
+        for module in trainer.model.modules()
+        if hasattr(getattr(module, "_gradient_checkpointing_func", None), "keywords")
+    ]
+    assert settings and all(value is False for value in settings), settings

@@ -295,6 +295,10 @@ class DistillConfig(TrainingArguments):
         # The collator needs the raw columns, and our batches carry keys the model's forward does not take.
         self.remove_unused_columns = False
         _legacy_warmup(self)
+        if not hasattr(self, "activation_checkpointing") and self.gradient_checkpointing_kwargs is None:
+            # transformers 4.x checkpoints reentrantly by default, which breaks DDP + LoRA ("mark a variable ready
+            # only once"); 5.x defaults to non-reentrant (and renamed the field: setting it there only warns).
+            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
         super().__post_init__()
         self._check()
         self._check_hidden()
