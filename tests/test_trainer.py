@@ -208,7 +208,6 @@ def test_gradient_checkpointing_is_non_reentrant_unless_asked(tmp_path, tokenize
     """Reentrant checkpointing breaks DDP + LoRA ("mark a variable ready only once") and is transformers 4.x's
     default: DistillConfig asks for the non-reentrant kind, and the student trains with it; a user's choice stays."""
     trainer = build(tmp_path, tokenizer, tiny_pair, gradient_checkpointing=True, max_steps=1)
-    assert trainer.args.gradient_checkpointing_kwargs == {"use_reentrant": False}
     trainer.train()
     functions = [
         m._gradient_checkpointing_func for m in trainer.model.modules() if getattr(m, "gradient_checkpointing", False)
