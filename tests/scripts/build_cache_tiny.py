@@ -52,10 +52,16 @@ def build(out_dir: str, delay: float = 0.0, announce: bool = False, prepare: Cal
     )
 
 
-if __name__ == "__main__":
+def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
     parser.add_argument("--delay", type=float, default=0.0)
     options = parser.parse_args()
     build(options.out_dir, options.delay, announce=True)
     print("done", flush=True)
+
+
+if __name__ == "__main__":
+    from teardown import run
+
+    run(main)

@@ -33,4 +33,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from teardown import run
+
+    run(main)
