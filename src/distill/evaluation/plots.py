@@ -22,11 +22,7 @@ __all__ = [
 
 # Trainer log keys drawn against the optimizer step: total loss, its KD term, its cross-entropy term.
 TRAINING_SERIES = ("loss", "kd_loss", "ce_loss")
-_SERIES_LABELS = {
-    "loss": "loss (the objective trained)",
-    "kd_loss": "kd_loss (to the teacher)",
-    "ce_loss": "ce_loss (to the data)",
-}
+_SERIES_MEANING = {"loss": "(the objective trained)", "kd_loss": "(to the teacher)", "ce_loss": "(to the data)"}
 
 
 def plots_unavailable() -> str | None:
@@ -78,9 +74,8 @@ def plot_training_curves(path: str | Path, histories: Mapping[str, Sequence[Mapp
     for ax, (name, lines) in zip(axes, panels.items(), strict=True):
         for keys, points in _merge_identical(lines):
             steps, values = zip(*points, strict=True)
-            label = " = ".join(keys) + " " + _SERIES_LABELS[keys[-1]].split(" ", 1)[1] if len(keys) > 1 else None
-            ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3,
-                    label=label or _SERIES_LABELS[keys[0]])  # fmt: skip
+            label = f"{' = '.join(keys)} {_SERIES_MEANING[keys[-1]]}"  # e.g. "loss = ce_loss (to the data)"
+            ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3, label=label)
         ax.set_title(textwrap.fill(name, 40), fontsize="medium")  # wraps instead of running into the next panel
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("training loss (nats/token)")

@@ -185,12 +185,9 @@ def mean_interval(values: Sequence[float], *, resamples: int = 2000, seed: int =
     if not values:
         raise ValueError("mean_interval() needs at least one value")
     scores = torch.tensor(list(values), dtype=torch.float64)
-    mean = float(scores.mean())
-    if len(scores) < 2:
-        return Interval(mean, -math.inf, math.inf, len(scores))
-    generator = torch.Generator().manual_seed(seed)
-    means = scores[torch.randint(len(scores), (resamples, len(scores)), generator=generator)].mean(1)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    # The paired bootstrap against a model scoring 0 everywhere: its differences are the resampled means.
+    mean, low, high, _ = _paired_bootstrap("mean", scores, torch.zeros_like(scores), torch.ones_like(scores),
+                                           resamples, seed)  # fmt: skip
     return Interval(mean, low, high, len(scores))
 
 

@@ -135,16 +135,13 @@ def _autograd_chunk(
     """The reference chunk body: :meth:`Objective.token_losses` differentiated by autograd."""
     raw_logits = student_logits.detach().requires_grad_(need_grad)
     with torch.enable_grad():
-        capped = _softcap(raw_logits, settings.student_softcap)
-        per_token = objective.token_losses(capped, labels, teacher_logits, teacher_sparse)
+        chunk_loss, per_token = _chunk_objective(
+            raw_logits, labels, teacher_logits, teacher_sparse, objective, settings.student_softcap, settings.scale
+        )
         if not need_grad:
             return per_token, None
-        chunk_loss = objective.kd_weight * per_token.kd.sum()
-        if objective.ce_weight:
-            chunk_loss = chunk_loss + objective.ce_weight * per_token.ce.sum()
-        (grad_logits,) = torch.autograd.grad(chunk_loss * settings.scale, raw_logits)
-    detached = TokenLosses(*(value.detach() for value in per_token))
-    return detached, grad_logits
+        (grad_logits,) = torch.autograd.grad(chunk_loss, raw_logits)
+    return per_token, grad_logits
 
 
 def _chunk_objective(
