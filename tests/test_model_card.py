@@ -10,7 +10,7 @@ from trainer_helpers import arithmetic_dataset, config
 
 from distill import Trainer
 from distill.testing import tiny_teacher_student
-from distill.trainer.model_card import CARD_MARKER, read_budget
+from distill.trainer.model_card import CARD_MARKER, read_budget, training_seconds
 
 
 @pytest.fixture
@@ -58,3 +58,9 @@ def test_a_readme_of_your_own_is_kept_and_a_model_object_teacher_is_described(tm
     assert f"| teacher | a LlamaForCausalLM built in memory ({parameters:,} parameters) |" in card
     assert "| loss | 1.0 x KD (`jsd`, beta=0.5, temperature=1.0), on completion tokens" in card
     assert json.loads(json.dumps(read_budget(tmp_path / "other")))["optimizer steps"] == 0
+
+
+def test_short_runs_keep_their_training_seconds():
+    # A 3-step tiny run can take 0.04 s: one decimal wrote "training seconds: 0.0", as if nothing had trained.
+    assert training_seconds(0.0412) == 0.041 and training_seconds(0.96) == 0.96
+    assert training_seconds(95.123) == 95.1 and training_seconds(3600.04) == 3600.0

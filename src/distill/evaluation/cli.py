@@ -85,7 +85,7 @@ def _log_history(model_path: str) -> list[dict[str, Any]] | None:
 def _budget(model_path: str) -> dict[str, Any] | None:
     """What training the model at ``model_path`` cost: from the model card distill saved with it, else from the
     ``trainer_state.json`` a Trainer saved beside it."""
-    from distill.trainer.model_card import read_budget
+    from distill.trainer.model_card import read_budget, training_seconds
 
     recorded = read_budget(model_path)
     if recorded is not None:
@@ -99,7 +99,7 @@ def _budget(model_path: str) -> dict[str, Any] | None:
         budget["rows per step (per device)"] = state["train_batch_size"]
     finished = next((entry for entry in reversed(state.get("log_history") or []) if "train_runtime" in entry), {})
     if "train_runtime" in finished:
-        budget["training seconds"] = round(float(finished["train_runtime"]), 1)
+        budget["training seconds"] = training_seconds(finished["train_runtime"])
     for key, name in (("num_input_tokens_seen", "training tokens"), ("total_flos", "training FLOPs")):
         if state.get(key):
             budget[name] = state[key]

@@ -168,6 +168,15 @@ def write_model_card(folder: str | os.PathLike, text: str) -> Path | None:
     return path
 
 
+def training_seconds(runtime: float) -> float:
+    """``runtime`` (seconds) as the budget shows it: 0.1 s steps from 1 s up, two significant digits below.
+
+    Rounding a 0.04 s run to one decimal wrote "training seconds: 0.0", which reads as no training at all.
+    """
+    runtime = float(runtime)
+    return round(runtime, 1) if runtime >= 1 else float(f"{runtime:.2g}")
+
+
 def trainer_budget(trainer: Any) -> dict[str, Any]:
     """What the run has cost so far, from a :class:`distill.Trainer`'s state and arguments."""
     args, state = trainer.args, trainer.state
@@ -185,7 +194,7 @@ def trainer_budget(trainer: Any) -> dict[str, Any]:
         if report and not report.streamed
         else None,
         "input tokens seen": state.num_input_tokens_seen or None,
-        "training seconds": round(float(finished["train_runtime"]), 1) if "train_runtime" in finished else None,
+        "training seconds": training_seconds(finished["train_runtime"]) if "train_runtime" in finished else None,
         "devices": f"{processes} x {device}",
     }
 
