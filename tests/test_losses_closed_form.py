@@ -26,6 +26,10 @@ from distill.losses import (
 )
 
 TOL = 1e-6
+# A chunk's per-row values (kd, teacher entropy) are float32 sums over the vocabulary, rounded differently by the
+# closed form and autograd: over 2,000 seeds x 18 cases (V=211) the worst kd was 1.22e-6 relative (and the
+# 1e-6 once used here failed at seed 7287931163218069530); dLoss/d(logits) was at most 6.7e-7, under TOL.
+VALUE_TOL = 3e-6
 # The parameter gradients are float32 contractions of G = dLoss/d(logits) whose terms cancel: G @ W
 # over the vocabulary (each row of G sums to 0) for the hidden states, G^T @ h and sum(G) over tokens
 # for the head. That magnifies the float32 rounding of G (~1e-7 per entry, different in the two paths)
@@ -153,7 +157,7 @@ def test_chunk_logit_gradients_agree(name, teacher_form, rng) -> None:
     closed, closed_grad = closed_form_chunk(objective, student, labels, teacher, sparse, 7.0, 0.25, buffers)
     assert_close(closed_grad, auto_grad, TOL, "grad logits")
     for field in ("kd", "ce", "agree", "teacher_entropy"):
-        assert_close(getattr(closed, field), getattr(auto, field), TOL, field)
+        assert_close(getattr(closed, field), getattr(auto, field), VALUE_TOL, field)
 
 
 @pytest.mark.parametrize("name", ["forward_kl", "kl", "fkl"])
