@@ -13,7 +13,7 @@ import torch
 from packaging.version import Version
 
 from distill import DistillConfig
-from distill.config import _legacy_warmup
+from distill.transformers_compat import move_warmup_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,14 +53,14 @@ def test_pyproject_floors_are_the_versions_test_min_installs() -> None:
 def test_a_fractional_warmup_moves_to_warmup_ratio_on_transformers_4(given: float, ratio: float, steps: int) -> None:
     # transformers 4.x's TrainingArguments (it has warmup_ratio; warmup_steps must be an int there).
     args = SimpleNamespace(warmup_ratio=0.0, warmup_steps=given)
-    _legacy_warmup(args)
+    move_warmup_fraction(args)
     assert (args.warmup_ratio, args.warmup_steps) == (ratio, steps)
     assert isinstance(args.warmup_steps, int)
 
 
 def test_a_fractional_warmup_is_left_alone_on_transformers_5() -> None:
     args = SimpleNamespace(warmup_steps=0.03)  # 5.x has no warmup_ratio: warmup_steps < 1 is the fraction
-    _legacy_warmup(args)
+    move_warmup_fraction(args)
     assert args.warmup_steps == 0.03 and not hasattr(args, "warmup_ratio")
 
 
@@ -72,7 +72,7 @@ def test_warmup_steps_means_the_same_on_the_installed_transformers(tmp_path: Pat
 
 def test_a_bf16_config_built_earlier_does_not_make_a_later_fp32_run_bf16(tmp_path: Path, tokenizer) -> None:
     # transformers 4.57 passes mixed precision to the Accelerator through an environment variable that any bf16
-    # arguments set and nothing resets: without distill.config.point_mixed_precision_at this run trained in bf16.
+    # arguments set and nothing resets: without transformers_compat.point_mixed_precision_at this run trained in bf16.
     from trainer_helpers import arithmetic_dataset, config
 
     from distill import Trainer

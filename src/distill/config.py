@@ -8,52 +8,16 @@ logging and distributed settings are the ones users already know.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from transformers import TrainingArguments
 
-from distill import trl_compat
+from distill import transformers_compat, trl_compat
 from distill.checks import InputError, check_int
 from distill.losses import DIVERGENCE_NAMES, HIDDEN_LOSSES, Divergence, Objective
 
 _DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
-
-
-# What the launcher (``accelerate launch --mixed_precision``) or the user set, read before any config writes it.
-_LAUNCHER_MIXED_PRECISION = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-
-
-def point_mixed_precision_at(args: TrainingArguments) -> None:
-    """On transformers 4.x, make ``ACCELERATE_MIXED_PRECISION`` say what ``args`` asks for (call before the
-    ``Accelerator`` is built).
-
-    transformers 5.x passes ``args.mixed_precision`` to the ``Accelerator`` itself. 4.57 tells it through that
-    environment variable instead, written when *any* arguments are built and never reset: after one
-    ``bf16=True`` config in a process (a ``--plan_only`` parse, a notebook cell), every later fp32 run trained
-    under bf16 autocast without a word. Here each trainer gets its own arguments' setting.
-    """
-    if hasattr(args, "mixed_precision"):
-        return  # transformers >= 5
-    os.environ["ACCELERATE_MIXED_PRECISION"] = (
-        "fp16" if args.fp16 else "bf16" if args.bf16 else _LAUNCHER_MIXED_PRECISION
-    )
-
-
-def _legacy_warmup(args: TrainingArguments) -> None:
-    """Give transformers 4.x the 5.x meaning of ``warmup_steps``: a fraction of the run below 1, else steps.
-
-    transformers 5.0 folded ``warmup_ratio`` into ``warmup_steps`` (a float; < 1 is a fraction) and removed it;
-    4.57 still wants an int there and the fraction in ``warmup_ratio`` (a float raises in its ``__post_init__``).
-    The recipes and docs use the 5.x spelling (``warmup_steps=0.03``), so on 4.x it is moved where 4.x reads it.
-    """
-    if not hasattr(args, "warmup_ratio") or isinstance(args.warmup_steps, int):
-        return  # transformers >= 5 (no warmup_ratio field), or already a 4.x-style step count
-    if 0 < args.warmup_steps < 1:
-        args.warmup_ratio, args.warmup_steps = args.warmup_steps, 0
-    elif args.warmup_steps >= 1 and float(args.warmup_steps).is_integer():
-        args.warmup_steps = int(args.warmup_steps)
 
 
 @dataclass
@@ -294,11 +258,8 @@ class DistillConfig(TrainingArguments):
     def __post_init__(self) -> None:
         # The collator needs the raw columns, and our batches carry keys the model's forward does not take.
         self.remove_unused_columns = False
-        _legacy_warmup(self)
-        if not hasattr(self, "activation_checkpointing") and self.gradient_checkpointing_kwargs is None:
-            # transformers 4.x checkpoints reentrantly by default, which breaks DDP + LoRA ("mark a variable ready
-            # only once"); 5.x defaults to non-reentrant (and renamed the field: setting it there only warns).
-            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        transformers_compat.move_warmup_fraction(self)
+        transformers_compat.default_to_non_reentrant(self)
         super().__post_init__()
         self._check()
         self._check_hidden()

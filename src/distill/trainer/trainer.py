@@ -19,7 +19,8 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from distill.config import DistillConfig, point_mixed_precision_at
+from distill import transformers_compat
+from distill.config import DistillConfig
 from distill.data import DistillCollator
 from distill.data.collator import NUM_INPUT_TOKENS_KEY
 from distill.losses import (
@@ -98,13 +99,6 @@ _SERVER_FAILED = (
 )
 
 
-# Each micro-batch's loss is its token-weighted share of the step already. transformers 5.x leaves it as is when
-# the trainer says so (``loss_is_scaled_for_ga``, below); 4.57 has no such switch: its training_step divides every
-# micro-batch's loss by the number of micro-batches (the model takes no ``num_items_in_batch``), so there
-# compute_loss multiplies by that number first.
-_ENGINE_DIVIDES_BY_MICRO_BATCHES = not hasattr(transformers.Trainer, "loss_is_scaled_for_ga")
-
-
 class Trainer(transformers.Trainer):
     """Distil a teacher into a student, with everything ``transformers.Trainer`` does.
 
@@ -167,7 +161,9 @@ class Trainer(transformers.Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if self._preemption is not None:
             callbacks.append(self._preemption)
-        point_mixed_precision_at(args)  # transformers 4.x reads it from the environment when building the Accelerator
+        transformers_compat.point_mixed_precision_at(
+            args
+        )  # transformers 4.x reads it from the environment when building the Accelerator
         super().__init__(
             model=model,
             args=args,
@@ -501,7 +497,7 @@ class Trainer(transformers.Trainer):
             metrics.add_teachers(per_teacher)
         if hidden is not None:
             metrics.add_hidden(hidden_output, hidden.names)
-        if _ENGINE_DIVIDES_BY_MICRO_BATCHES and isinstance(num_items_in_batch, StepTokens):
+        if transformers_compat.ENGINE_DIVIDES_BY_MICRO_BATCHES and isinstance(num_items_in_batch, StepTokens):
             loss = loss * self.current_gradient_accumulation_steps  # undone by transformers 4.x's training_step
         return (loss, output) if return_outputs else loss
 
@@ -617,9 +613,7 @@ class Trainer(transformers.Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The engine's optimizer, plus a parameter group for the learned hidden-state projections (if any)."""
-        # transformers 5.x passes the accelerate-prepared (e.g. FSDP2) model; 4.57's create_optimizer() takes no
-        # argument and is never given one, so forward it only when there is one.
-        optimizer = super().create_optimizer() if model is None else super().create_optimizer(model)
+        optimizer = transformers_compat.engine_optimizer(super().create_optimizer, model)
         projections = self.hidden.projections if self.hidden is not None else None
         if projections is not None:
             known = {id(p) for group in optimizer.param_groups for p in group["params"]}
