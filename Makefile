@@ -13,7 +13,7 @@ MIN = requirements/min.txt
 MIN_VENV ?= .venv-min
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup lock vllm-venv lint format test test-fast test-min demo demo-quick bench gpu-check clean distclean
+.PHONY: setup lock vllm-venv lint format test test-fast test-min demo demo-quick margins bench gpu-check clean distclean
 
 # Reinstalls whenever pyproject.toml changes; the marker is only written after every step succeeded.
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -83,6 +83,11 @@ demo-quick: setup
 	$(OFFLINE) $(PY) examples/demo.py --quick --out demo-output
 
 # The script's default preset is the small demo; `cpu` is the real-vocabulary (151,936) measurement.
+# How close each float check comes to its tolerance over RUNS suite runs at fresh seeds (tests/margins.py).
+RUNS ?= 10
+margins: setup
+	$(OFFLINE) $(PY) tests/margins.py --runs $(RUNS)
+
 bench: setup
 	$(OFFLINE) $(PY) benchmarks/bench_losses.py --preset cpu
 
