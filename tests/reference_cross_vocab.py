@@ -77,10 +77,12 @@ def cross_vocab_ref(
         elif kind == "gold":
             student_ids, teacher_ids = matched
             q_m, p_m = q[:, student_ids], p[:, teacher_ids]
-            q_b = torch.cat([q_m, (1 - q_m.sum(-1, keepdim=True)).clamp_min(TINY)], -1)
-            p_b = torch.cat([p_m, (1 - p_m.sum(-1, keepdim=True)).clamp_min(TINY)], -1)
             s_rest = [v for v in range(q.shape[-1]) if v not in set(student_ids.tolist())]
             t_rest = [u for u in range(p.shape[-1]) if u not in set(teacher_ids.tolist())]
+            # The unmatched mass summed from its own entries: 1 - matched mass is 0 in float64 too once the
+            # matched tokens hold all but 1e-16 of it.
+            q_b = torch.cat([q_m, q[:, s_rest].sum(-1, keepdim=True).clamp_min(TINY)], -1)
+            p_b = torch.cat([p_m, p[:, t_rest].sum(-1, keepdim=True).clamp_min(TINY)], -1)
             weight = teacher_ids.numel() / p.shape[-1]
             kd = weight * divergence_ref(divergence, p_b, q_b, beta) + (1 - weight) * _sorted_l1(
                 q[:, s_rest], p[:, t_rest]

@@ -60,6 +60,31 @@ def test_dense_teacher_matches_float64_reference(seed: int, kind: str, divergenc
     assert torch.allclose(weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_gold_with_a_confident_teacher_matches_float64(seed: int, divergence: str) -> None:
+    """A teacher holding all but ~1e-9 of its mass on matched tokens: GOLD's unmatched mass is its own logsumexp.
+
+    Computed as log(1 - matched mass) it cancelled (reverse KL was 1.6e-4 off at ordinary draws) and a clamp
+    floored it at 1e-7, so here reverse KL was off by the student's unmatched mass times log(100).
+    """
+    hidden, weight, labels, span_of_row, t_hidden, t_weight, projection = _random_problem(seed)
+    bias = torch.zeros(t_weight.shape[0])
+    bias[int(projection.matched_teacher[0])] = 60.0  # unmatched mass ~e^-30 at every row (logits spread ~+-15)
+    objective = Objective(Divergence(divergence, beta=0.3), kd_weight=0.7, ce_weight=0.4)
+    out = cross_vocab_loss(hidden, weight, labels, span_of_row, TeacherHead(t_hidden, t_weight, bias), projection,
+                           "gold", objective, chunk_size=5)  # fmt: skip
+    teacher_logits = t_hidden.double() @ t_weight.double().T + bias.double()
+    rest = torch.ones(t_weight.shape[0], dtype=torch.bool)
+    rest[projection.matched_teacher] = False
+    assert float(torch.log_softmax(teacher_logits, -1)[:, rest].exp().sum(-1).max()) < 1e-9  # below the old clamp
+    _, ref_kd = cross_vocab_ref(
+        hidden.double() @ weight.double().T, labels, span_of_row, teacher_logits, projection.student_classes,
+        projection.teacher_classes, projection.num_classes, "gold", divergence, 0.3, 1.0, 0.7, 0.4,
+        matched=(projection.matched_student, projection.matched_teacher),
+    )  # fmt: skip
+    assert torch.allclose(out.kd_loss.double(), ref_kd, rtol=1e-5, atol=1e-6), (float(out.kd_loss), float(ref_kd))
+
+
 @pytest.mark.parametrize("kind", ["pkl", "uld"])
 def test_sparse_teacher_matches_float64_reference(seed: int, kind: str) -> None:
     hidden, weight, labels, span_of_row, t_hidden, t_weight, projection = _random_problem(seed)
