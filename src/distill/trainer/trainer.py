@@ -161,9 +161,8 @@ class Trainer(transformers.Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if self._preemption is not None:
             callbacks.append(self._preemption)
-        transformers_compat.point_mixed_precision_at(
-            args
-        )  # transformers 4.x reads it from the environment when building the Accelerator
+        # transformers 4.x reads it from the environment when building the Accelerator.
+        transformers_compat.point_mixed_precision_at(args)
         super().__init__(
             model=model,
             args=args,
