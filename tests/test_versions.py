@@ -64,6 +64,18 @@ def test_a_fractional_warmup_is_left_alone_on_transformers_5() -> None:
     assert args.warmup_steps == 0.03 and not hasattr(args, "warmup_ratio")
 
 
+@pytest.mark.parametrize(("flag", "expected"), [("0.03", 3), ("0.25", 25), ("10", 10)])
+def test_a_warmup_fraction_on_the_command_line_parses_on_the_installed_transformers(
+    tmp_path: Path, flag: str, expected: int
+) -> None:
+    # transformers 4.57 types warmup_steps as an int: "--warmup_steps 0.03" was refused by its own argparse.
+    from transformers import HfArgumentParser
+
+    argv = ["--output_dir", str(tmp_path), "--warmup_steps", flag, "--use_cpu", "--report_to", "none"]
+    (args,) = HfArgumentParser(DistillConfig).parse_args_into_dataclasses(argv)
+    assert args.get_warmup_steps(100) == expected
+
+
 @pytest.mark.parametrize(("warmup", "expected"), [(0.25, 25), (10, 10), (0, 0)])
 def test_warmup_steps_means_the_same_on_the_installed_transformers(tmp_path: Path, warmup: float, expected: int):
     args = DistillConfig(output_dir=str(tmp_path), warmup_steps=warmup, use_cpu=True, report_to="none")

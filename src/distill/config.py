@@ -254,6 +254,15 @@ class DistillConfig(TrainingArguments):
         default=False,
         metadata={"help": "Set every dropout of the student (adapters included) to p=0, as TRL does (GKDConfig: on)."},
     )
+    # transformers 5.x's field, declared again so that a command line on 4.57 (whose field is an int) parses a
+    # fraction too; transformers_compat.move_warmup_fraction then hands 4.x its warmup_ratio.
+    warmup_steps: float = field(
+        default=0,
+        metadata={
+            "help": "Linear warmup from 0 to learning_rate: a whole number of optimizer steps, or a fraction of the "
+            "run below 1 (0.03 is the first 3%), on every supported transformers."
+        },
+    )
 
     def __post_init__(self) -> None:
         # The collator needs the raw columns, and our batches carry keys the model's forward does not take.

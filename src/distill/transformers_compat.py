@@ -10,7 +10,8 @@ The five bridges (5.x behaviour, then 4.57's, then what bridges it):
 - mixed precision: 5.x hands ``args.mixed_precision`` to the Accelerator; 4.57 reads an environment variable
   that any bf16 config in the process leaves set: :func:`point_mixed_precision_at`.
 - warmup: 5.x's ``warmup_steps`` is a float, below 1 a fraction of the run; 4.57 wants int steps and the
-  fraction in ``warmup_ratio``: :func:`move_warmup_fraction`.
+  fraction in ``warmup_ratio``: :func:`move_warmup_fraction` (``DistillConfig`` declares the field as 5.x's
+  float, so a 4.57 command line parses ``--warmup_steps 0.03`` too).
 - checkpointing: 5.x is non-reentrant by default; 4.57 is reentrant, which breaks DDP + LoRA:
   :func:`default_to_non_reentrant`.
 - a micro-batch's loss: 5.x keeps it as the trainer returns it (``loss_is_scaled_for_ga``); 4.57 divides it by
