@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import assert_close
 from reference_cross_vocab import cross_vocab_ref
 
 from distill.losses import SparseTargets, TeacherHead, fused_distillation_loss
 from distill.losses.cross_vocab import VocabProjection, cross_vocab_loss
 from distill.losses.divergences import Divergence
 from distill.losses.objective import Objective
+
+# Against the float64 reference, relative to the largest entry. Over 10 fresh-seed runs of this module the worst
+# value was 3.2e-7 and the worst gradient 7e-7 (make margins); GOLD's cancelled unmatched mass was 1.6e-4.
+VALUE_TOL, GRAD_TOL = 2e-6, 1e-5
 
 
 def _random_problem(seed: int, n: int = 23, v_s: int = 37, v_t: int = 29, h: int = 8, h_t: int = 6):
@@ -54,10 +59,10 @@ def test_dense_teacher_matches_float64_reference(seed: int, kind: str, divergenc
         matched=(projection.matched_student, projection.matched_teacher),
     )  # fmt: skip
     ref.backward()
-    assert torch.allclose(out.loss.double(), ref, rtol=1e-5, atol=1e-6), (float(out.loss), float(ref))
-    assert torch.allclose(out.kd_loss.double(), ref_kd, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
-    assert torch.allclose(weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+    assert_close(out.loss, ref, VALUE_TOL, "loss")
+    assert_close(out.kd_loss, ref_kd, VALUE_TOL, "kd_loss")
+    assert_close(hidden.grad, h64.grad, GRAD_TOL, "grad hidden")
+    assert_close(weight.grad, w64.grad, GRAD_TOL, "grad weight")
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
@@ -82,7 +87,7 @@ def test_gold_with_a_confident_teacher_matches_float64(seed: int, divergence: st
         projection.teacher_classes, projection.num_classes, "gold", divergence, 0.3, 1.0, 0.7, 0.4,
         matched=(projection.matched_student, projection.matched_teacher),
     )  # fmt: skip
-    assert torch.allclose(out.kd_loss.double(), ref_kd, rtol=1e-5, atol=1e-6), (float(out.kd_loss), float(ref_kd))
+    assert_close(out.kd_loss, ref_kd, VALUE_TOL, "kd_loss")
 
 
 @pytest.mark.parametrize("kind", ["pkl", "uld"])
@@ -104,8 +109,8 @@ def test_sparse_teacher_matches_float64_reference(seed: int, kind: str) -> None:
         projection.num_classes, kind, "jsd", 0.5, 1.0, 1.0, 0.2, sparse=(ids, logprobs),
     )  # fmt: skip
     ref.backward()
-    assert torch.allclose(out.loss.double(), ref, rtol=1e-5, atol=1e-6), (float(out.loss), float(ref))
-    assert torch.allclose(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    assert_close(out.loss, ref, VALUE_TOL, "loss")
+    assert_close(hidden.grad, h64.grad, GRAD_TOL, "grad hidden")
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"])
