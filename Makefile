@@ -82,12 +82,12 @@ demo: setup
 demo-quick: setup
 	$(OFFLINE) $(PY) examples/demo.py --quick --out demo-output
 
-# The script's default preset is the small demo; `cpu` is the real-vocabulary (151,936) measurement.
 # How close each float check comes to its tolerance over RUNS suite runs at fresh seeds (tests/margins.py).
 RUNS ?= 10
 margins: setup
 	$(OFFLINE) $(PY) tests/margins.py --runs $(RUNS)
 
+# The script's default preset is the small demo; `cpu` is the real-vocabulary (151,936) measurement.
 bench: setup
 	$(OFFLINE) $(PY) benchmarks/bench_losses.py --preset cpu
 

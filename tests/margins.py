@@ -36,7 +36,7 @@ def worst_ratios(log: Path) -> dict[tuple[str, str], float]:
     worst: dict[tuple[str, str], float] = defaultdict(float)
     for line in log.read_text(encoding="utf-8").splitlines():
         test, what, ratio = line.split("\t")
-        key = (test.split("[")[0], re.sub(r"\d+", "#", what))  # "grad 3" and "grad 7" are one check
+        key = (test.split("[")[0], re.sub(r"\b\d+\b", "#", what))  # "grad 3" and "grad 7" are one check; "bf16" stays
         worst[key] = max(worst[key], float(ratio))
     return worst
 

@@ -14,11 +14,13 @@ def test_worst_ratio_per_check_over_parameters_and_numbered_names(tmp_path: Path
         "tests/t.py::test_a[fwd-dense]\tgrad 3\t0.2\n"
         "tests/t.py::test_a[rkl-bucket]\tgrad 7\t0.6\n"
         "tests/t.py::test_a[fwd-dense]\tloss\t0.1\n"
+        "tests/t.py::test_a[fwd-dense]\tbf16 top1_agreement\t0.3\n"
         "tests/t.py::test_b\tloss\t0.05\n"
     )
     assert margins.worst_ratios(log) == {
         ("tests/t.py::test_a", "grad #"): 0.6,
         ("tests/t.py::test_a", "loss"): 0.1,
+        ("tests/t.py::test_a", "bf16 top1_agreement"): 0.3,
         ("tests/t.py::test_b", "loss"): 0.05,
     }
 
